@@ -1,0 +1,155 @@
+"""The Backend object: the one place that knows which array library and device are in use.
+
+Layers, losses and optimizers only ever see ``backend.xp`` (an Array API namespace) and
+``backend.device``; everything library-specific (random numbers, copies to NumPy, device
+synchronisation, descriptions) lives here, Thinc-``Ops`` style.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be used here (library or device missing), with what to install."""
+
+
+class BackendMismatchError(ValueError):
+    """Arrays from two backends or devices were mixed in one model."""
+
+
+class HostRNG:
+    """Seeded random numbers drawn on the host with NumPy, then moved to the device.
+
+    Used for parameter initialisation everywhere (the same seed gives the same weights on
+    every backend) and as the per-step stream of the CPU backends.
+    """
+
+    def __init__(self, backend: "Backend", seed: int):
+        self.backend = backend
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._gen = np.random.default_rng(self.seed)
+
+    def _move(self, a, dtype):
+        return self.backend.from_numpy(a, dtype=dtype)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        a = self._gen.standard_normal(shape) * std
+        return self._move(a, dtype or self.backend.float32)
+
+    def uniform(self, shape, low=0.0, high=1.0, dtype=None):
+        a = self._gen.uniform(low, high, size=shape)
+        return self._move(a, dtype or self.backend.float32)
+
+    def bernoulli(self, shape, p_one, dtype=None):
+        """1.0 with probability ``p_one``, else 0.0 (dropout keep-masks)."""
+        a = self._gen.random(shape) < p_one
+        return self._move(a, dtype or self.backend.float32)
+
+    def permutation(self, n: int):
+        return self.backend.from_numpy(self._gen.permutation(n).astype(np.int64))
+
+
+class Backend:
+    """One array library on one device.
+
+    Subclasses set ``name``, ``xp`` (Array API namespace), ``device`` and implement the
+    library-specific hooks: ``from_numpy``, ``to_numpy``, ``synchronize``, ``describe``.
+    """
+
+    name = "base"
+    xp = None
+    device = None
+    array_type: type = object
+
+    # --- dtypes -------------------------------------------------------------------------
+    @property
+    def float32(self):
+        return self.xp.float32
+
+    @property
+    def float64(self):
+        return self.xp.float64
+
+    @property
+    def int64(self):
+        return self.xp.int64
+
+    def supports_float64(self) -> bool:
+        info = self.xp.__array_namespace_info__()
+        return "float64" in info.dtypes(device=self.device, kind="real floating")
+
+    @staticmethod
+    def dtype_name(dtype) -> str:
+        """'float32' for any library's float32 dtype object (for messages and configs)."""
+        return str(dtype).replace("'>", "").rsplit(".", 1)[-1]
+
+    def dtype(self, name):
+        """``"float32"``/``"float64"`` (or a dtype object) → this namespace's dtype."""
+        if not isinstance(name, str):
+            return name
+        if name not in ("float32", "float64"):
+            raise ValueError(f"unsupported dtype {name!r}: use 'float32' or 'float64'")
+        if name == "float64" and not self.supports_float64():
+            raise BackendError(f"{self} has no float64 support; use --dtype float32")
+        return getattr(self.xp, name)
+
+    # --- arrays -------------------------------------------------------------------------
+    def from_numpy(self, a, dtype=None):
+        """Copy a host NumPy array onto this backend's device (I/O and initialisation only)."""
+        raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray:
+        """Copy an array of this backend to a host NumPy array (I/O, plots, checkpoints)."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing); a no-op on synchronous CPU libraries."""
+
+    def describe(self) -> str:
+        """One line: library, version, device (and memory where known)."""
+        raise NotImplementedError
+
+    def versions(self) -> dict:
+        """Library versions, for run configs and benchmark reports."""
+        import array_api_compat
+
+        return {"numpy": np.__version__, "array_api_compat": array_api_compat.__version__}
+
+    # --- random numbers -----------------------------------------------------------------
+    def host_rng(self, seed: int) -> HostRNG:
+        """Portable stream: identical numbers on every backend (initialisation)."""
+        return HostRNG(self, seed)
+
+    def device_rng(self, seed: int):
+        """Fast stream made on the device (dropout masks, shuffling)."""
+        return HostRNG(self, seed)
+
+    # --- checks -------------------------------------------------------------------------
+    def check_array(self, x, where: str = "input") -> None:
+        """Raise a clear error when ``x`` belongs to another library or device."""
+        if not isinstance(x, self.array_type):
+            raise BackendMismatchError(
+                f"{where}: got a {type(x).__module__}.{type(x).__name__}, but this model lives "
+                f"on the {self.name} backend ({self.device}); move the data with "
+                f"backend.from_numpy(...) or build the model on the matching backend"
+            )
+        dev = self.device_of(x)
+        if dev != self.device:
+            raise BackendMismatchError(
+                f"{where}: array is on device {dev}, but this model lives on {self.device} "
+                f"({self.name} backend); move one of them so both share a device"
+            )
+
+    def device_of(self, x):
+        import array_api_compat
+
+        return array_api_compat.device(x)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} on {self.device}>"
+
+    def __str__(self) -> str:
+        return f"{self.name} backend on {self.device}"

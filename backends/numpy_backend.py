@@ -1,0 +1,32 @@
+"""NumPy on the CPU: the default backend."""
+import numpy as np
+import array_api_compat.numpy as xp_numpy
+
+from .base import Backend
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = xp_numpy
+    device = "cpu"
+    array_type = np.ndarray
+
+    def from_numpy(self, a, dtype=None):
+        return np.asarray(a, dtype=dtype)
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def device_of(self, x):
+        return "cpu"
+
+    def describe(self):
+        try:
+            from threadpoolctl import threadpool_info
+
+            blas = ", ".join(sorted({i.get("internal_api", "?") for i in threadpool_info()}))
+        except Exception:  # threadpoolctl is optional
+            blas = "BLAS"
+        import os
+
+        return f"numpy {np.__version__} on CPU ({os.cpu_count()} cores, {blas})"

@@ -1,0 +1,96 @@
+"""PyTorch tensors (CPU or CUDA) through array-api-compat; autograd is never used."""
+import numpy as np
+
+from .base import Backend, BackendError
+
+
+class TorchRNG:
+    """Dropout masks and shuffles drawn by a ``torch.Generator`` on the tensor's device."""
+
+    def __init__(self, backend, seed):
+        import torch
+
+        self.backend = backend
+        self._torch = torch
+        self._gen = torch.Generator(device=backend.device)
+        self.reseed(seed)
+
+    def reseed(self, seed):
+        self.seed = int(seed)
+        self._gen.manual_seed(self.seed)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        t = self._torch.randn(shape, generator=self._gen, device=self.backend.device,
+                              dtype=dtype or self._torch.float32)
+        return t * std
+
+    def uniform(self, shape, low=0.0, high=1.0, dtype=None):
+        t = self._torch.rand(shape, generator=self._gen, device=self.backend.device,
+                             dtype=dtype or self._torch.float32)
+        return t * (high - low) + low
+
+    def bernoulli(self, shape, p_one, dtype=None):
+        t = self._torch.rand(shape, generator=self._gen, device=self.backend.device)
+        return (t < p_one).to(dtype or self._torch.float32)
+
+    def permutation(self, n):
+        return self._torch.randperm(n, generator=self._gen, device=self.backend.device)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device: str = "cpu"):
+        try:
+            import torch
+            import array_api_compat.torch as xp_torch
+        except ImportError as e:
+            raise BackendError(
+                "the 'torch' backend needs PyTorch: pip install 'nnx[torch]' "
+                "(or pip install torch)"
+            ) from e
+        self._torch = torch
+        if str(device).startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BackendError(
+                    f"--device {device} with the torch backend needs a CUDA build of PyTorch "
+                    "and a visible NVIDIA GPU; torch.cuda.is_available() is False here"
+                )
+            dev = torch.device(device)
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise BackendError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        elif device == "cpu":
+            dev = torch.device("cpu")
+        else:
+            raise BackendError(f"unknown torch device {device!r}: use cpu, cuda or cuda:N")
+        self.xp = xp_torch
+        self.device = dev
+        self.array_type = torch.Tensor
+
+    def from_numpy(self, a, dtype=None):
+        t = self._torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device=self.device, dtype=dtype)
+
+    def to_numpy(self, x):
+        return x.detach().cpu().numpy()
+
+    def device_of(self, x):
+        return x.device
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def device_rng(self, seed):
+        return TorchRNG(self, seed)
+
+    def versions(self):
+        return {**super().versions(), "torch": self._torch.__version__}
+
+    def describe(self):
+        t = self._torch
+        if self.device.type == "cuda":
+            p = t.cuda.get_device_properties(self.device)
+            return (f"torch {t.__version__} on {self.device} ({p.name}, "
+                    f"{p.total_memory / 2**30:.0f} GiB)")
+        return f"torch {t.__version__} on CPU ({t.get_num_threads()} threads)"

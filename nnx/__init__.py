@@ -1,0 +1,19 @@
+"""nnx: neural networks written by hand against the Python Array API.
+
+The same forward and backward passes run on NumPy, CuPy, PyTorch and array-api-strict;
+``nnx.backends.get_backend`` picks the library and device.
+"""
+__version__ = "0.1.0"
+
+from . import init, layers
+from .backends import Backend, BackendError, BackendMismatchError, get_backend
+from .errors import ShapeError
+from .gradcheck import gradcheck
+from .layers import (Dense, Dropout, Flatten, LeakyReLU, ReLU, Reshape, Sigmoid, Softmax, Tanh)
+from .losses import MSE, SoftmaxCrossEntropy
+from .model import Sequential, mlp
+
+__all__ = ["__version__", "get_backend", "Backend", "BackendError", "BackendMismatchError",
+           "ShapeError", "gradcheck", "Sequential", "mlp", "Dense", "ReLU", "LeakyReLU", "Sigmoid",
+           "Tanh", "Dropout", "Flatten", "Reshape", "Softmax", "SoftmaxCrossEntropy", "MSE",
+           "init", "layers"]

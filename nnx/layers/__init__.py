@@ -1,0 +1,10 @@
+"""All layers. Each file holds one family; each layer's ``backward`` sits right under its ``forward``."""
+from .base import Layer, Parameter
+from .dense import Dense
+from .activations import ACTIVATIONS, LeakyReLU, ReLU, Sigmoid, Tanh
+from .dropout import Dropout
+from .shape import Flatten, Reshape
+from .softmax import Softmax, log_softmax, softmax
+
+__all__ = ["Layer", "Parameter", "Dense", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout",
+           "Flatten", "Reshape", "Softmax", "softmax", "log_softmax", "ACTIVATIONS"]

@@ -1,0 +1,61 @@
+"""Element-wise activations. Backward multiplies the incoming gradient by f'(x)."""
+from __future__ import annotations
+
+from .base import Layer
+
+
+class ReLU(Layer):
+    """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch)."""
+
+    def forward(self, x, train=False):
+        self.mask = x > 0
+        return self.xp.where(self.mask, x, self.xp.zeros_like(x))
+
+    def backward(self, grad):
+        return self.xp.where(self.mask, grad, self.xp.zeros_like(grad))
+
+
+class LeakyReLU(Layer):
+    """x for x > 0, else slope·x."""
+
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.slope = float(slope)
+
+    def forward(self, x, train=False):
+        self.mask = x > 0
+        return self.xp.where(self.mask, x, x * self.slope)
+
+    def backward(self, grad):
+        return self.xp.where(self.mask, grad, grad * self.slope)
+
+    def config(self):
+        return {"slope": self.slope}
+
+    def describe(self):
+        return f"LeakyReLU({self.slope})"
+
+
+class Sigmoid(Layer):
+    """1 / (1 + e^-x), written as (tanh(x/2) + 1)/2 so it never overflows; f' = y(1 - y)."""
+
+    def forward(self, x, train=False):
+        self.y = 0.5 * (self.xp.tanh(0.5 * x) + 1.0)
+        return self.y
+
+    def backward(self, grad):
+        return grad * self.y * (1.0 - self.y)
+
+
+class Tanh(Layer):
+    """tanh(x); f' = 1 - y²."""
+
+    def forward(self, x, train=False):
+        self.y = self.xp.tanh(x)
+        return self.y
+
+    def backward(self, grad):
+        return grad * (1.0 - self.y * self.y)
+
+
+ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}

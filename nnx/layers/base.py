@@ -1,0 +1,84 @@
+"""Layer and Parameter: the contract every layer follows.
+
+A layer is built once on a backend (``build``), then ``forward(x, train)`` computes the
+output and caches what ``backward(grad)`` needs; ``backward`` fills each parameter's
+``grad`` and returns the gradient with respect to the input. All math uses ``self.xp``,
+the backend's Array API namespace, never a concrete library.
+"""
+from __future__ import annotations
+
+from ..errors import ShapeError
+
+
+class Parameter:
+    """A trainable array and its gradient, side by side (the optimizer updates ``value`` in place)."""
+
+    __slots__ = ("name", "value", "grad")
+
+    def __init__(self, name: str, value):
+        self.name = name
+        self.value = value
+        self.grad = None
+
+    @property
+    def shape(self):
+        return tuple(self.value.shape)
+
+    def __repr__(self):
+        return f"Parameter({self.name}, shape={self.shape})"
+
+
+class Layer:
+    """Base class. Subclasses override ``build`` (if they own parameters), ``forward``,
+    ``backward`` and ``output_shape``."""
+
+    #: set by the owning model: "3:Dense" — used in error messages
+    name: str = ""
+
+    def __init__(self):
+        self.params: list[Parameter] = []
+        self.backend = None
+        self.xp = None
+
+    # --- life cycle ---------------------------------------------------------------------
+    def build(self, backend, dtype, rng, input_shape) -> tuple:
+        """Bind to ``backend`` (create parameters with ``rng``); return the output shape.
+
+        ``input_shape`` excludes the batch axis. The default suits parameter-free layers.
+        """
+        self.backend, self.xp, self.dtype = backend, backend.xp, dtype
+        return self.output_shape(input_shape)
+
+    def output_shape(self, input_shape) -> tuple:
+        return tuple(input_shape)
+
+    def forward(self, x, train: bool = False):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    # --- helpers ------------------------------------------------------------------------
+    def add_param(self, name: str, value) -> Parameter:
+        p = Parameter(name, value)
+        self.params.append(p)
+        return p
+
+    def check_features(self, x, expected: tuple) -> None:
+        """Raise ShapeError unless ``x.shape[1:] == expected`` (the batch axis is free)."""
+        actual = tuple(x.shape)
+        if actual[1:] != tuple(expected):
+            want = "(batch, " + ", ".join(str(d) for d in expected) + ")"
+            raise ShapeError(f"layer {self.name or type(self).__name__}: expected input of shape "
+                             f"{want}, got {actual}")
+
+    def config(self) -> dict:
+        """Constructor arguments, JSON-able (checkpoints rebuild the layer from them)."""
+        return {}
+
+    def describe(self) -> str:
+        """Short constructor-like description for summaries."""
+        return f"{type(self).__name__}()"
+
+    def __repr__(self):
+        return self.describe()

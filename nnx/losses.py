@@ -1,0 +1,69 @@
+"""Losses: ``forward(output, target)`` returns a 0-D array on the device (no host sync);
+``backward()`` returns d loss / d output, already divided by the batch size."""
+from __future__ import annotations
+
+from .errors import ShapeError
+from .layers.softmax import log_softmax
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by cross-entropy, fused: L = −mean_i Σ_c y_ic log softmax(z)_ic.
+
+    Fusing keeps it stable (log-softmax subtracts the row max) and the gradient collapses to
+    (softmax(z) − y) / N (docs/backprop.md). ``target`` is integer class labels (N,) or a
+    probability matrix (N, C).
+    """
+
+    def __init__(self):
+        self._classes = None
+
+    def one_hot(self, y, num_classes, dtype):
+        xp = self.xp
+        if self._classes is None or self._classes.shape[0] != num_classes:
+            self._classes = xp.reshape(xp.arange(num_classes, dtype=y.dtype, device=y.device),
+                                       (1, num_classes))
+        return xp.astype(xp.reshape(y, (-1, 1)) == self._classes, dtype)
+
+    def forward(self, logits, target):
+        import array_api_compat
+
+        self.xp = xp = array_api_compat.array_namespace(logits)
+        if logits.ndim != 2:
+            raise ShapeError(f"SoftmaxCrossEntropy: expected logits (batch, classes), got {tuple(logits.shape)}")
+        n, c = logits.shape
+        if target.ndim == 1:
+            if target.shape[0] != n:
+                raise ShapeError(f"SoftmaxCrossEntropy: {n} logits rows but {target.shape[0]} labels")
+            target = self.one_hot(target, c, logits.dtype)
+        elif tuple(target.shape) != (n, c):
+            raise ShapeError(f"SoftmaxCrossEntropy: target shape {tuple(target.shape)} does not "
+                             f"match logits {(n, c)}")
+        logp = log_softmax(xp, logits)
+        self.probs, self.target, self.n = xp.exp(logp), target, n
+        return -xp.sum(logp * target) / n
+
+    def backward(self):
+        return (self.probs - self.target) * (1.0 / self.n)
+
+
+class MSE:
+    """Mean squared error over all elements: L = mean((ŷ − y)²); dL/dŷ = 2(ŷ − y)/size."""
+
+    def forward(self, output, target):
+        if tuple(output.shape) != tuple(target.shape):
+            raise ShapeError(f"MSE: output shape {tuple(output.shape)} != target shape "
+                             f"{tuple(target.shape)}")
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(output)
+        self.diff = output - target
+        self.size = 1
+        for d in output.shape:
+            self.size *= d
+        return xp.sum(self.diff * self.diff) / self.size
+
+    def backward(self):
+        return self.diff * (2.0 / self.size)
+
+
+LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

@@ -1,0 +1,142 @@
+"""Sequential: a stack of layers run forward in order and backward in reverse."""
+from __future__ import annotations
+
+import math
+
+from .errors import ShapeError
+from .layers import ACTIVATIONS, Dense, Dropout, Layer
+from .layers.softmax import softmax
+
+
+class Sequential:
+    """``Sequential(layers, input_shape, backend=..., dtype="float32", seed=0)``.
+
+    Building creates every parameter on ``backend`` from one seed (the same seed gives the
+    same weights on every backend). ``parameters()`` names them ``"{index}.{name}"`` — the
+    names a ``torch.nn.Sequential`` of the same layers uses.
+    """
+
+    def __init__(self, layers, input_shape, backend=None, dtype="float32", seed: int = 0):
+        from .backends import get_backend
+
+        self.backend = backend if backend is not None else get_backend()
+        self.xp = self.backend.xp
+        self.dtype = self.backend.dtype(dtype)
+        self.seed = int(seed)
+        self.layers: list[Layer] = list(layers)
+        self.input_shape = tuple(int(d) for d in (input_shape if hasattr(input_shape, "__len__")
+                                                  else (input_shape,)))
+        self.rng = self.backend.device_rng(self.seed + 1)  # dropout masks
+        init_rng = self.backend.host_rng(self.seed)
+        shape = self.input_shape
+        self.shapes = []
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {i} is a {type(layer).__name__}, not an nnx Layer")
+            if layer.backend is not None:
+                raise ValueError(f"layer {i} ({layer.describe()}) already belongs to a model; "
+                                 "create a fresh layer for each model")
+            layer.name = f"{i}:{type(layer).__name__}"
+            if isinstance(layer, Dropout) or hasattr(layer, "rng"):
+                layer.rng = self.rng
+            shape = layer.build(self.backend, self.dtype, init_rng, shape)
+            self.shapes.append(tuple(shape))
+        self.output_shape = shape
+
+    # --- the two passes -----------------------------------------------------------------
+    def forward(self, x, train: bool = False):
+        """Logits for a batch ``x`` of shape (batch, *input_shape)."""
+        self.backend.check_array(x, "Sequential.forward")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ShapeError(f"model input: expected (batch, {', '.join(map(str, self.input_shape))}),"
+                             f" got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            x = self.xp.astype(x, self.dtype)
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad):
+        """Back-propagate d loss / d output through every layer; fills each ``Parameter.grad``."""
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return grad
+
+    # --- parameters ---------------------------------------------------------------------
+    def parameters(self) -> list:
+        """Every Parameter, in layer order (the order optimizers and checkpoints use)."""
+        return [p for layer in self.layers for p in layer.params]
+
+    def named_parameters(self) -> dict:
+        return {f"{i}.{p.name}": p for i, layer in enumerate(self.layers) for p in layer.params}
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(p.shape) for p in self.parameters())
+
+    def state_dict(self) -> dict:
+        """``{"0.weight": numpy array, ...}`` copied to the host."""
+        return {k: self.backend.to_numpy(p.value) for k, p in self.named_parameters().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy host arrays into the parameters; names and shapes must match exactly."""
+        params = self.named_parameters()
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or extra:
+            raise ValueError(f"state does not match the model: missing {missing}, unexpected {extra}")
+        for k, p in params.items():
+            if tuple(state[k].shape) != p.shape:
+                raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape {p.shape}")
+            p.value = self.backend.from_numpy(state[k], dtype=self.dtype)
+            p.grad = None
+
+    # --- inference ----------------------------------------------------------------------
+    def predict_proba(self, x):
+        return softmax(self.xp, self.forward(x, train=False))
+
+    def predict(self, x):
+        return self.xp.argmax(self.forward(x, train=False), axis=1)
+
+    # --- description --------------------------------------------------------------------
+    def architecture(self) -> list:
+        """JSON-able description of the layers (stored in checkpoints)."""
+        from .spec import layer_to_spec
+
+        return [layer_to_spec(layer) for layer in self.layers]
+
+    def summary(self) -> str:
+        rows = [("#", "layer", "output shape", "params")]
+        for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            n = sum(math.prod(p.shape) for p in layer.params)
+            rows.append((str(i), layer.describe(), str(("batch", *shape)).replace("'", ""), f"{n:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        line = lambda r: "  ".join(v.ljust(w) if c < 3 else v.rjust(w)
+                                   for c, (v, w) in enumerate(zip(r, widths)))
+        out = [line(rows[0]), "-" * (sum(widths) + 6)] + [line(r) for r in rows[1:]]
+        out.append(f"total parameters: {self.num_parameters():,}  ({self.backend}, {self.backend.dtype_name(self.dtype)})")
+        return "\n".join(out)
+
+    def __repr__(self):
+        return f"Sequential({', '.join(l.describe() for l in self.layers)})"
+
+
+def mlp(sizes=(784, 128, 64, 10), activation="relu", dropout=0.0, **kwargs) -> Sequential:
+    """Multi-layer perceptron: Dense → activation (→ Dropout) for each hidden layer.
+
+    ReLU-family nets get He initialisation, tanh/sigmoid nets Xavier.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2:
+        raise ValueError("an MLP needs at least an input and an output size")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    init = "he_normal" if "relu" in activation else "xavier_normal"
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(Dense(n_in, n_out, init=init))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+            if dropout:
+                layers.append(Dropout(dropout))
+    return Sequential(layers, input_shape=(sizes[0],), **kwargs)
