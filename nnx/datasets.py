@@ -404,12 +404,13 @@ def _permanent(error):
 
 
 def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progress):
-    """Try every live mirror for one file; return the path or the failures."""
+    """Try every live mirror for one file; return (path or None, failures)."""
     failures = []
     for base in mirrors:
         if base in dead:
             continue
         url = f"{base}{name}.gz"
+        reasons = []
         for attempt in range(retries + 1):
             if attempt:
                 time.sleep(RETRY_BACKOFF * attempt)
@@ -417,12 +418,14 @@ def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progres
                 return _fetch(url, dest_dir, name, CHECKSUMS[dataset][name],
                               timeout, progress), failures
             except (OSError, http.client.HTTPException, ValueError, DatasetError) as e:
-                failures.append(f"{url}: {_describe(e)}")
+                reasons.append(_describe(e))
                 if _permanent(e):
                     break
         else:
             # Every attempt failed without an answer: skip it for the other files.
             dead.add(base)
+        tries = f" ({len(reasons)} attempts)" if len(reasons) > 1 else ""
+        failures.append(f"{url}: {reasons[-1]}{tries}")
     return None, failures
 
 

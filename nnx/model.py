@@ -37,7 +37,7 @@ class Sequential:
                 raise ValueError(f"layer {i} ({layer.describe()}) already belongs to a model; "
                                  "create a fresh layer for each model")
             layer.name = f"{i}:{type(layer).__name__}"
-            if isinstance(layer, Dropout) or hasattr(layer, "rng"):
+            if hasattr(layer, "rng"):
                 layer.rng = self.rng
             shape = layer.build(self.backend, self.dtype, init_rng, shape)
             self.shapes.append(tuple(shape))
@@ -65,31 +65,47 @@ class Sequential:
         return grad
 
     # --- parameters ---------------------------------------------------------------------
-    def parameters(self) -> list:
-        """Every Parameter, in layer order (the order optimizers and checkpoints use)."""
-        return [p for layer in self.layers for p in layer.params]
-
     def named_parameters(self) -> dict:
-        return {f"{i}.{p.name}": p for i, layer in enumerate(self.layers) for p in layer.params}
+        """{"0.weight": Parameter, ...} in layer order (the order optimizers and checkpoints use)."""
+        return {f"{i}.{name}": p for i, layer in enumerate(self.layers)
+                for name, p in layer.named_parameters().items()}
+
+    def parameters(self) -> list:
+        return list(self.named_parameters().values())
+
+    def named_buffers(self) -> dict:
+        """Non-trainable state (BatchNorm running statistics), named like torch's buffers."""
+        return {f"{i}.{name}": b for i, layer in enumerate(self.layers)
+                for name, b in layer.named_buffers().items()}
 
     def num_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.parameters())
 
     def state_dict(self) -> dict:
-        """``{"0.weight": numpy array, ...}`` copied to the host."""
-        return {k: self.backend.to_numpy(p.value) for k, p in self.named_parameters().items()}
+        """``{"0.weight": numpy array, ...}`` (parameters and buffers) copied to the host."""
+        state = {k: self.backend.to_numpy(p.value) for k, p in self.named_parameters().items()}
+        state.update({k: self.backend.to_numpy(b) for k, b in self.named_buffers().items()})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy host arrays into the parameters; names and shapes must match exactly."""
-        params = self.named_parameters()
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        """Copy host arrays into parameters and buffers; names and shapes must match exactly."""
+        params, buffers = self.named_parameters(), self.named_buffers()
+        expected = set(params) | set(buffers)
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or extra:
             raise ValueError(f"state does not match the model: missing {missing}, unexpected {extra}")
+        for k in sorted(expected):
+            current = params[k].value if k in params else buffers[k]
+            if tuple(state[k].shape) != tuple(current.shape):
+                raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape "
+                                 f"{tuple(current.shape)}")
         for k, p in params.items():
-            if tuple(state[k].shape) != p.shape:
-                raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape {p.shape}")
             p.value = self.backend.from_numpy(state[k], dtype=self.dtype)
             p.grad = None
+        for k, b in buffers.items():
+            index, name = k.split(".", 1)
+            value = self.backend.from_numpy(state[k], dtype=b.dtype)
+            self.layers[int(index)].load_buffer(name, value)
 
     # --- inference ----------------------------------------------------------------------
     def predict_proba(self, x):
@@ -108,7 +124,7 @@ class Sequential:
     def summary(self) -> str:
         rows = [("#", "layer", "output shape", "params")]
         for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
-            n = sum(math.prod(p.shape) for p in layer.params)
+            n = sum(math.prod(p.shape) for p in layer.named_parameters().values())
             rows.append((str(i), layer.describe(), str(("batch", *shape)).replace("'", ""), f"{n:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         line = lambda r: "  ".join(v.ljust(w) if c < 3 else v.rjust(w)

@@ -28,15 +28,28 @@ class Parameter:
         return f"Parameter({self.name}, shape={self.shape})"
 
 
+#: every Layer subclass by class name, so checkpoints can rebuild layers from JSON specs
+LAYER_TYPES: dict[str, type] = {}
+
+
 class Layer:
     """Base class. Subclasses override ``build`` (if they own parameters), ``forward``,
-    ``backward`` and ``output_shape``."""
+    ``backward`` and ``output_shape``; they register themselves in ``LAYER_TYPES``.
+
+    Layers that need random numbers at run time (dropout) declare ``rng = None``; the model
+    sets it to its device random stream before ``build``.
+    """
 
     #: set by the owning model: "3:Dense" — used in error messages
     name: str = ""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        LAYER_TYPES[cls.__name__] = cls
+
     def __init__(self):
         self.params: list[Parameter] = []
+        self.buffers: dict = {}  # non-trainable state saved in checkpoints (BatchNorm's running stats)
         self.backend = None
         self.xp = None
 
@@ -57,6 +70,18 @@ class Layer:
 
     def backward(self, grad):
         raise NotImplementedError
+
+    def named_parameters(self) -> dict:
+        """{name: Parameter}; composite layers prefix their children's names (``fn.0.weight``)."""
+        return {p.name: p for p in self.params}
+
+    def named_buffers(self) -> dict:
+        """{name: array} of non-trainable state; composite layers prefix like parameters."""
+        return dict(self.buffers)
+
+    def load_buffer(self, name: str, value) -> None:
+        """Replace one buffer (checkpoint loading); composite layers route by prefix."""
+        self.buffers[name] = value
 
     # --- helpers ------------------------------------------------------------------------
     def add_param(self, name: str, value) -> Parameter:
