@@ -265,6 +265,8 @@ def _load_folder(dataset, folder):
     Missing files and another dataset's files mean "not here"; a damaged
     file raises, because silently skipping it would hide the problem.
     """
+    if not folder.is_dir():
+        return None, "folder does not exist"
     arrays = {}
     # Smallest first: another dataset's folder is rejected after reading 5 kB.
     order = sorted(FILES, key=lambda name: np.prod(SHAPES[name]))
@@ -314,9 +316,6 @@ def _search(dataset, data_dir):
         return folder, arrays
     searched = []
     for folder, label in _candidates(dataset):
-        if not folder.is_dir():
-            searched.append(f"{folder} ({label}): does not exist")
-            continue
         arrays, why = _load_folder(dataset, folder)
         if arrays is not None:
             return folder, arrays
@@ -364,9 +363,13 @@ def _fetch(url, dest_dir, name, expected_sha256, timeout, progress):
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=f"{name}.gz", disable=None if progress else True,
                       leave=False) as bar:
+                received = 0
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+            if total is not None and received != total:  # retryable, unlike bad content
+                raise ConnectionError(f"transfer cut off after {received} of {total} bytes")
             out.flush()
             os.fsync(out.fileno())
         try:
@@ -411,7 +414,7 @@ def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progres
             continue
         url = f"{base}{name}.gz"
         reasons = []
-        for attempt in range(retries + 1):
+        for attempt in range(max(retries, 0) + 1):
             if attempt:
                 time.sleep(RETRY_BACKOFF * attempt)
             try:
@@ -438,7 +441,14 @@ def download(dataset, dest_dir, mirrors=None, timeout=30, retries=2, progress=Tr
     """
     dataset = _dataset_name(dataset)
     dest_dir = pathlib.Path(dest_dir).expanduser()
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create {dest_dir} ({e.strerror or e}); "
+                           f"set XDG_CACHE_HOME or pass a writable folder") from e
+    if not os.access(dest_dir, os.W_OK):
+        raise DatasetError(f"cannot write to {dest_dir}; set XDG_CACHE_HOME "
+                           f"or pass a writable folder")
     mirrors = _mirrors(dataset, mirrors)
     dead = set()
     for name in FILES:

@@ -92,6 +92,29 @@ def closed_port_url():
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files, plus two misbehaving prefixes over good/.
+
+    /flaky/NAME answers 503 the first time, then serves good/NAME.
+    /short/NAME promises the full length but sends half and hangs up.
+    """
+
+    seen = set()
+
+    def do_GET(self):
+        prefix, _, rest = self.path.lstrip("/").partition("/")
+        if prefix == "flaky" and self.path not in self.seen:
+            self.seen.add(self.path)
+            self.send_error(503)
+        elif prefix in ("flaky", "short"):
+            body = (pathlib.Path(self.directory) / "good" / rest).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body if prefix == "flaky" else body[: len(body) // 2])
+            self.close_connection = True
+        else:
+            super().do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -111,7 +134,8 @@ def server(tmp_path):
     blob = (root / "good" / "train-labels-idx1-ubyte.gz").read_bytes()
     (corrupt / "train-labels-idx1-ubyte.gz").write_bytes(blob[: len(blob) // 2])
     (root / "missing").mkdir()
-    handler = functools.partial(QuietHandler, directory=str(root))
+    handler_class = type("Handler", (QuietHandler,), {"seen": set()})
+    handler = functools.partial(handler_class, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -359,6 +383,26 @@ def test_corrupt_download_leaves_nothing(tmp_path, server):
     assert "checksum" in message or "truncated" in message
     assert f"{server}corrupt/" in message
     assert list(dest.iterdir()) == []  # no final name, no temp file
+
+
+def test_retries_transient_errors(tmp_path, server):
+    dest = tmp_path / "dest"
+    ds.download("mnist", dest, mirrors=[f"{server}flaky/"], retries=1, progress=True)
+    assert ds.find_data_dir("mnist", data_dir=dest) == dest
+    assert leftovers(dest) == []
+
+
+def test_cut_off_transfer_leaves_nothing(tmp_path, server):
+    dest = tmp_path / "dest"
+    with pytest.raises(ds.DatasetError, match=r"short/train-images.*\(3 attempts\)"):
+        ds.download("mnist", dest, mirrors=[f"{server}short/"], retries=2, progress=False)
+    assert list(dest.iterdir()) == []
+
+
+def test_unwritable_destination(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    with pytest.raises(ds.DatasetError, match="cannot write"):
+        ds.download("mnist", tmp_path, progress=False)
 
 
 def test_offline_error(tmp_path):

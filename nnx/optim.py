@@ -1,0 +1,171 @@
+"""Optimizers: in-place Array-API updates of ``Parameter.value`` from ``Parameter.grad``.
+
+Hyperparameters are Python floats (they keep float32 arrays float32 and never touch the
+device). Conventions follow ``torch.optim`` so results can be compared step for step:
+
+- SGD:        p ← p − lr·g
+- momentum:   v ← μv + g;            p ← p − lr·v
+- Nesterov:   v ← μv + g;            p ← p − lr·(g + μv)
+- Adam:       m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  p ← p − lr·m̂ / (√v̂ + ε)
+- AdamW:      p ← p·(1 − lr·λ) first (decoupled decay), then the Adam step
+
+``weight_decay`` on SGD/momentum/Nesterov/Adam is L2: g ← g + λp (applied to every
+parameter, biases included, as torch does).
+"""
+from __future__ import annotations
+
+import math
+
+
+class Optimizer:
+    #: names of per-parameter state arrays ("slots"), saved in checkpoints
+    slot_names: tuple = ()
+
+    def __init__(self, params, lr: float = 0.01, weight_decay: float = 0.0,
+                 clip_norm: float | None = None):
+        """``params``: a model's ``named_parameters()`` dict (or a list of Parameters)."""
+        if not isinstance(params, dict):
+            params = {str(i): p for i, p in enumerate(params)}
+        if not params:
+            raise ValueError("optimizer got no parameters")
+        if lr <= 0 or not math.isfinite(lr):
+            raise ValueError(f"learning rate must be a positive number, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+        if clip_norm is not None and clip_norm <= 0:
+            raise ValueError(f"clip norm must be positive, got {clip_norm}")
+        self.params = params
+        self.lr, self.weight_decay, self.clip_norm = float(lr), float(weight_decay), clip_norm
+        self.steps = 0
+        first = next(iter(params.values())).value
+        import array_api_compat
+
+        self.xp = array_api_compat.array_namespace(first)
+        self.slots = {name: {k: self.xp.zeros_like(p.value) for k, p in params.items()}
+                      for name in self.slot_names}
+
+    def step(self, lr: float | None = None) -> None:
+        """Apply one update with ``lr`` (the schedule's value) or the base learning rate."""
+        lr = self.lr if lr is None else float(lr)
+        self.steps += 1
+        if self.clip_norm is not None:
+            clip_grad_norm(self.params.values(), self.clip_norm, self.xp)
+        for key, p in self.params.items():
+            g = p.grad
+            if g is None:
+                raise RuntimeError(f"parameter {key} has no gradient: call backward() before step()")
+            self.update(key, p, g, lr)
+
+    def update(self, key, p, g, lr):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """``(scalars, arrays)``: JSON-able scalars and ``{"slot/param": array}`` for safetensors."""
+        arrays = {f"{slot}/{k}": a for slot, per in self.slots.items() for k, a in per.items()}
+        return {"type": type(self).__name__, "steps": self.steps}, arrays
+
+    def load_state_dict(self, scalars: dict, arrays: dict, backend, dtype) -> None:
+        if scalars.get("type") != type(self).__name__:
+            raise ValueError(f"checkpoint optimizer is {scalars.get('type')}, not {type(self).__name__}")
+        self.steps = int(scalars["steps"])
+        for slot, per in self.slots.items():
+            for k in per:
+                per[k] = backend.from_numpy(arrays[f"{slot}/{k}"], dtype=dtype)
+
+
+def clip_grad_norm(params, max_norm: float, xp):
+    """Scale all gradients so their global L2 norm is at most ``max_norm``.
+
+    The scale stays a 0-D device array (no host synchronisation): max_norm / max(norm, max_norm).
+    Returns the norm before clipping (a 0-D array).
+    """
+    params = list(params)
+    total = xp.sqrt(sum(xp.sum(p.grad * p.grad) for p in params))
+    scale = max_norm / xp.maximum(total, xp.asarray(max_norm, dtype=total.dtype, device=total.device))
+    for p in params:
+        p.grad = p.grad * scale
+    return total
+
+
+class SGD(Optimizer):
+    def update(self, key, p, g, lr):
+        if self.weight_decay:
+            g = g + self.weight_decay * p.value
+        p.value -= lr * g
+
+
+class Momentum(Optimizer):
+    slot_names = ("velocity",)
+
+    def __init__(self, params, lr=0.01, momentum=0.9, nesterov=False, **kw):
+        super().__init__(params, lr, **kw)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+
+    def update(self, key, p, g, lr):
+        if self.weight_decay:
+            g = g + self.weight_decay * p.value
+        v = self.slots["velocity"][key]
+        v *= self.momentum
+        v += g
+        p.value -= lr * (g + self.momentum * v) if self.nesterov else lr * v
+
+
+class Nesterov(Momentum):
+    def __init__(self, params, lr=0.01, momentum=0.9, **kw):
+        super().__init__(params, lr, momentum=momentum, nesterov=True, **kw)
+
+
+class Adam(Optimizer):
+    slot_names = ("m", "v")
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kw):
+        super().__init__(params, lr, **kw)
+        self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+
+    def step(self, lr=None):
+        # bias corrections depend only on the step count: compute them once per step
+        t = self.steps + 1
+        self._c1 = 1.0 - self.beta1 ** t
+        self._c2 = 1.0 - self.beta2 ** t
+        super().step(lr)
+
+    def update(self, key, p, g, lr):
+        xp = self.xp
+        if self.weight_decay:
+            if self.decoupled:
+                p.value *= 1.0 - lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p.value
+        m, v = self.slots["m"][key], self.slots["v"][key]
+        m *= self.beta1
+        m += (1.0 - self.beta1) * g
+        v *= self.beta2
+        v += (1.0 - self.beta2) * (g * g)
+        denom = xp.sqrt(v) * (1.0 / math.sqrt(self._c2)) + self.eps
+        p.value -= (lr / self._c1) * (m / denom)
+
+
+class AdamW(Adam):
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.01, **kw):
+        super().__init__(params, lr, weight_decay=weight_decay, **kw)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adam": Adam, "adamw": AdamW}
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, clip_norm: float | None = None) -> Optimizer:
+    """Build an optimizer by its CLI name."""
+    try:
+        cls = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+    kw = {"weight_decay": weight_decay, "clip_norm": clip_norm}
+    if cls in (Momentum, Nesterov):
+        kw["momentum"] = momentum
+    return cls(params, lr=lr, **kw)
