@@ -12,10 +12,10 @@ class NumpyBackend(Backend):
     array_type = np.ndarray
 
     def from_numpy(self, a, dtype=None):
-        return np.asarray(a, dtype=dtype)
+        return np.array(a, dtype=dtype, copy=True)  # a copy: in-place updates must not reach `a`
 
     def to_numpy(self, x):
-        return np.asarray(x)
+        return np.array(x, copy=True)  # a copy: a saved state_dict must not follow training
 
     def device_of(self, x):
         return "cpu"

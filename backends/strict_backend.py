@@ -32,10 +32,10 @@ class StrictBackend(Backend):
         a = np.asarray(a)
         if dtype is None and a.dtype == np.float64 and not self.supports_float64():
             dtype = self.xp.float32
-        return self.xp.asarray(a, dtype=dtype, device=self.device)
+        return self.xp.asarray(a, dtype=dtype, device=self.device, copy=True)
 
     def to_numpy(self, x):
-        return np.from_dlpack(x.to_device(self._host))
+        return np.array(np.from_dlpack(x.to_device(self._host)), copy=True)  # no shared memory
 
     def device_of(self, x):
         return x.device

@@ -68,11 +68,12 @@ class TorchBackend(Backend):
         self.array_type = torch.Tensor
 
     def from_numpy(self, a, dtype=None):
-        t = self._torch.from_numpy(np.ascontiguousarray(a))
-        return t.to(device=self.device, dtype=dtype)
+        t = self._torch.from_numpy(np.require(np.asarray(a), requirements="C"))  # keeps 0-D shape
+        return t.to(device=self.device, dtype=dtype, copy=True)  # never shares memory with `a`
 
     def to_numpy(self, x):
-        return x.detach().cpu().numpy()
+        a = x.detach().cpu().numpy()
+        return a.copy() if x.device.type == "cpu" else a  # CPU tensors would share memory
 
     def device_of(self, x):
         return x.device

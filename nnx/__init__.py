@@ -9,11 +9,14 @@ from . import init, layers
 from .backends import Backend, BackendError, BackendMismatchError, get_backend
 from .errors import ShapeError
 from .gradcheck import gradcheck
-from .layers import (Dense, Dropout, Flatten, LeakyReLU, ReLU, Reshape, Sigmoid, Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool,
+                     LeakyReLU, MaxPool2D, ReLU, Reshape, Residual, Sigmoid, Softmax, Tanh)
+from .checkpoint import load
 from .losses import MSE, SoftmaxCrossEntropy
 from .model import Sequential, mlp
 
 __all__ = ["__version__", "get_backend", "Backend", "BackendError", "BackendMismatchError",
            "ShapeError", "gradcheck", "Sequential", "mlp", "Dense", "ReLU", "LeakyReLU", "Sigmoid",
            "Tanh", "Dropout", "Flatten", "Reshape", "Softmax", "SoftmaxCrossEntropy", "MSE",
+           "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Residual", "load",
            "init", "layers"]

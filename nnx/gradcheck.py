@@ -48,13 +48,13 @@ def gradcheck(target, x, y=None, loss=None, eps: float = 1e-6, train: bool = Fal
     Returns ``{"input": err, "0.weight": err, ...}``; all should be < 1e-6 in float64.
     """
     xp = target.xp
-    if x.dtype != xp.float64:
-        raise TypeError("gradcheck needs float64 inputs and parameters (float32 is too coarse)")
     rng = getattr(target, "rng", None)
     if isinstance(target, Sequential):
         named = target.named_parameters()
     else:
         named = {p.name: p for p in target.params}
+    if x.dtype != xp.float64 or any(p.value.dtype != xp.float64 for p in named.values()):
+        raise TypeError("gradcheck needs float64 inputs and parameters (float32 is too coarse)")
     x = xp.asarray(x, copy=True)
 
     def run_forward():

@@ -19,7 +19,9 @@ class SoftmaxCrossEntropy:
 
     def one_hot(self, y, num_classes, dtype):
         xp = self.xp
-        if self._classes is None or self._classes.shape[0] != num_classes:
+        cached = self._classes
+        if (cached is None or cached.shape[1] != num_classes or cached.dtype != y.dtype
+                or cached.device != y.device):
             self._classes = xp.reshape(xp.arange(num_classes, dtype=y.dtype, device=y.device),
                                        (1, num_classes))
         return xp.astype(xp.reshape(y, (-1, 1)) == self._classes, dtype)

@@ -48,8 +48,9 @@ class Sequential:
         """Logits for a batch ``x`` of shape (batch, *input_shape)."""
         self.backend.check_array(x, "Sequential.forward")
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ShapeError(f"model input: expected (batch, {', '.join(map(str, self.input_shape))}),"
-                             f" got {tuple(x.shape)}")
+            first = self.layers[0].name if self.layers else "model"
+            raise ShapeError(f"layer {first} (model input): expected (batch, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if x.dtype != self.dtype:
             x = self.xp.astype(x, self.dtype)
         for layer in self.layers:

@@ -30,6 +30,21 @@ def make_backend(name, device):
         pytest.skip(f"{name} on {device} not available here: {e}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny matmuls on torch's thread pool spin for milliseconds on a busy 2-core machine;
+    one intra-op thread keeps the torch tests fast. Restored afterwards."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request):
     """Every backend present; float64 capable."""

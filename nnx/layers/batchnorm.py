@@ -1,0 +1,137 @@
+"""Batch normalisation for (N, F) features and (N, C, H, W) feature maps, PyTorch conventions.
+
+Training: normalise with the batch mean and the BIASED batch variance (divide by m, the
+number of values per feature), then scale by ``weight`` (γ) and shift by ``bias`` (β).
+The running statistics are exponential moving averages,
+running = (1 − momentum)·running + momentum·batch, with the UNBIASED variance
+(divide by m − 1) — what ``torch.nn.BatchNorm1d/2d`` keep. Evaluation normalises with the
+running statistics. Buffers are named like torch's: ``running_mean``, ``running_var``,
+``num_batches_tracked`` (int64).
+
+Backward in training (x̂ = (x − μ)/σ, σ = √(var + eps), g = dL/dy, ĝ = γ·g; sums over the
+m values of each feature):
+    dx = (m·ĝ − Σĝ − x̂·Σ(ĝ·x̂)) / (m·σ),   dγ = Σ g·x̂,   dβ = Σ g
+(docs/cnn.md derives it). In evaluation μ and σ are constants: dx = ĝ / σ.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import ShapeError
+from .base import Layer
+
+
+class BatchNorm(Layer):
+    """``BatchNorm(num_features, eps=1e-5, momentum=0.1)``.
+
+    Input (N, F) normalises each of the F features over the batch (like BatchNorm1d);
+    input (N, C, H, W) normalises each channel over N·H·W values (like BatchNorm2d). Which
+    one is decided at ``build`` from the input shape. ``momentum=None`` keeps a cumulative
+    average instead (factor 1/num_batches_tracked), as in PyTorch.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        if isinstance(num_features, bool) or int(num_features) != num_features or num_features < 1:
+            raise ValueError(f"BatchNorm num_features must be a positive integer, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"BatchNorm eps must be positive, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm momentum must be in [0, 1] or None, got {momentum!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+
+    # --- life cycle ---------------------------------------------------------------------
+    def build(self, backend, dtype, rng, input_shape):
+        out = super().build(backend, dtype, rng, input_shape)
+        xp, dev, f = self.xp, backend.device, self.num_features
+        self.in_shape = tuple(input_shape)
+        if len(self.in_shape) == 1:
+            self.axes, self.bshape = (0,), (1, f)
+        else:
+            self.axes, self.bshape = (0, 2, 3), (1, f, 1, 1)
+        self.weight = self.add_param("weight", xp.ones((f,), dtype=dtype, device=dev))
+        self.bias = self.add_param("bias", xp.zeros((f,), dtype=dtype, device=dev))
+        self.buffers["running_mean"] = xp.zeros((f,), dtype=dtype, device=dev)
+        self.buffers["running_var"] = xp.ones((f,), dtype=dtype, device=dev)
+        self.buffers["num_batches_tracked"] = xp.zeros((), dtype=xp.int64, device=dev)
+        return out
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) not in (1, 3) or input_shape[0] != self.num_features:
+            f = self.num_features
+            raise ShapeError(f"layer {self.name or 'BatchNorm'}: expects input of shape ({f},) "
+                             f"or ({f}, H, W), but the previous layer gives shape {input_shape}")
+        return input_shape
+
+    # --- passes -------------------------------------------------------------------------
+    def _stat(self, v):
+        """(F,) statistic → broadcastable (1, F) or (1, F, 1, 1)."""
+        return self.xp.reshape(v, self.bshape)
+
+    def forward(self, x, train=False):
+        xp = self.xp
+        if tuple(x.shape[1:]) != self.in_shape:
+            self.check_features(x, self.in_shape)
+        m = math.prod(x.shape[a] for a in self.axes)
+        self.train_mode = bool(train)
+        if train:
+            if m < 2:
+                raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
+                                 f"value per feature, got input of shape {tuple(x.shape)}")
+            mean = xp.mean(x, axis=self.axes, keepdims=True)
+            xc = x - mean
+            var = xp.mean(xc * xc, axis=self.axes, keepdims=True)      # biased: / m
+            self._update_running(xp.reshape(mean, (-1,)), xp.reshape(var, (-1,)), m)
+        else:
+            mean = self._stat(self.buffers["running_mean"])
+            var = self._stat(self.buffers["running_var"])
+            xc = x - mean
+        self.inv_std = 1.0 / xp.sqrt(var + self.eps)
+        self.xhat = xc * self.inv_std
+        self.m = m
+        return self.xhat * self._stat(self.weight.value) + self._stat(self.bias.value)
+
+    def _update_running(self, mean, var, m):
+        xp, b = self.xp, self.buffers
+        b["num_batches_tracked"] = b["num_batches_tracked"] + 1
+        if self.momentum is None:
+            factor = 1.0 / int(b["num_batches_tracked"])
+        else:
+            factor = self.momentum
+        unbiased = var * (m / (m - 1.0))
+        b["running_mean"] = (1.0 - factor) * b["running_mean"] + factor * mean
+        b["running_var"] = (1.0 - factor) * b["running_var"] + factor * unbiased
+
+    def backward(self, grad):
+        xp, axes, xhat = self.xp, self.axes, self.xhat
+        self.weight.grad = xp.reshape(xp.sum(grad * xhat, axis=axes), (-1,))
+        self.bias.grad = xp.reshape(xp.sum(grad, axis=axes), (-1,))
+        ghat = grad * self._stat(self.weight.value)
+        if not self.train_mode:
+            return ghat * self.inv_std
+        m = float(self.m)
+        s1 = xp.sum(ghat, axis=axes, keepdims=True)
+        s2 = xp.sum(ghat * xhat, axis=axes, keepdims=True)
+        return (ghat * m - s1 - xhat * s2) * (self.inv_std * (1.0 / m))
+
+    def load_buffer(self, name: str, value) -> None:
+        if name not in self.buffers:
+            raise KeyError(f"layer {self.name or 'BatchNorm'}: no buffer named {name!r}")
+        current = self.buffers[name]
+        if tuple(value.shape) != tuple(current.shape):
+            # e.g. a 0-D num_batches_tracked that came back 1-D from a host copy
+            if math.prod(value.shape) != math.prod(current.shape):
+                raise ValueError(f"layer {self.name or 'BatchNorm'}: buffer {name} has shape "
+                                 f"{tuple(current.shape)}, got {tuple(value.shape)}")
+            value = self.xp.reshape(value, tuple(current.shape))
+        self.buffers[name] = value
+
+    # --- description --------------------------------------------------------------------
+    def config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum}
+
+    def describe(self):
+        return f"BatchNorm({self.num_features})"

@@ -1,0 +1,327 @@
+"""The training loop shared by the library API and ``python -m nnx.train``.
+
+Everything in a step stays on the device: batches are gathered from device-resident splits,
+running loss and accuracy are 0-D device arrays, and the host reads them only a few times
+per epoch (progress bar, NaN check) — never once per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .checkpoint import atomic_write_json, save_checkpoint, save_weights
+from .losses import SoftmaxCrossEntropy
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``checkpoint`` is where the state was saved."""
+
+    def __init__(self, checkpoint):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A reproducible seed per (run seed, epoch, purpose): resuming re-creates the same streams."""
+    h = int(seed) & 0xFFFFFFFF
+    for p in parts:
+        h = (h * 1_000_003 + int(p) * 7_919 + 12_345) % (2**31 - 1)
+    return h
+
+
+class Trainer:
+    """Mini-batch training with validation, early stopping, checkpoints and metrics.
+
+    ``run_dir`` (optional) receives ``metrics.jsonl`` and a checkpoint after every epoch.
+    ``early_stopping`` is the patience in epochs on validation loss (0 disables it); when it
+    stops the run, the best weights are restored.
+    """
+
+    READS_PER_EPOCH = 5  # host reads of the running loss per epoch (progress + NaN check)
+
+    def __init__(self, model, optimizer, schedule, batch_size: int = 128, epochs: int = 10,
+                 seed: int = 0, early_stopping: int = 0, run_dir=None, progress: bool = True,
+                 log=print, loss=None):
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.loss = loss or SoftmaxCrossEntropy()
+        self.batch_size, self.epochs, self.seed = int(batch_size), int(epochs), int(seed)
+        self.patience = int(early_stopping)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress, self.log = progress, log
+        self.xp, self.backend = model.xp, model.backend
+        # position, restored by resume()
+        self.epoch = 0            # completed epochs
+        self.step_in_epoch = 0    # steps done inside the current epoch (after an interrupt)
+        self.global_step = 0
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
+        self.best_val_loss = math.inf
+        self.bad_epochs = 0
+        self.best_weights = None
+        self.history: list[dict] = []
+        self._stop_requested = False
+
+    # --- evaluation ---------------------------------------------------------------------
+    def evaluate(self, split, batch_size: int = 2048) -> tuple[float, float]:
+        """(mean loss, accuracy) over a split, in eval mode; one host read at the end."""
+        xp, n = self.xp, len(split)
+        loss_sum = correct = 0.0
+        for start in range(0, n, batch_size):
+            xb, yb = split.x[start:start + batch_size, ...], split.y[start:start + batch_size]
+            logits = self.model.forward(xb, train=False)
+            loss_sum = loss_sum + self.loss.forward(logits, yb) * yb.shape[0]
+            correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, logits.dtype))
+        return float(loss_sum) / n, float(correct) / n
+
+    # --- one epoch ----------------------------------------------------------------------
+    def _train_epoch(self, split, epoch: int):
+        xp, model, loss_fn, opt = self.xp, self.model, self.loss, self.optimizer
+        n, bs = len(split), self.batch_size
+        steps = math.ceil(n / bs)
+        perm = self.backend.device_rng(derived_seed(self.seed, epoch, 1)).permutation(n)
+        start = self.step_in_epoch
+        model.rng.reseed(derived_seed(self.seed, epoch, 2, start))
+        loss_sum = self.partial["loss_sum"]
+        correct = self.partial["correct"]
+        seen = self.partial["seen"]
+        read_every = max(1, steps // self.READS_PER_EPOCH)
+        bar = self._bar(steps, epoch, start)
+        try:
+            for k in range(start, steps):
+                idx = perm[k * bs:(k + 1) * bs]
+                xb = xp.take(split.x, idx, axis=0)
+                yb = xp.take(split.y, idx, axis=0)
+                logits = model.forward(xb, train=True)
+                loss = loss_fn.forward(logits, yb)
+                model.backward(loss_fn.backward())
+                opt.step(self.schedule(self.global_step))
+                self.global_step += 1
+                m = yb.shape[0]
+                seen += m
+                loss_sum = loss_sum + loss * m
+                correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, logits.dtype))
+                if (k + 1) % read_every == 0 or k + 1 == steps:
+                    mean = float(loss_sum) / seen  # the only host read: a few per epoch
+                    if not math.isfinite(mean):
+                        raise TrainingDiverged(
+                            f"loss became {mean} in epoch {epoch + 1} by step {k + 1} "
+                            f"(global step {self.global_step}); the last good checkpoint is kept. "
+                            "Try a smaller --lr, gradient clipping (--clip-norm 1.0), or float64")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule(self.global_step - 1):.2e}")
+                        bar.update(k + 1 - bar.n)
+                if self._stop_requested and k + 1 < steps:  # Ctrl-C: stop between two steps
+                    raise _Interrupt(epoch, k + 1, loss_sum, correct, seen)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.step_in_epoch = 0
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
+        return float(loss_sum) / seen, float(correct) / seen
+
+    def _bar(self, steps, epoch, start):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
+                   leave=False, dynamic_ncols=True)
+        bar.update(start)
+        return bar
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self, train, val=None, test=None) -> list[dict]:
+        """Train for the remaining epochs; returns the per-epoch metrics (also in metrics.jsonl).
+
+        Ctrl-C finishes the current step, saves a checkpoint (with a run folder) and raises
+        ``TrainingInterrupted``; a second Ctrl-C aborts at once.
+        """
+        with _graceful_sigint(self):
+            return self._fit(train, val, test)
+
+    def _fit(self, train, val, test):
+        while self.epoch < self.epochs:
+            epoch = self.epoch
+            t0 = time.perf_counter()
+            seen_before = self.partial["seen"]
+            try:
+                train_loss, train_acc = self._train_epoch(train, epoch)
+            except _Interrupt as it:
+                self.step_in_epoch = it.step
+                self.global_step = epoch * math.ceil(len(train) / self.batch_size) + it.step
+                self.partial = {"loss_sum": float(it.loss_sum), "correct": float(it.correct),
+                                "seen": it.seen}
+                path = self.save() if self.run_dir else None
+                raise TrainingInterrupted(path) from None
+            self.backend.synchronize()
+            elapsed = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                   "lr": self.schedule(max(0, self.global_step - 1)),
+                   "epoch_time_s": round(elapsed, 4),
+                   "samples_per_s": round((len(train) - seen_before) / elapsed, 1)}
+            if val is not None:
+                row["val_loss"], row["val_acc"] = self.evaluate(val)
+            self.epoch += 1
+            stop = self._early_stopping(row)
+            stop_now = self._stop_requested and self.epoch < self.epochs  # Ctrl-C at epoch end
+            self.history.append(row)
+            self._log_epoch(row)
+            path = None
+            if self.run_dir:
+                self._append_metrics(row)
+                path = self.save()
+            if stop_now:
+                raise TrainingInterrupted(path)
+            if stop:
+                self.log(f"early stopping: validation loss has not improved for {self.patience} "
+                         f"epochs; restoring the weights of epoch {self.best_epoch}")
+                self.restore_best()
+                break
+        if self.patience and self.best_weights is not None and self.epoch >= self.epochs:
+            self.restore_best()
+        result = {}
+        if test is not None:
+            result["test_loss"], result["test_acc"] = self.evaluate(test)
+            self.log(f"test: loss {result['test_loss']:.4f}  accuracy {100 * result['test_acc']:.2f}%")
+        if self.run_dir:
+            save_weights(self.run_dir / "model.safetensors", self.model)
+            atomic_write_json(self.run_dir / "results.json",
+                              {"epochs_completed": self.epoch, **result,
+                               "final": self.history[-1] if self.history else None})
+        self.result = result
+        return self.history
+
+    # --- early stopping -----------------------------------------------------------------
+    def _early_stopping(self, row) -> bool:
+        if not self.patience or "val_loss" not in row:
+            return False
+        if row["val_loss"] < self.best_val_loss:
+            self.best_val_loss, self.bad_epochs, self.best_epoch = row["val_loss"], 0, row["epoch"]
+            xp = self.xp
+            self.best_weights = {k: xp.asarray(p.value, copy=True)
+                                 for k, p in self.model.named_parameters().items()}
+            self.best_weights.update({k: xp.asarray(b, copy=True)
+                                      for k, b in self.model.named_buffers().items()})
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore_best(self) -> None:
+        if self.best_weights is None:
+            return
+        self.model.load_state_dict({k: self.backend.to_numpy(v) for k, v in self.best_weights.items()})
+
+    # --- persistence --------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "partial": self.partial,
+                "rng": {"seed": self.seed, "scheme": "derived per (seed, epoch, step)"},
+                "early_stopping": {"patience": self.patience,
+                                   "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+                                   "bad_epochs": self.bad_epochs,
+                                   "best_epoch": getattr(self, "best_epoch", None)},
+                "history": self.history}
+
+    def save(self):
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.state(),
+                               self.best_weights)
+
+    def resume(self, ckpt_dir) -> None:
+        """Restore weights, optimizer, position and early-stopping state from a checkpoint."""
+        from .checkpoint import check_architecture, load_safetensors, read_state
+
+        state = read_state(ckpt_dir)
+        check_architecture(self.model, state, ckpt_dir)
+        arrays, _ = load_safetensors(Path(ckpt_dir) / "model.safetensors")
+        self.model.load_state_dict(arrays)
+        slots, _ = load_safetensors(Path(ckpt_dir) / "optimizer.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"], slots, self.backend, self.model.dtype)
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.partial = state["global_step"], state["partial"]
+        self.history = state.get("history", [])
+        es = state["early_stopping"]
+        self.best_val_loss = math.inf if es["best_val_loss"] is None else es["best_val_loss"]
+        self.bad_epochs = es["bad_epochs"]
+        if es.get("best_epoch") is not None:
+            self.best_epoch = es["best_epoch"]
+        best_file = Path(ckpt_dir) / "best.safetensors"
+        if best_file.is_file():
+            best, _ = load_safetensors(best_file)
+            self.best_weights = {k: self.backend.from_numpy(v, dtype=v.dtype if v.dtype.kind != "f"
+                                                            else self.model.dtype)
+                                 for k, v in best.items()}
+        if self.run_dir:
+            self._truncate_metrics(self.epoch)
+
+    def _append_metrics(self, row) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _truncate_metrics(self, epochs: int) -> None:
+        """After a resume, drop metric lines of epochs the checkpoint does not include."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [l for l in path.read_text().splitlines() if l.strip()]
+        kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs]
+        if kept != lines:
+            from .checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def _log_epoch(self, row) -> None:
+        parts = [f"epoch {row['epoch']:>3}/{self.epochs}",
+                 f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"]
+        if "val_loss" in row:
+            parts.append(f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%")
+        parts.append(f"{row['epoch_time_s']:.1f}s ({row['samples_per_s']:,.0f} samples/s)")
+        self.log("  ".join(parts))
+
+
+class _graceful_sigint:
+    """Turn the first Ctrl-C into a stop request checked between steps (main thread only)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        self.trainer._stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                if self.trainer._stop_requested:
+                    raise KeyboardInterrupt
+                self.trainer._stop_requested = True
+                self.trainer.log("\nCtrl-C: finishing this step and saving a checkpoint "
+                                 "(press again to abort without saving)")
+
+            self.previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class _Interrupt(Exception):
+    def __init__(self, epoch, step, loss_sum, correct, seen):
+        super().__init__()
+        self.epoch, self.step, self.loss_sum, self.correct, self.seen = epoch, step, loss_sum, correct, seen

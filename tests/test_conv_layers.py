@@ -1,0 +1,414 @@
+"""Conv2D, pooling, BatchNorm and Residual: gradient checks on every backend, agreement with
+``torch.nn.functional``, shape errors, dtypes, a tiny CNN that overfits, torch-style names.
+
+Sizes are tiny on purpose: gradcheck perturbs every element and array-api-strict is slow.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nnx
+from nnx.errors import ShapeError
+from nnx.layers.batchnorm import BatchNorm
+from nnx.layers.conv import Conv2D
+from nnx.layers.pool import AvgPool2D, GlobalAvgPool, MaxPool2D
+from nnx.layers.residual import Residual
+from nnx.spec import layer_from_spec, layer_to_spec
+
+TOL = 1e-6
+
+
+def model_of(backend, layers, input_shape, dtype="float64", seed=0):
+    return nnx.Sequential(layers, input_shape=input_shape, backend=backend, dtype=dtype, seed=seed)
+
+
+def host(shape, seed=0, integers=None):
+    g = np.random.default_rng(seed)
+    if integers is not None:
+        return g.integers(0, integers, size=shape).astype(np.float64)
+    return g.standard_normal(shape)
+
+
+def assert_gradcheck(model, x, **kw):
+    errors = nnx.gradcheck(model, x, **kw)
+    bad = {k: v for k, v in errors.items() if not v < TOL}
+    assert not bad, f"gradcheck errors above {TOL}: {errors}"
+
+
+def assert_close(a, b, tol=1e-10):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+# --- gradient checks (float64, every backend) ----------------------------------------------
+CONV_CASES = [  # (C, O, k, s, p, H, W)
+    (2, 3, 3, 1, 1, 5, 5),
+    (2, 2, 3, 2, 0, 7, 6),
+    (1, 2, 2, 3, 1, 6, 5),
+    (2, 2, 1, 1, 0, 3, 4),
+    (1, 2, 5, 2, 2, 5, 7),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
+def test_conv_gradcheck(backend, case):
+    c, o, k, s, p, h, w = case
+    m = model_of(backend, [Conv2D(c, o, k, stride=s, padding=p)], (c, h, w))
+    m.layers[0].bias.value = backend.from_numpy(host((o,), 7), dtype=m.dtype)  # non-zero bias
+    assert_gradcheck(m, backend.from_numpy(host((2, c, h, w))))
+
+
+def test_conv_without_bias(backend):
+    m = model_of(backend, [Conv2D(2, 2, 3, padding=1, bias=False)], (2, 4, 5))
+    assert list(m.named_parameters()) == ["0.weight"]
+    assert_gradcheck(m, backend.from_numpy(host((2, 2, 4, 5))))
+
+
+POOL_CASES = [  # (k, stride, padding, H, W)
+    (2, None, 0, 6, 4),   # tiles: reshape fast path
+    (2, 2, 0, 7, 5),      # k == stride, odd sizes: general path drops the last row/column
+    (3, 2, 1, 7, 6),      # overlapping, padded
+    (3, 1, 0, 5, 5),      # heavily overlapping
+    (2, 3, 0, 8, 7),      # stride > kernel: gaps
+]
+
+
+@pytest.mark.parametrize("cls", [MaxPool2D, AvgPool2D])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "k{}s{}p{}_{}x{}".format(*c))
+def test_pool_gradcheck(backend, cls, case):
+    k, s, p, h, w = case
+    m = model_of(backend, [cls(k, s, p)], (2, h, w))
+    assert_gradcheck(m, backend.from_numpy(host((2, 2, h, w))))  # no ties: max is differentiable
+
+
+def test_global_avg_pool_gradcheck(backend):
+    m = model_of(backend, [GlobalAvgPool()], (3, 3, 5))
+    assert m.output_shape == (3,)
+    assert_gradcheck(m, backend.from_numpy(host((2, 3, 3, 5))))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(3,), (2, 3, 4)], ids=["NF", "NCHW"])
+def test_batchnorm_gradcheck(backend, shape, train):
+    m = model_of(backend, [BatchNorm(shape[0])], shape)
+    bn = m.layers[0]
+    bn.weight.value = backend.from_numpy(host((shape[0],), 3) + 1.5, dtype=m.dtype)
+    bn.bias.value = backend.from_numpy(host((shape[0],), 4), dtype=m.dtype)
+    x = backend.from_numpy(host((4, *shape)) * 2.0 + 0.5)
+    m.forward(x, train=True)  # non-trivial running statistics for the eval case
+    assert_gradcheck(m, x, train=train)
+
+
+def test_residual_gradcheck(backend):
+    block = Residual([Conv2D(2, 2, 3, padding=1, bias=False), BatchNorm(2), nnx.ReLU(),
+                      Conv2D(2, 2, 3, padding=1)])
+    m = model_of(backend, [block], (2, 4, 4))
+    assert set(m.named_parameters()) == {"0.fn.0.weight", "0.fn.1.weight",
+                                         "0.fn.1.bias", "0.fn.3.weight", "0.fn.3.bias"}
+    assert_gradcheck(m, backend.from_numpy(host((2, 2, 4, 4))), train=True)
+
+
+def test_residual_shares_the_model_rng(backend):
+    """Dropout inside a Residual gets the model's stream, so gradcheck(train=True) repeats masks."""
+    block = Residual([Conv2D(2, 2, 3, padding=1), nnx.Dropout(0.4)])
+    m = model_of(backend, [block], (2, 3, 3))
+    assert block.layers[1].rng is m.rng
+    assert_gradcheck(m, backend.from_numpy(host((2, 2, 3, 3))), train=True)
+
+
+def test_small_cnn_gradcheck(backend):
+    layers = [Conv2D(1, 2, 3, padding=1, bias=False), BatchNorm(2), nnx.ReLU(), MaxPool2D(2),
+              Residual([Conv2D(2, 2, 3, padding=1), nnx.Tanh()]), AvgPool2D(2, 1),
+              nnx.Flatten(), nnx.Dense(8, 3)]
+    m = model_of(backend, layers, (1, 6, 6))
+    assert m.output_shape == (3,)
+    x = backend.from_numpy(host((2, 1, 6, 6)))
+    y = backend.from_numpy(np.array([0, 2]))
+    assert_gradcheck(m, x, y=y, train=True)
+
+
+# --- agreement with torch.nn.functional ---------------------------------------------------
+def torch_t(a, grad=False):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
+
+
+def run_layer(backend, layer, x, g, train=False):
+    """Forward ``x`` and backward ``g`` through a one-layer model; host results."""
+    m = model_of(backend, [layer], x.shape[1:])
+    y = m.forward(backend.from_numpy(x), train=train)
+    dx = m.backward(backend.from_numpy(g)) if g is not None else None
+    return m, backend.to_numpy(y), (None if dx is None else backend.to_numpy(dx))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
+def test_conv_matches_torch(backend, case):
+    torch = pytest.importorskip("torch")
+    c, o, k, s, p, h, w = case
+    x = host((3, c, h, w), 1)
+    conv = Conv2D(c, o, k, stride=s, padding=p)
+    m = model_of(backend, [conv], (c, h, w))
+    conv.bias.value = backend.from_numpy(host((o,), 2), dtype=m.dtype)
+    y = backend.to_numpy(m.forward(backend.from_numpy(x)))
+    g = host(y.shape, 3)
+    dx = backend.to_numpy(m.backward(backend.from_numpy(g)))
+
+    xt = torch_t(x, True)
+    wt = torch_t(backend.to_numpy(conv.weight.value), True)
+    bt = torch_t(backend.to_numpy(conv.bias.value), True)
+    yt = torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p)
+    yt.backward(torch_t(g))
+    assert_close(y, yt.detach().numpy())
+    assert_close(dx, xt.grad.numpy())
+    assert_close(backend.to_numpy(conv.weight.grad), wt.grad.numpy())
+    assert_close(backend.to_numpy(conv.bias.grad), bt.grad.numpy())
+
+
+POOL_TORCH_CASES = POOL_CASES + [(2, 1, 1, 5, 6), (3, 3, 1, 7, 7), (2, 2, 1, 5, 5)]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("case", POOL_TORCH_CASES, ids=lambda c: "k{}s{}p{}_{}x{}".format(*c))
+def test_pool_matches_torch_with_ties(backend, kind, case):
+    """Small integer inputs: most windows hold several equal maxima (the tie rule matters)."""
+    torch = pytest.importorskip("torch")
+    k, s, p, h, w = case
+    x = host((2, 3, h, w), 5, integers=3)
+    cls, fn = (MaxPool2D, torch.nn.functional.max_pool2d) if kind == "max" else \
+              (AvgPool2D, torch.nn.functional.avg_pool2d)
+    _, y, _ = run_layer(backend, cls(k, s, p), x, None)
+    g = host(y.shape, 6)
+    _, y, dx = run_layer(backend, cls(k, s, p), x, g)
+    xt = torch_t(x, True)
+    yt = fn(xt, k, s, p)
+    yt.backward(torch_t(g))
+    assert_close(y, yt.detach().numpy())
+    assert_close(dx, xt.grad.numpy())
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 3), (2, 1), (3, 2)])
+def test_maxpool_ties_go_to_first_max(backend, k, s):
+    """All-equal input: each window sends its whole gradient to its top-left element."""
+    n, c, h, w = 1, 2, 6, 6
+    x = np.ones((n, c, h, w))
+    m, y, _ = run_layer(backend, MaxPool2D(k, s), x, None)
+    g = host(y.shape, 1)
+    dx = backend.to_numpy(m.backward(backend.from_numpy(g)))
+    want = np.zeros_like(x)
+    for a in range(y.shape[2]):
+        for b in range(y.shape[3]):
+            want[:, :, a * s, b * s] += g[:, :, a, b]
+    assert_close(dx, want)
+
+
+def test_global_avg_pool_matches_torch(backend):
+    torch = pytest.importorskip("torch")
+    x = host((2, 3, 4, 5))
+    g = host((2, 3), 1)
+    _, y, dx = run_layer(backend, GlobalAvgPool(), x, g)
+    xt = torch_t(x, True)
+    yt = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
+    yt.backward(torch_t(g))
+    assert_close(y, yt.detach().numpy())
+    assert_close(dx, xt.grad.numpy())
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3, 4)], ids=["NF", "NCHW"])
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_batchnorm_matches_torch(backend, shape, momentum):
+    """Three training steps then one eval step; outputs, gradients and running statistics."""
+    torch = pytest.importorskip("torch")
+    f = shape[0]
+    bn = BatchNorm(f, eps=1e-3, momentum=momentum)
+    m = model_of(backend, [bn], shape)
+    gamma, beta = host((f,), 10) + 1.0, host((f,), 11)
+    bn.weight.value = backend.from_numpy(gamma, dtype=m.dtype)
+    bn.bias.value = backend.from_numpy(beta, dtype=m.dtype)
+
+    rm, rv = torch.zeros(f, dtype=torch.float64), torch.ones(f, dtype=torch.float64)
+    for step, train in enumerate([True, True, True, False]):
+        x = host((5, *shape), 20 + step) * (step + 1) + step
+        g = host((5, *shape), 30 + step)
+        y = backend.to_numpy(m.forward(backend.from_numpy(x), train=train))
+        dx = backend.to_numpy(m.backward(backend.from_numpy(g)))
+        xt, wt, bt = torch_t(x, True), torch_t(gamma, True), torch_t(beta, True)
+        # momentum=None is torch's cumulative average: factor 1/num_batches_tracked
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        yt = torch.nn.functional.batch_norm(xt, rm, rv, wt, bt, training=train,
+                                            momentum=factor, eps=1e-3)
+        yt.backward(torch_t(g))
+        assert_close(y, yt.detach().numpy(), 1e-9)
+        assert_close(dx, xt.grad.numpy(), 1e-9)
+        assert_close(backend.to_numpy(bn.weight.grad), wt.grad.numpy(), 1e-9)
+        assert_close(backend.to_numpy(bn.bias.grad), bt.grad.numpy(), 1e-9)
+        assert_close(backend.to_numpy(bn.buffers["running_mean"]), rm.numpy())
+        assert_close(backend.to_numpy(bn.buffers["running_var"]), rv.numpy())
+    assert int(backend.to_numpy(bn.buffers["num_batches_tracked"])) == 3
+
+
+def test_batchnorm_module_state_matches_torch():
+    """Running stats of torch.nn.BatchNorm2d (the module) after a few steps, and its eval output."""
+    torch = pytest.importorskip("torch")
+    backend = nnx.get_backend("numpy")
+    m = model_of(backend, [BatchNorm(3)], (3, 4, 4))
+    tm = torch.nn.BatchNorm2d(3).double()
+    for step in range(4):
+        x = host((6, 3, 4, 4), step) * 3.0 - 1.0
+        m.forward(backend.from_numpy(x), train=True)
+        tm.train()(torch_t(x))
+    for name, value in tm.state_dict().items():
+        assert_close(m.state_dict()["0." + name], value.numpy())
+    x = host((2, 3, 4, 4), 99)
+    assert_close(backend.to_numpy(m.forward(backend.from_numpy(x))),
+                 tm.eval()(torch_t(x)).detach().numpy())
+
+
+# --- errors, dtypes, names ----------------------------------------------------------------
+def test_shape_errors_name_the_layer(backend):
+    m = model_of(backend, [nnx.ReLU(), Conv2D(2, 3, 3), MaxPool2D(2), BatchNorm(3)], (2, 6, 6))
+    conv, pool, bn = m.layers[1], m.layers[2], m.layers[3]
+    wrong = backend.from_numpy(host((2, 3, 6, 6)), dtype=m.dtype)
+    for layer in (conv, pool, bn):
+        with pytest.raises(ShapeError, match=layer.name) as info:
+            layer.forward(wrong)
+        assert "(2, 3, 6, 6)" in str(info.value)
+
+    with pytest.raises(ShapeError, match=r"1:Conv2D.*\(3, H, W\).*\(2, 6, 6\)"):
+        model_of(backend, [nnx.ReLU(), Conv2D(3, 4, 3)], (2, 6, 6))
+    with pytest.raises(ShapeError, match="0:Conv2D"):
+        model_of(backend, [Conv2D(2, 4, 7)], (2, 6, 6))  # kernel larger than the image
+    with pytest.raises(ShapeError, match="0:MaxPool2D"):
+        model_of(backend, [MaxPool2D(2)], (12,))
+    with pytest.raises(ShapeError, match=r"1:BatchNorm.*\(4,\)"):
+        model_of(backend, [nnx.ReLU(), BatchNorm(4)], (3, 5, 5))
+    with pytest.raises(ShapeError, match="0:GlobalAvgPool"):
+        model_of(backend, [GlobalAvgPool()], (3, 5))
+    with pytest.raises(ShapeError, match=r"0:Residual.*\(2, 4, 4\).*\(3, 4, 4\)"):
+        model_of(backend, [Residual([Conv2D(2, 3, 3, padding=1)])], (2, 4, 4))
+    with pytest.raises(ShapeError, match=r"0:Residual\.fn\.1:Conv2D"):
+        model_of(backend, [Residual([Conv2D(2, 3, 3, padding=1), Conv2D(2, 2, 1)])], (2, 4, 4))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        Conv2D(1, 2, 0)
+    with pytest.raises(ValueError):
+        Conv2D(1, 2, 3, stride=0)
+    with pytest.raises(ValueError):
+        MaxPool2D(2, padding=2)  # more than half the kernel, as torch refuses
+    with pytest.raises(ValueError):
+        BatchNorm(0)
+    with pytest.raises(ValueError):
+        Residual([])
+
+
+def test_float32_stays_float32(backend):
+    check_float32(backend)
+
+
+def test_float32_only_device(float32_only_backend):
+    """array-api-strict's no_float64 device rejects any float64 array a layer might create."""
+    check_float32(float32_only_backend)
+
+
+def check_float32(backend):
+    layers = [Conv2D(1, 3, 3, padding=1), BatchNorm(3), nnx.ReLU(), MaxPool2D(2, 1),
+              Residual([Conv2D(3, 3, 3, padding=1), BatchNorm(3)]), AvgPool2D(2),
+              GlobalAvgPool(), BatchNorm(3), nnx.Dense(3, 2)]
+    m = model_of(backend, layers, (1, 5, 5), dtype="float32")
+    x = backend.from_numpy(host((4, 1, 5, 5)), dtype=backend.float32)
+    for train in (True, False):
+        out = m.forward(x, train=train)
+        assert out.dtype == backend.float32
+        dx = m.backward(backend.xp.ones_like(out))
+        assert dx.dtype == backend.float32 and tuple(dx.shape) == (4, 1, 5, 5)
+        for name, p in m.named_parameters().items():
+            assert p.value.dtype == backend.float32, name
+            assert p.grad.dtype == backend.float32 and p.grad.shape == p.value.shape, name
+    for name, b in m.named_buffers().items():
+        want = backend.int64 if name.endswith("num_batches_tracked") else backend.float32
+        assert b.dtype == want, name
+
+
+def test_state_dict_names_match_torch_sequential():
+    torch = pytest.importorskip("torch")
+    backend = nnx.get_backend("numpy")
+    m = model_of(backend, [Conv2D(1, 4, 3, padding=1), BatchNorm(4), nnx.ReLU(), MaxPool2D(2),
+                           nnx.Flatten(), nnx.Dense(4 * 3 * 3, 5), BatchNorm(5)], (1, 6, 6))
+    tm = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                             torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                             torch.nn.Linear(4 * 3 * 3, 5), torch.nn.BatchNorm1d(5)).double()
+    ours, theirs = m.state_dict(), tm.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert {"1.weight", "1.bias", "1.running_mean", "1.running_var",
+            "1.num_batches_tracked"} <= set(ours)
+    for k, v in theirs.items():
+        assert ours[k].shape == tuple(v.shape), k
+        assert str(ours[k].dtype) == str(v.numpy().dtype), k
+
+    # load torch's (trained-looking) state and agree with it in eval mode
+    with torch.no_grad():
+        for module in (tm[1], tm[6]):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.uniform_(0.5, 2)
+            module.bias.uniform_(-1, 1)
+    m.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()})
+    x = host((3, 1, 6, 6))
+    assert_close(m.forward(backend.from_numpy(x)), tm.eval()(torch_t(x)).detach().numpy(), 1e-9)
+
+
+def test_residual_buffers_and_spec_round_trip(backend):
+    block = Residual([Conv2D(2, 2, 3, padding=1), BatchNorm(2), nnx.ReLU()])
+    m = model_of(backend, [nnx.ReLU(), block], (2, 4, 4))
+    assert set(m.named_buffers()) == {"1.fn.1.running_mean", "1.fn.1.running_var",
+                                      "1.fn.1.num_batches_tracked"}
+    assert block.layers[1].name == "1:Residual.fn.1:BatchNorm"
+    m.forward(backend.from_numpy(host((3, 2, 4, 4))), train=True)
+
+    # the spec rebuilds the block; the state loads through Residual.load_buffer
+    spec = layer_to_spec(block)
+    assert spec["type"] == "Residual" and spec["layers"][0]["type"] == "Conv2D"
+    m2 = model_of(backend, [nnx.ReLU(), layer_from_spec(spec)], (2, 4, 4), seed=5)
+    m2.load_state_dict(m.state_dict())
+    x = backend.from_numpy(host((2, 2, 4, 4), 1))
+    assert_close(backend.to_numpy(m2.forward(x)), backend.to_numpy(m.forward(x)))
+    assert int(backend.to_numpy(m2.named_buffers()["1.fn.1.num_batches_tracked"])) == 1
+
+
+def test_describe_and_config_round_trip():
+    layers = [Conv2D(1, 32, 3, padding=1), MaxPool2D(3, 2, 1), AvgPool2D(2), GlobalAvgPool(),
+              BatchNorm(8, eps=1e-3, momentum=None), Residual([Conv2D(4, 4, 1), nnx.ReLU()])]
+    assert layers[0].describe() == "Conv2D(1→32, k=3, s=1, p=1)"
+    assert layers[1].describe() == "MaxPool2D(k=3, s=2, p=1)"
+    assert layers[2].describe() == "AvgPool2D(k=2, s=2)"
+    import json
+
+    for layer in layers:
+        spec = json.loads(json.dumps(layer_to_spec(layer)))
+        assert layer_to_spec(layer_from_spec(spec)) == spec
+
+
+# --- training -----------------------------------------------------------------------------
+def test_small_cnn_overfits_tiny_batch():
+    backend = nnx.get_backend("numpy")
+    layers = [Conv2D(1, 6, 3, padding=1), BatchNorm(6), nnx.ReLU(), MaxPool2D(2),
+              Residual([Conv2D(6, 6, 3, padding=1), BatchNorm(6), nnx.ReLU()]),
+              nnx.Flatten(), nnx.Dense(6 * 4 * 4, 4)]
+    m = model_of(backend, layers, (1, 8, 8), dtype="float32", seed=3)
+    rng = np.random.default_rng(0)
+    x = backend.from_numpy(rng.standard_normal((16, 1, 8, 8)), dtype=m.dtype)
+    y_host = np.arange(16) % 4
+    y = backend.from_numpy(y_host)
+    loss_fn, lr, losses = nnx.SoftmaxCrossEntropy(), 0.1, []
+    for _ in range(60):
+        losses.append(float(loss_fn.forward(m.forward(x, train=True), y)))
+        m.backward(loss_fn.backward())
+        for p in m.parameters():
+            p.value -= lr * p.grad
+    assert losses[-1] < 0.1 * losses[0], losses
+    train_acc = np.mean(np.argmax(backend.to_numpy(m.forward(x, train=True)), axis=1) == y_host)
+    eval_acc = np.mean(backend.to_numpy(m.predict(x)) == y_host)  # running statistics
+    assert train_acc == 1.0 and eval_acc == 1.0, (train_acc, eval_acc, losses[-5:])
