@@ -135,7 +135,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
         bar.update(start)
         return bar
 
