@@ -14,7 +14,7 @@ from pathlib import Path
 
 DEFAULTS = {
     "device": "cpu", "backend": "auto", "dataset": "mnist", "data_dir": None,
-    "model": "mlp", "layers": "784,128,64,10", "activation": "relu", "dropout": 0.0,
+    "model": "mlp", "arch": None, "layers": "784,128,64,10", "activation": "relu", "dropout": 0.0,
     "optimizer": "nesterov", "lr": None, "momentum": 0.9, "weight_decay": 5e-4, "clip_norm": None,
     "schedule": "cosine", "warmup_epochs": 0.0, "epochs": 10, "batch_size": 128, "val_size": 5000,
     "seed": 0, "dtype": "float32", "early_stopping": 0, "limit": None, "download": True,
@@ -27,6 +27,7 @@ NUM_INPUTS, NUM_CLASSES = 784, 10
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .architectures import PRESETS
     from .optim import OPTIMIZERS
     from .schedules import SCHEDULES
     from .layers import ACTIVATIONS
@@ -59,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("mlp",), help="network family (default: mlp)")
-    g.add_argument("--layers", help="comma-separated sizes, input 784 first and 10 classes last "
+    g.add_argument("--model", choices=tuple(PRESETS),
+                   help="mlp: Dense layers from --layers; cnn: " + PRESETS["cnn"] + " (default: mlp)")
+    g.add_argument("--arch", metavar="SPEC",
+                   help="any network as a layer spec (or a file holding one), e.g. "
+                        "'conv:16,relu,maxpool:2,flatten,dense:10'; tokens: dense:OUT, "
+                        "conv:OUT[:K[:S[:P]]], maxpool:K, avgpool:K, gap, bn, relu, leaky_relu, "
+                        "tanh, sigmoid, dropout:P, flatten, res[...]; see docs/cnn.md")
+    g.add_argument("--layers", help="MLP sizes, input 784 first and 10 classes last "
                                     "(default: 784,128,64,10)")
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: relu)")
     g.add_argument("--dropout", type=float, help="dropout after each hidden layer, 0 disables (default: 0)")
@@ -126,6 +133,31 @@ def validate(cfg: dict, parser) -> None:
     if sizes[0] != NUM_INPUTS or sizes[-1] != NUM_CLASSES:
         bad(f"--layers must start at {NUM_INPUTS} (28x28 pixels) and end at {NUM_CLASSES} "
             f"(classes), got {cfg['layers']!r}")
+    if cfg["arch"] or cfg["model"] != "mlp":
+        from .architectures import ArchitectureError, build_layers, input_shape_for
+        from .errors import ShapeError
+
+        spec = arch_spec(cfg)
+        try:
+            layers = build_layers(spec, input_shape_for(spec))
+            out = input_shape_for(spec)
+            for layer in layers:
+                out = layer.output_shape(out)
+        except (ArchitectureError, ShapeError, ValueError, TypeError) as e:
+            bad(f"--arch: {e}")
+        if tuple(out) != (NUM_CLASSES,):
+            bad(f"--arch must end with {NUM_CLASSES} outputs (one per class), it ends with shape {tuple(out)}")
+
+
+def arch_spec(cfg: dict) -> str:
+    """The layer spec of a non-MLP run: --arch (text or a file holding it) or the preset."""
+    from .architectures import PRESETS
+
+    arch = cfg.get("arch")
+    if arch:
+        path = Path(arch)
+        return path.read_text().strip().replace("\n", ",") if path.is_file() else arch
+    return PRESETS[cfg["model"]]
 
 
 def resolve_config(args, parser) -> dict:
@@ -166,8 +198,16 @@ def run_config(cfg: dict, backend) -> dict:
 
 
 def build_model(cfg: dict, backend):
-    from .model import mlp
+    """The MLP from --layers/--activation/--dropout, or the --model/--arch spec network."""
+    from .model import Sequential, mlp
 
+    if cfg["arch"] or cfg["model"] != "mlp":
+        from .architectures import build_layers, input_shape_for
+
+        spec = arch_spec(cfg)
+        shape = input_shape_for(spec)
+        return Sequential(build_layers(spec, shape), shape, backend=backend, dtype=cfg["dtype"],
+                          seed=cfg["seed"])
     sizes = [int(s) for s in str(cfg["layers"]).split(",")]
     return mlp(sizes, activation=cfg["activation"], dropout=cfg["dropout"], backend=backend,
                dtype=cfg["dtype"], seed=cfg["seed"])
@@ -199,9 +239,9 @@ def main(argv=None) -> int:
     except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
-                         limit=cfg["limit"])
     model = build_model(cfg, backend)
+    splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
+                         limit=cfg["limit"], flatten=len(model.input_shape) == 1)
     optimizer = make_optimizer(cfg["optimizer"], model.named_parameters(), cfg["lr"],
                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                                clip_norm=cfg["clip_norm"])

@@ -58,6 +58,8 @@ class Trainer:
         self.batch_size, self.epochs, self.seed = int(batch_size), int(epochs), int(seed)
         self.patience = int(early_stopping)
         self.run_dir = Path(run_dir) if run_dir else None
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress, self.log = progress, log
         self.xp, self.backend = model.xp, model.backend
         # position, restored by resume()
@@ -77,7 +79,8 @@ class Trainer:
         xp, n = self.xp, len(split)
         loss_sum = correct = 0.0
         for start in range(0, n, batch_size):
-            xb, yb = split.x[start:start + batch_size, ...], split.y[start:start + batch_size]
+            stop = min(start + batch_size, n)  # the standard leaves out-of-range stops undefined
+            xb, yb = split.x[start:stop, ...], split.y[start:stop]
             logits = self.model.forward(xb, train=False)
             loss_sum = loss_sum + self.loss.forward(logits, yb) * yb.shape[0]
             correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, logits.dtype))
@@ -98,7 +101,7 @@ class Trainer:
         bar = self._bar(steps, epoch, start)
         try:
             for k in range(start, steps):
-                idx = perm[k * bs:(k + 1) * bs]
+                idx = perm[k * bs:min((k + 1) * bs, n)]
                 xb = xp.take(split.x, idx, axis=0)
                 yb = xp.take(split.y, idx, axis=0)
                 logits = model.forward(xb, train=True)

@@ -1,0 +1,269 @@
+"""Trainer, checkpoints, resume and the CLI, on synthetic data (always) and real MNIST
+(when ../shared/data/mnist or NNX_DATA_DIR is present)."""
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import nnx
+from nnx.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from nnx.data import make_splits
+from nnx.optim import make_optimizer
+from nnx.schedules import make_schedule
+from nnx.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+
+from conftest import shared_mnist_dir
+
+
+def synthetic_digits(n_train=1200, n_test=300, seed=0):
+    """28x28 uint8 images where class c lights a 7x7 block at a fixed spot, plus noise."""
+    g = np.random.default_rng(seed)
+
+    def make(n):
+        y = g.integers(0, 10, n).astype(np.uint8)
+        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for c in range(10):
+            r, col = 7 * (c // 4), 7 * (c % 4)
+            x[y == c, r:r + 7, col:col + 7] = 255
+        return x, y
+
+    return {"train": make(n_train), "test": make(n_test)}
+
+
+def make_trainer(backend, run_dir=None, epochs=3, dropout=0.0, seed=0, data=None, sizes=(784, 32, 10),
+                 optimizer="nesterov", lr=0.05, patience=0, schedule="cosine"):
+    data = data or synthetic_digits()
+    splits = make_splits(data, backend, backend.float32, val_size=200, seed=seed)
+    model = nnx.mlp(list(sizes), dropout=dropout, backend=backend, seed=seed)
+    opt = make_optimizer(optimizer, model.named_parameters(), lr, weight_decay=1e-4)
+    steps = math.ceil(len(splits["train"]) / 64)
+    sched = make_schedule(schedule, lr, epochs, steps)
+    t = Trainer(model, opt, sched, batch_size=64, epochs=epochs, seed=seed, early_stopping=patience,
+                run_dir=run_dir, progress=False, log=lambda *a: None)
+    return t, splits
+
+
+def weights(model):
+    return model.state_dict()
+
+
+def test_trains_synthetic_to_high_accuracy(backend):
+    t, s = make_trainer(backend, epochs=2)
+    history = t.fit(s["train"], s["val"], s["test"])
+    assert len(history) == 2
+    assert history[-1]["val_acc"] > 0.95 and t.result["test_acc"] > 0.95
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_partial_last_batch_is_used():
+    b = nnx.get_backend("numpy")
+    data = synthetic_digits(n_train=200 + 130)  # 130 training samples: 64 + 64 + 2
+    t, s = make_trainer(b, data=data, epochs=1)
+    t.fit(s["train"])
+    assert t.global_step == 3
+
+
+def test_run_folder_contents_and_torch_loadable_weights(tmp_path):
+    b = nnx.get_backend("numpy")
+    t, s = make_trainer(b, run_dir=tmp_path, epochs=3)
+    t.fit(s["train"], s["val"], s["test"])
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_acc", "epoch_time_s", "samples_per_s", "lr"} <= set(lines[0])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0002", "epoch-0003"]  # keeps 2
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test_acc"] == pytest.approx(t.result["test_acc"])
+    # nnx.load rebuilds the model on another backend with identical predictions
+    x = s["test"].x[:50, ...]
+    for other in (nnx.get_backend("strict", "device1"),):
+        m2 = nnx.load(tmp_path, backend=other)
+        p1 = b.to_numpy(t.model.predict_proba(x))
+        p2 = other.to_numpy(m2.predict_proba(other.from_numpy(b.to_numpy(x))))
+        np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    net = torch.nn.Sequential(torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    net.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        out = net(torch.from_numpy(b.to_numpy(x))).numpy()
+    np.testing.assert_allclose(out, b.to_numpy(t.model.forward(x)), rtol=1e-5, atol=1e-5)
+
+
+def _interrupt_at(trainer, global_step):
+    """Wrap the schedule so a real SIGINT arrives while step ``global_step`` runs."""
+    base, fired = trainer.schedule, []
+
+    def schedule(step):
+        if step == global_step and not fired:
+            fired.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return base(step)
+
+    trainer.schedule = schedule
+
+
+@pytest.mark.parametrize("stop_step, dropout", [(15, 0.0), (15, 0.3), (7, 0.0), (19, 0.0)])
+def test_resume_reaches_the_same_weights(tmp_path, stop_step, dropout):
+    """Ctrl-C (a real SIGINT) at an epoch end (step 15 is the last of 16) or mid-epoch, then
+    resume: bit-identical final weights. (Mid-epoch with dropout re-seeds the mask stream, so
+    that case is exact only at epoch boundaries; see docs/training.md.)"""
+    b = nnx.get_backend("numpy")
+    ref, s = make_trainer(b, run_dir=tmp_path / "ref", epochs=3, dropout=dropout)  # 16 steps/epoch
+    ref.fit(s["train"], s["val"])
+
+    run = tmp_path / "run"
+    first, s1 = make_trainer(b, run_dir=run, epochs=3, dropout=dropout)
+    _interrupt_at(first, stop_step)
+    with pytest.raises(TrainingInterrupted) as info:
+        first.fit(s1["train"], s1["val"])
+    assert info.value.checkpoint == latest_checkpoint(run)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    second, s2 = make_trainer(b, run_dir=run, epochs=3, dropout=dropout)
+    second.resume(latest_checkpoint(run))
+    assert second.global_step == stop_step + 1 or second.step_in_epoch == 0
+    second.fit(s2["train"], s2["val"])
+    w_ref, w_res = weights(ref.model), weights(second.model)
+    for k in w_ref:
+        np.testing.assert_array_equal(w_ref[k], w_res[k], err_msg=k)
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["train_loss"] == pytest.approx(ref.history[-1]["train_loss"], rel=1e-6)
+
+
+def test_resume_rejects_other_architecture(tmp_path):
+    b = nnx.get_backend("numpy")
+    t, s = make_trainer(b, run_dir=tmp_path, epochs=1)
+    t.fit(s["train"])
+    other, _ = make_trainer(b, epochs=1, sizes=(784, 16, 10))
+    with pytest.raises(CheckpointError, match="architecture does not match") as info:
+        other.resume(latest_checkpoint(tmp_path))
+    assert "784→32" in str(info.value) and "784→16" in str(info.value)
+
+
+def test_interrupted_write_leaves_last_good_checkpoint(tmp_path, monkeypatch):
+    """A crash while writing a checkpoint leaves the previous one complete and loadable."""
+    b = nnx.get_backend("numpy")
+    t, s = make_trainer(b, run_dir=tmp_path, epochs=2)
+    t.fit(s["train"])
+    import nnx.checkpoint as ck
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ck, "atomic_write_json", crash)
+    t.epoch = 2
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path, t.model, t.optimizer, {**t.state(), "epoch": 3})
+    assert latest_checkpoint(tmp_path).name == "epoch-0002"
+    nnx.load(tmp_path)  # still loads
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path):
+    b = nnx.get_backend("numpy")
+    t, s = make_trainer(b, run_dir=tmp_path, epochs=3, optimizer="sgd", lr=1e6, schedule="constant")
+    with pytest.raises(TrainingDiverged, match="smaller --lr"):
+        with np.errstate(all="ignore"):
+            t.fit(s["train"], s["val"])
+
+
+def test_early_stopping_restores_best_weights():
+    b = nnx.get_backend("numpy")
+    data = synthetic_digits()
+    x, y = data["train"]
+    y = np.random.default_rng(5).permutation(y)  # noisy labels: memorising them hurts validation
+    data["train"] = (x, y)
+    t, s = make_trainer(b, data=data, epochs=30, patience=2, optimizer="adam", lr=3e-3,
+                        schedule="constant", sizes=(784, 128, 10))
+    t.fit(s["train"], s["val"])
+    assert len(t.history) < 30
+    best = min(t.history, key=lambda r: r["val_loss"])
+    val_loss, _ = t.evaluate(s["val"])
+    assert val_loss == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_trainer_rejects_bad_settings():
+    b = nnx.get_backend("numpy")
+    with pytest.raises(ValueError, match="batch size"):
+        Trainer(nnx.mlp([4, 2], backend=b), None, None, batch_size=0)
+
+
+# --- the CLI ------------------------------------------------------------------------------
+def run_cli(args):
+    from nnx.train import main
+
+    return main(args)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--layers", "784,64,9"], "must start at 784"),
+    (["--layers", "100,64,10"], "must start at 784"),
+    (["--backend", "nope"], "invalid choice"),
+    (["--dropout", "1.5"], "--dropout must be in"),
+    (["--arch", "conv:8,flatten,dense:7"], "must end with 10 outputs"),
+    (["--arch", "conv:8,wat"], "unknown layer token"),
+])
+def test_cli_rejects_bad_values(bad, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli(bad)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_help_explains_options(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--help"])
+    out = capsys.readouterr().out
+    for option in ("--device", "--backend", "--resume", "--early-stopping", "--arch", "examples"):
+        assert option in out
+
+
+def test_cli_unknown_device_is_one_clear_error(capsys):
+    code = run_cli(["--device", "cuda", "--backend", "cupy", "--quiet"])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert "CuPy" in err or "GPU" in err
+        assert "Traceback" not in err
+
+
+needs_mnist = pytest.mark.skipif(shared_mnist_dir() is None,
+                                 reason="MNIST not found in NNX_DATA_DIR or ../shared/data/mnist")
+
+
+@needs_mnist
+def test_cli_small_run_then_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(shared_mnist_dir()), "--limit", "3000", "--val-size", "500",
+            "--epochs", "1", "--out", str(run), "--quiet", "--no-plots", "--seed", "3"]
+    assert run_cli(args) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["seed"] == 3 and config["backend"] == "numpy"
+    assert "numpy" in config["versions"] and config["nnx_version"] == nnx.__version__
+    assert run_cli(["--resume", str(run), "--epochs", "2", "--quiet", "--no-plots"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert "test accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # settings of a resumed run cannot change
+        run_cli(["--resume", str(run), "--lr", "0.5"])
+
+
+@needs_mnist
+def test_full_mnist_two_epochs_reaches_97_percent(tmp_path):
+    from nnx import datasets
+
+    b = nnx.get_backend("numpy")
+    data = datasets.load("mnist", data_dir=shared_mnist_dir(), progress=False)
+    splits = make_splits(data, b, b.float32, val_size=5000, seed=0)
+    model = nnx.mlp([784, 128, 64, 10], backend=b, seed=0)
+    opt = make_optimizer("nesterov", model.named_parameters(), 0.1, weight_decay=5e-4)
+    sched = make_schedule("cosine", 0.1, 2, math.ceil(55000 / 128))
+    t = Trainer(model, opt, sched, batch_size=128, epochs=2, progress=False, log=lambda *a: None)
+    t.fit(splits["train"], splits["val"], splits["test"])
+    assert t.result["test_acc"] >= 0.97
