@@ -58,7 +58,7 @@ def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
     """Write ``{name: numpy array}`` as safetensors, atomically."""
     from safetensors.numpy import save
 
-    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+    data = save({k: np.require(np.asarray(v), requirements="C") for k, v in arrays.items()},  # keeps 0-D
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
     atomic_write_bytes(path, data)
 

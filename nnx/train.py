@@ -20,6 +20,8 @@ DEFAULTS = {
     "seed": 0, "dtype": "float32", "early_stopping": 0, "limit": None, "download": True,
     "plots": True,
 }
+#: settings whose default depends on --model (a BatchNorm CNN trains best with Adam)
+MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0}}
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download"}
@@ -72,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: relu)")
     g.add_argument("--dropout", type=float, help="dropout after each hidden layer, 0 disables (default: 0)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default: nesterov")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                   help="default: nesterov for the MLP, adam for --model cnn / --arch")
     g.add_argument("--lr", type=float, help="peak learning rate (default: "
                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--momentum", type=float, help="for momentum/nesterov (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, help="L2 (sgd/momentum/nesterov/adam) or decoupled (adamw) (default: 5e-4)")
+    g.add_argument("--weight-decay", type=float, help="L2 (sgd/momentum/nesterov/adam) or decoupled (adamw) "
+                        "(default: 5e-4 for the MLP, 0 for --model cnn / --arch)")
     g.add_argument("--clip-norm", type=float, help="clip gradients to this global L2 norm (default: off)")
     g.add_argument("--schedule", choices=list(SCHEDULES), help="learning-rate schedule (default: cosine)")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default: 0)")
@@ -164,6 +168,8 @@ def resolve_config(args, parser) -> dict:
     """Merge defaults, a resumed run's config.json and the explicit command-line flags."""
     given = {k: v for k, v in vars(args).items() if v is not None}
     cfg = dict(DEFAULTS)
+    if given.get("arch") or given.get("model", "mlp") != "mlp":
+        cfg.update(MODEL_DEFAULTS.get(given.get("model"), MODEL_DEFAULTS["cnn"]))
     if "resume" in given:
         config_file = Path(given["resume"]) / "config.json"
         if not config_file.is_file():

@@ -267,3 +267,38 @@ def test_full_mnist_two_epochs_reaches_97_percent(tmp_path):
     t = Trainer(model, opt, sched, batch_size=128, epochs=2, progress=False, log=lambda *a: None)
     t.fit(splits["train"], splits["val"], splits["test"])
     assert t.result["test_acc"] >= 0.97
+
+
+def test_cnn_checkpoint_resume_and_load(tmp_path):
+    """CNNs (conv, batch norm with its running buffers, residual) checkpoint and resume exactly."""
+    from nnx.architectures import build_layers
+
+    b = nnx.get_backend("numpy")
+    spec = "conv:4,bn,relu,maxpool:2,res[conv:4,bn,relu],maxpool:2,flatten,dense:10"
+    data = synthetic_digits(n_train=456, n_test=64)
+
+    def trainer(run_dir):
+        splits = make_splits(data, b, b.float32, val_size=200, seed=0, flatten=False)
+        model = nnx.Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28), backend=b, seed=0)
+        opt = make_optimizer("adam", model.named_parameters(), 3e-3)
+        sched = make_schedule("cosine", 3e-3, 2, 4)
+        return Trainer(model, opt, sched, batch_size=64, epochs=2, run_dir=run_dir,
+                       progress=False, log=lambda *a: None), splits
+
+    ref, s = trainer(tmp_path / "ref")
+    ref.fit(s["train"], s["val"], s["test"])
+    first, s1 = trainer(tmp_path / "run")
+    _interrupt_at(first, 3)  # last step of epoch 1
+    with pytest.raises(TrainingInterrupted):
+        first.fit(s1["train"], s1["val"])
+    second, s2 = trainer(tmp_path / "run")
+    second.resume(latest_checkpoint(tmp_path / "run"))
+    second.fit(s2["train"], s2["val"], s2["test"])
+    w_ref, w_res = weights(ref.model), weights(second.model)
+    assert "1.running_mean" in w_ref and "4.fn.1.running_var" in w_ref
+    for k in w_ref:
+        np.testing.assert_array_equal(w_ref[k], w_res[k], err_msg=k)
+    loaded = nnx.load(tmp_path / "ref", backend=nnx.get_backend("strict", "device1"))
+    x = s["test"].x[:8, ...]
+    np.testing.assert_allclose(loaded.backend.to_numpy(loaded.predict_proba(loaded.backend.from_numpy(b.to_numpy(x)))),
+                               b.to_numpy(ref.model.predict_proba(x)), rtol=1e-4, atol=1e-5)
