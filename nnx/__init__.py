@@ -15,7 +15,18 @@ from .checkpoint import load
 from .losses import MSE, SoftmaxCrossEntropy
 from .model import Sequential, mlp
 
-__all__ = ["__version__", "get_backend", "Backend", "BackendError", "BackendMismatchError",
+_LAZY = ("plots", "evaluate", "predict", "imageprep")  # matplotlib/Pillow load only when used
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'nnx' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY, "__version__", "get_backend", "Backend", "BackendError", "BackendMismatchError",
            "ShapeError", "gradcheck", "Sequential", "mlp", "Dense", "ReLU", "LeakyReLU", "Sigmoid",
            "Tanh", "Dropout", "Flatten", "Reshape", "Softmax", "SoftmaxCrossEntropy", "MSE",
            "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Residual", "load",

@@ -5,9 +5,12 @@ its longer side (aspect ratio kept) and pasted into a 28x28 field so that the ce
 of the ink sits at the centre. ``preprocess`` repeats those steps for a photo or scan:
 
 1. grayscale in [0, 1] (EXIF rotation applied, transparency composited on white);
-2. large images get a 3x3 median filter (removes paper grain and sensor noise);
-3. invert when the background is light (decided from the border pixels);
-4. subtract the background level, stretch the ink to 1 and zero what lies within the
+2. pictures over 1024 px are shrunk to 1024 px, and any over 64 px get a 3x3 median
+   filter (removes paper grain and sensor noise);
+3. decide from the border pixels whether the background is light (dark ink on paper) or
+   dark (light ink), and measure ink as "darker than the paper around it" — the paper's
+   brightness is estimated locally, so shadows and uneven lighting do not count as ink;
+4. stretch the ink to 1 (white ink on black, as in MNIST) and zero what lies within the
    border's noise level;
 5. crop to the ink's bounding box (pixels above a threshold, grown over faint edges);
 6. thicken very thin strokes (a fine pen on a big photo would vanish when shrunk);
@@ -29,6 +32,7 @@ CENTRE = 14.0      #: where MNIST puts the centre of mass (row, column), in pixe
 STROKE = 2.6       #: typical MNIST stroke width in px at the 20 px box size
 _WORK = 80         #: intermediate resolution (longer side) for denoising and thickening
 _INK = 0.25        #: threshold on the normalised image that counts as ink for the bounding box
+_MAX_SIDE = 1024   #: larger pictures are first shrunk to this (area average)
 
 
 class ImageError(ValueError):
@@ -126,6 +130,9 @@ def load_image(path):
 
     try:
         with Image.open(path) as im:
+            if im.format == "JPEG" and max(im.size) > 2 * _MAX_SIDE:  # decode at 1/2..1/8 size
+                f = _MAX_SIDE / max(im.size)
+                im.draft(im.mode, (int(im.width * f) + 1, int(im.height * f) + 1))
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
@@ -157,18 +164,37 @@ def _pil_f(a: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
 
 
-def _resize(a: np.ndarray, h: int, w: int) -> np.ndarray:
+def _resize(a: np.ndarray, h: int, w: int, box: bool = False) -> np.ndarray:
     from PIL import Image
 
-    out = np.asarray(_pil_f(a).resize((max(1, w), max(1, h)), Image.LANCZOS), dtype=np.float64)
+    method = Image.BOX if box else Image.LANCZOS
+    out = np.asarray(_pil_f(a).resize((max(1, w), max(1, h)), method), dtype=np.float64)
     return np.clip(out, 0.0, 1.0)
 
 
 def _filter(a: np.ndarray, which: str, size: int) -> np.ndarray:
     from PIL import ImageFilter
 
-    f = {"median": ImageFilter.MedianFilter, "max": ImageFilter.MaxFilter}[which](size)
+    f = {"median": ImageFilter.MedianFilter, "max": ImageFilter.MaxFilter,
+         "min": ImageFilter.MinFilter}[which](size)
     return np.asarray(_pil_f(a).filter(f), dtype=np.float64)
+
+
+def _paper_level(paper: np.ndarray) -> np.ndarray:
+    """Brightness of the paper under the ink: a grey closing (max then min filter) at
+    <= 48 px with a window of 40 % of the image — it fills in the ink (narrower than that)
+    but keeps wider shadows and gradients — scaled back up to full size."""
+    from PIL import Image
+
+    h, w = paper.shape
+    s = min(1.0, 48 / max(h, w))
+    small = np.asarray(_pil_f(paper).resize((max(1, round(w * s)), max(1, round(h * s))),
+                                            Image.BOX), dtype=np.float64)
+    k = max(3, int(0.4 * max(small.shape)) | 1)
+    closed = _filter(_filter(small, "max", k), "min", k)
+    closed = np.maximum(closed, small)  # never below the pixels themselves
+    back = np.asarray(_pil_f(closed).resize((w, h), Image.BILINEAR), dtype=np.float64)
+    return back
 
 
 def _border(a: np.ndarray) -> np.ndarray:
@@ -231,18 +257,22 @@ def preprocess(image, thicken: bool = True) -> np.ndarray:
     g = to_gray(image)
     if g.ndim != 2 or min(g.shape) < 2:
         raise ImageError(f"image of shape {g.shape} is too small")
+    if max(g.shape) > _MAX_SIDE:  # phone photos: 1024 px is plenty for one digit
+        f = _MAX_SIDE / max(g.shape)
+        g = _resize(g, round(g.shape[0] * f), round(g.shape[1] * f), box=True)
     if min(g.shape) >= 64:  # photos and scans: paper grain and noise
         g = _filter(g, "median", 3)
     border = _border(g)
-    if np.median(border) > 0.5:  # light background: dark ink → invert to MNIST's white ink
-        g, border = 1.0 - g, 1.0 - border
-    bg = float(np.median(border))
-    noise = 1.4826 * float(np.median(np.abs(border - bg)))
-    hi = float(g.max())
-    if hi - bg < 0.15 or hi - bg < 6 * noise:
+    paper = g if np.median(border) > 0.5 else 1.0 - g  # light paper, dark ink from here on
+    back = _paper_level(paper)  # smooth paper brightness: removes shadows and gradients
+    diff = paper - back
+    noise = 1.4826 * float(np.median(np.abs(_border(diff) - np.median(_border(diff)))))
+    ink = np.clip(-diff, 0.0, None)  # how much darker than the paper around it
+    hi = float(ink.max())
+    if hi < 0.15 or hi < 6 * noise:
         raise EmptyImageError("no ink found (the image is blank or has too little contrast)")
-    n = np.clip((g - bg) / (hi - bg), 0.0, 1.0)
-    cut = min(0.5, 4 * noise / (hi - bg))
+    n = ink / hi
+    cut = min(0.5, 4 * noise / hi)
     if cut > 0:
         n = np.clip((n - cut) / (1.0 - cut), 0.0, 1.0)
     box = _bbox(n)
@@ -256,12 +286,15 @@ def preprocess(image, thicken: bool = True) -> np.ndarray:
     if max(h, w) > _WORK:
         s = _WORK / max(h, w)
         crop = _resize(crop, round(h * s), round(w * s))
-        crop = crop / max(crop.max(), 1e-6)
+        # thin strokes come out grey when shrunk: stretch so typical ink is white again
+        inked = crop[crop > 0.2 * crop.max()]
+        crop = np.clip(crop / max(float(np.percentile(inked, 80)) if inked.size else 0, 1e-6),
+                       0.0, 1.0)
         h, w = crop.shape
     if thicken:
         target = STROKE * max(h, w) / BOX
         width = stroke_width(crop)
-        if width < 0.5 * target:
+        if width < 0.65 * target:
             size = int(round(target - width)) | 1  # odd
             if size >= 3:
                 crop = _filter(crop, "max", min(size, 15))

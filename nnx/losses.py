@@ -6,6 +6,18 @@ from .errors import ShapeError
 from .layers.softmax import log_softmax
 
 
+def _namespace(loss, x):
+    """The Array API namespace of ``x``, looked up once per array type and cached on ``loss``
+    (``array_namespace`` costs ~2.6 us per call on NumPy, ~20 us on array-api-strict)."""
+    t = type(x)
+    if t is not loss._ns_type:
+        import array_api_compat
+
+        loss.xp = array_api_compat.array_namespace(x)
+        loss._ns_type = t
+    return loss.xp
+
+
 class SoftmaxCrossEntropy:
     """Softmax followed by cross-entropy, fused: L = −mean_i Σ_c y_ic log softmax(z)_ic.
 
@@ -16,6 +28,7 @@ class SoftmaxCrossEntropy:
 
     def __init__(self):
         self._classes = None
+        self._ns_type = self.xp = None
 
     def one_hot(self, y, num_classes, dtype):
         xp = self.xp
@@ -27,9 +40,7 @@ class SoftmaxCrossEntropy:
         return xp.astype(xp.reshape(y, (-1, 1)) == self._classes, dtype)
 
     def forward(self, logits, target):
-        import array_api_compat
-
-        self.xp = xp = array_api_compat.array_namespace(logits)
+        xp = _namespace(self, logits)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits (batch, classes), got {tuple(logits.shape)}")
         n, c = logits.shape
@@ -42,22 +53,24 @@ class SoftmaxCrossEntropy:
                              f"match logits {(n, c)}")
         logp = log_softmax(xp, logits)
         self.probs, self.target, self.n = xp.exp(logp), target, n
-        return -xp.sum(logp * target) / n
+        return xp.sum(logp * target) * (-1.0 / n)
 
     def backward(self):
-        return (self.probs - self.target) * (1.0 / self.n)
+        g = self.probs - self.target  # a new array: scale it in place
+        g *= 1.0 / self.n
+        return g
 
 
 class MSE:
     """Mean squared error over all elements: L = mean((ŷ − y)²); dL/dŷ = 2(ŷ − y)/size."""
 
+    _ns_type = xp = None
+
     def forward(self, output, target):
         if tuple(output.shape) != tuple(target.shape):
             raise ShapeError(f"MSE: output shape {tuple(output.shape)} != target shape "
                              f"{tuple(target.shape)}")
-        import array_api_compat
-
-        xp = array_api_compat.array_namespace(output)
+        xp = _namespace(self, output)
         self.diff = output - target
         self.size = 1
         for d in output.shape:

@@ -1,8 +1,11 @@
 """Pictures of a run: learning curves, first-layer weights, confusion matrix, confident
 mistakes and a confidence histogram.
 
-Every ``*`` function returns a ``matplotlib.figure.Figure`` (display it in a notebook, or
-``save(fig, path)``); nothing touches pyplot's global state, so this works without a display.
+Each plotting function (``loss_curves``, ``first_layer_weights``, ``plot_confusion``,
+``confident_mistakes``, ``confidence_histogram``) returns a ``matplotlib.figure.Figure``
+(a notebook displays it; ``save(fig, path)`` writes a PNG atomically). Figures are built
+with the object API on the Agg canvas and never touch pyplot's global state, so this works
+without a display.
 ``plot_run(run_dir)`` draws them all into a run folder; ``python -m nnx.train`` calls it at
 the end of training and ``python -m nnx.evaluate`` when evaluating a checkpoint.
 
@@ -50,21 +53,7 @@ def save(fig: Figure, path, dpi: int | None = None) -> Path:
 
 
 # --- running the model ---------------------------------------------------------------------
-def predict_proba(model, x, batch_size: int = 2048) -> np.ndarray:
-    """Class probabilities (N, classes) as NumPy for device or host inputs, ``batch_size`` rows
-    at a time (bounded memory on any split size)."""
-    backend = model.backend
-    on_host = isinstance(x, np.ndarray)
-    n = int(x.shape[0])
-    out = []
-    for start in range(0, n, batch_size):
-        xb = x[start:start + batch_size, ...]
-        if on_host:
-            xb = backend.from_numpy(np.ascontiguousarray(xb, dtype=np.float32), dtype=model.dtype)
-        out.append(np.asarray(backend.to_numpy(model.predict_proba(xb)), dtype=np.float64))
-    if not out:
-        return np.zeros((0, int(math.prod(model.output_shape))))
-    return np.concatenate(out)
+from .predict import predict_proba  # noqa: E402  (batched, host NumPy out; re-exported here)
 
 
 def _images_of(x, backend=None) -> np.ndarray:
@@ -200,7 +189,7 @@ def first_layer_weights(model, scale: str = "tile", max_tiles: int = 128) -> Fig
         mosaic[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = tile
     vmax = 1.0 if scale == "tile" else vmax_all
     per_px = max(0.018, min(0.12, 9.0 / mosaic.shape[1]))
-    fig = _figure(max(6.5, mosaic.shape[1] * per_px + 1.3), mosaic.shape[0] * per_px + 1.2)
+    fig = _figure(max(6.5, mosaic.shape[1] * per_px + 1.3), mosaic.shape[0] * per_px + 0.95)
     ax = fig.subplots()
     from matplotlib import colormaps
 
@@ -350,7 +339,8 @@ def confidence_histogram(probs, y_true, bins: int = 40) -> Figure:
 
 # --- a whole run ---------------------------------------------------------------------------
 def read_metrics(run_dir) -> list[dict]:
-    """The per-epoch rows of ``metrics.jsonl`` ([] when absent); unreadable lines are skipped."""
+    """The per-epoch rows of ``metrics.jsonl`` ([] when absent); unreadable lines are skipped
+    and an epoch logged twice keeps its newest row."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.is_file():
@@ -360,6 +350,9 @@ def read_metrics(run_dir) -> list[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and "epoch" in row:
+                # a restarted or re-used folder: the newer rows replace those of the same
+                # and later epochs
+                rows = [r for r in rows if r["epoch"] < row["epoch"]]
                 rows.append(row)
     return rows
 
@@ -390,9 +383,23 @@ def load_test_images(dataset: str = "mnist", data_dir=None, download: bool = Tru
     return x.astype(np.float32) / np.float32(255.0), y.astype(np.int64)
 
 
-def _settings_data_dir(settings: dict):
+def _settings_data_dir(settings: dict, run_dir=None):
+    """The run's --data-dir if it still holds the test images. config.json records it as
+    typed, so a relative path is tried from here, then from beside the run's ``runs/``
+    folder and the run folder; None falls back to the usual search ($NNX_DATA_DIR...)."""
     d = settings.get("data_dir")
-    return d if d and Path(d).expanduser().is_dir() else None
+    if not d:
+        return None
+    d = Path(d).expanduser()
+    bases = [Path.cwd()]
+    if run_dir is not None and not d.is_absolute():
+        run_dir = Path(run_dir).resolve()
+        bases += [run_dir.parent.parent, run_dir.parent, run_dir]
+    for base in bases:
+        folder = base / d
+        if any((folder / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
+            return folder
+    return None
 
 
 def _as_model_input(model, images: np.ndarray) -> np.ndarray:
@@ -448,7 +455,7 @@ def plot_run(run_dir, model=None, test=None, out_dir=None) -> list[Path]:
         model = load(run_dir)
     if test is None:
         images, labels = load_test_images(settings.get("dataset", "mnist"),
-                                          _settings_data_dir(settings),
+                                          _settings_data_dir(settings, run_dir),
                                           download=bool(settings.get("download", True)),
                                           limit=settings.get("limit"))
         probs = None

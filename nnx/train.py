@@ -183,6 +183,11 @@ def resolve_config(args, parser) -> dict:
                          + ", ".join("--" + k.replace("_", "-") for k in ignored))
         cfg["out"] = given["resume"]
     cfg.update(given)
+    if cfg["data_dir"]:  # stored absolute so evaluate/plots find the data from any folder
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+    if not cfg.get("resume") and cfg.get("out") and (Path(cfg["out"]) / "config.json").exists():
+        parser.error(f"--out {cfg['out']} already holds a run; continue it with --resume "
+                     f"{cfg['out']} or choose another --out")
     cfg.setdefault("quiet", False)
     if cfg["lr"] is None:
         cfg["lr"] = DEFAULT_LR[cfg["optimizer"]]

@@ -31,18 +31,28 @@ def make_backend(name, device):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread():
-    """Tiny matmuls on torch's thread pool spin for milliseconds on a busy 2-core machine;
-    one intra-op thread keeps the torch tests fast. Restored afterwards."""
-    try:
-        import torch
-    except ImportError:
+def _one_thread_per_library():
+    """Small matmuls on torch's and OpenBLAS's thread pools spin for milliseconds on a busy
+    2-core machine (30x slower); one thread keeps the tests fast. Restored afterwards."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(1))
+        except ImportError:
+            pass
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        before = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(1)
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+        if torch:
+            torch.set_num_threads(before)
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -5,14 +5,26 @@ from .base import Layer
 
 
 class ReLU(Layer):
-    """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch)."""
+    """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch).
+
+    Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (on NumPy a
+    multiply is ~8x faster than ``where`` with a zeros array, and needs no zeros array).
+    ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does.
+    """
 
     def forward(self, x, train=False):
-        self.mask = x > 0
-        return self.xp.where(self.mask, x, self.xp.zeros_like(x))
+        xp = self.xp
+        if train:
+            self.mask, self.x = xp.astype(x > 0, x.dtype), None
+        else:  # inference: no mask, unless someone back-propagates anyway (gradcheck)
+            self.mask, self.x = None, x
+        return xp.maximum(x, 0.0)
 
     def backward(self, grad):
-        return self.xp.where(self.mask, grad, self.xp.zeros_like(grad))
+        mask = self.mask
+        if mask is None:
+            mask = self.xp.astype(self.x > 0, grad.dtype)
+        return grad * mask
 
 
 class LeakyReLU(Layer):
