@@ -5,6 +5,7 @@ import math
 
 from .errors import ShapeError
 from .layers import ACTIVATIONS, Dense, Dropout, Layer
+from .layers.base import build_stack
 from .layers.softmax import softmax
 
 
@@ -28,20 +29,9 @@ class Sequential:
                                                   else (input_shape,)))
         self.rng = self.backend.device_rng(self.seed + 1)  # dropout masks
         init_rng = self.backend.host_rng(self.seed)
-        shape = self.input_shape
-        self.shapes = []
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"layer {i} is a {type(layer).__name__}, not an nnx Layer")
-            if layer.backend is not None:
-                raise ValueError(f"layer {i} ({layer.describe()}) already belongs to a model; "
-                                 "create a fresh layer for each model")
-            layer.name = f"{i}:{type(layer).__name__}"
-            if hasattr(layer, "rng"):
-                layer.rng = self.rng
-            shape = layer.build(self.backend, self.dtype, init_rng, shape)
-            self.shapes.append(tuple(shape))
-        self.output_shape = shape
+        self.shapes = build_stack(self.layers, self.backend, self.dtype, init_rng, self.rng,
+                                  self.input_shape)
+        self.output_shape = self.shapes[-1] if self.shapes else self.input_shape
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train: bool = False):

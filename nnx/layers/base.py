@@ -32,6 +32,27 @@ class Parameter:
 LAYER_TYPES: dict[str, type] = {}
 
 
+def build_stack(layers, backend, dtype, init_rng, device_rng, input_shape, prefix=""):
+    """Build ``layers`` in sequence (Sequential and composite layers share this).
+
+    Names each layer ``f"{prefix}{i}:{Type}"`` for error messages, hands the device random
+    stream to layers that declare ``rng``, and returns the output shape after each layer.
+    """
+    shape, shapes = tuple(input_shape), []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer {prefix}{i} is a {type(layer).__name__}, not an nnx Layer")
+        if layer.backend is not None:
+            raise ValueError(f"layer {prefix}{i} ({layer.describe()}) already belongs to a model; "
+                             "create a fresh layer for each model")
+        layer.name = f"{prefix}{i}:{type(layer).__name__}"
+        if hasattr(layer, "rng"):
+            layer.rng = device_rng
+        shape = tuple(layer.build(backend, dtype, init_rng, shape))
+        shapes.append(shape)
+    return shapes
+
+
 class Layer:
     """Base class. Subclasses override ``build`` (if they own parameters), ``forward``,
     ``backward`` and ``output_shape``; they register themselves in ``LAYER_TYPES``.

@@ -6,7 +6,7 @@ unchanged and through f, and the two are added (docs/cnn.md).
 from __future__ import annotations
 
 from ..errors import ShapeError
-from .base import Layer
+from .base import Layer, build_stack
 
 
 class Residual(Layer):
@@ -35,15 +35,10 @@ class Residual(Layer):
     # --- life cycle ---------------------------------------------------------------------
     def build(self, backend, dtype, rng, input_shape):
         super().build(backend, dtype, rng, input_shape)
-        shape = self.in_shape = tuple(input_shape)
-        for j, layer in enumerate(self.layers):
-            if layer.backend is not None:
-                raise ValueError(f"layer {self.name}.fn.{j} ({layer.describe()}) already belongs "
-                                 "to a model; create a fresh layer for each model")
-            layer.name = f"{self.name}.fn.{j}:{type(layer).__name__}"
-            if hasattr(layer, "rng"):
-                layer.rng = self.rng
-            shape = tuple(layer.build(backend, dtype, rng, shape))
+        self.in_shape = tuple(input_shape)
+        shapes = build_stack(self.layers, backend, dtype, rng, self.rng, self.in_shape,
+                             prefix=f"{self.name}.fn.")
+        shape = shapes[-1] if shapes else self.in_shape
         if shape != self.in_shape:
             raise ShapeError(f"layer {self.name or 'Residual'}: the residual branch maps shape "
                              f"{self.in_shape} to {shape}; it must keep the input shape so "
