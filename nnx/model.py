@@ -85,8 +85,11 @@ class Sequential:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or extra:
             raise ValueError(f"state does not match the model: missing {missing}, unexpected {extra}")
+        state = dict(state)
         for k in sorted(expected):
             current = params[k].value if k in params else buffers[k]
+            if tuple(current.shape) == () and tuple(state[k].shape) == (1,):
+                state[k] = state[k].reshape(())  # 0-D buffers saved as (1,) by nnx 0.1.0 pre-releases
             if tuple(state[k].shape) != tuple(current.shape):
                 raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape "
                                  f"{tuple(current.shape)}")
