@@ -32,6 +32,8 @@ class Sequential:
         self.shapes = build_stack(self.layers, self.backend, self.dtype, init_rng, self.rng,
                                   self.input_shape)
         self.output_shape = self.shapes[-1] if self.shapes else self.input_shape
+        self._first_trainable = next((i for i, layer in enumerate(self.layers)
+                                      if layer.named_parameters()), len(self.layers))
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train: bool = False):
@@ -49,11 +51,21 @@ class Sequential:
 
     __call__ = forward
 
-    def backward(self, grad):
-        """Back-propagate d loss / d output through every layer; fills each ``Parameter.grad``."""
-        for layer in reversed(self.layers):
-            grad = layer.backward(grad)
-        return grad
+    def backward(self, grad, input_grad: bool = True):
+        """Back-propagate d loss / d output through every layer; fills each ``Parameter.grad``
+        and returns d loss / d input.
+
+        ``input_grad=False`` (what the trainer uses) stops at the first layer with parameters
+        and lets it skip its input gradient, returning None: training never needs the
+        gradient with respect to the data, and for MNIST's first Dense layer it is a third of
+        that layer's backward work.
+        """
+        first = 0 if input_grad else self._first_trainable
+        if first < len(self.layers):
+            self.layers[first].input_grad = input_grad
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            grad = self.layers[i].backward(grad)
+        return grad if input_grad else None
 
     # --- parameters ---------------------------------------------------------------------
     def named_parameters(self) -> dict:

@@ -106,7 +106,7 @@ class Trainer:
                 yb = xp.take(split.y, idx, axis=0)
                 logits = model.forward(xb, train=True)
                 loss = loss_fn.forward(logits, yb)
-                model.backward(loss_fn.backward())
+                model.backward(loss_fn.backward(), input_grad=False)
                 opt.step(self.schedule(self.global_step))
                 self.global_step += 1
                 m = yb.shape[0]

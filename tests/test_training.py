@@ -302,3 +302,25 @@ def test_cnn_checkpoint_resume_and_load(tmp_path):
     x = s["test"].x[:8, ...]
     np.testing.assert_allclose(loaded.backend.to_numpy(loaded.predict_proba(loaded.backend.from_numpy(b.to_numpy(x)))),
                                b.to_numpy(ref.model.predict_proba(x)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, shape", [("dense:16,relu,dense:10", (784,)),
+                                         ("conv:3,relu,maxpool:2,flatten,dense:10", (1, 28, 28))])
+def test_backward_without_input_grad_gives_the_same_parameter_grads(spec, shape):
+    """The trainer skips d loss / d input (input_grad=False); parameter gradients must not change."""
+    from nnx.architectures import build_layers
+
+    b = nnx.get_backend("numpy")
+    m = nnx.Sequential(build_layers(spec, shape), shape, backend=b, dtype="float64")
+    x = b.from_numpy(np.random.default_rng(0).random((4, *shape)))
+    y = b.from_numpy(np.array([1, 2, 3, 4]))
+    loss = nnx.SoftmaxCrossEntropy()
+    loss.forward(m.forward(x, train=True), y)
+    dx = m.backward(loss.backward())
+    full = {k: p.grad.copy() for k, p in m.named_parameters().items()}
+    loss.forward(m.forward(x, train=True), y)
+    assert m.backward(loss.backward(), input_grad=False) is None
+    for k, p in m.named_parameters().items():
+        np.testing.assert_array_equal(p.grad, full[k], err_msg=k)
+    loss.forward(m.forward(x, train=True), y)
+    np.testing.assert_array_equal(m.backward(loss.backward()), dx)  # default computes it again

@@ -63,6 +63,9 @@ class Layer:
 
     #: set by the owning model: "3:Dense" — used in error messages
     name: str = ""
+    #: False lets ``backward`` skip d loss / d input and return None (the model sets it on
+    #: its first parameterised layer when training: nobody needs the gradient of the data)
+    input_grad: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -146,6 +146,9 @@ class Conv2D(Layer):
         self.weight.grad = xp.permute_dims(xp.reshape(dw2, (o, k, k, c)), (0, 3, 1, 2))
         if self.use_bias:
             self.bias.grad = xp.sum(g2, axis=1)
+        if not self.input_grad:  # first layer of a model: skip the matmul and col2im
+            self.cols = None
+            return None
         dcols = xp.reshape(self.w2.T @ g2, (k * k, c, n, ho, wo))
         dxc = xp.zeros((c, n, h + 2 * p, w + 2 * p), dtype=grad.dtype, device=grad.device)
         put = set_window if s >= k else add_window  # disjoint windows need no accumulation

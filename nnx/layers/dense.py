@@ -11,13 +11,10 @@ class Dense(Layer):
     Shapes (row-major batches): x (N, in), W (out, in), b (out,), y (N, out).
     Backward: dW = gᵀ x, db = Σ_rows g, dx = g W (docs/backprop.md derives them).
 
-    ``input_grad`` (default True): set it to False on a network's first layer when nobody
-    needs d loss / d input — ``backward`` then skips the dx matmul (a third of the layer's
-    backward FLOPs; 784·out·N multiply-adds for MNIST) and returns None, as autograd does
-    for inputs that do not require grad.
+    With ``input_grad`` False (``Sequential.backward(grad, input_grad=False)`` sets it on the
+    first layer) backward skips the dx matmul — a third of the layer's backward FLOPs — and
+    returns None, as autograd does for inputs that do not require grad.
     """
-
-    input_grad = True
 
     def __init__(self, in_features: int, out_features: int, init: str = "he_normal",
                  bias: bool = True):
