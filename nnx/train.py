@@ -271,6 +271,11 @@ def main(argv=None) -> int:
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        started = trainer.epoch + (1 if trainer.step_in_epoch else 0)
+        if cfg["epochs"] < started:
+            print(f"error: --epochs {cfg['epochs']} is fewer than the {started} epochs this run "
+                  f"has already started; pass --epochs {started} or more", file=sys.stderr)
+            return 2
         log(f"resuming {run_dir} from {ckpt.name} (epoch {trainer.epoch}, step {trainer.global_step})")
     atomic_write_json(run_dir / "config.json", run_config(cfg, backend))
 

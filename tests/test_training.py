@@ -252,6 +252,10 @@ def test_cli_small_run_then_resume(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # settings of a resumed run cannot change
         run_cli(["--resume", str(run), "--lr", "0.5"])
+    assert run_cli(["--resume", str(run), "--epochs", "1", "--quiet"]) == 2  # cannot shrink
+    assert "fewer than the 2 epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a finished run folder is not silently reused
+        run_cli(args)
 
 
 @needs_mnist
