@@ -69,6 +69,9 @@ class CupyBackend(Backend):
         self._cupy = cupy
         self.xp = xp_cupy
         self.device = cupy.cuda.Device(index)
+        # CuPy (and array-api-compat's cupy namespace) allocate on the *current* device, so
+        # zeros(..., device=...) alone would land on GPU 0: make ours current.
+        self.device.use()
         self.array_type = cupy.ndarray
 
     def from_numpy(self, a, dtype=None):

@@ -57,7 +57,9 @@ class TorchBackend(Backend):
                     "and a visible NVIDIA GPU; torch.cuda.is_available() is False here"
                 )
             dev = torch.device(device)
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
+            if dev.index is None:  # tensors report "cuda:0", and torch.device("cuda") != that
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev.index >= torch.cuda.device_count():
                 raise BackendError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible")
         elif device == "cpu":
             dev = torch.device("cpu")

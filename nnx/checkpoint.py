@@ -198,7 +198,7 @@ def load(path, backend=None, device: str | None = None, dtype: str | None = None
         raise CheckpointError(f"{weights}: has no nnx architecture metadata; build the model "
                               "yourself and call model.load_state_dict(...)")
     if not isinstance(backend, Backend):
-        backend = get_backend(backend or "auto", device or "cpu")
+        backend = get_backend(backend or "auto", device or ("cuda" if backend == "cupy" else "cpu"))
     layers = [layer_from_spec(s) for s in json.loads(meta["architecture"])]
     model = Sequential(layers, input_shape=json.loads(meta["input_shape"]), backend=backend,
                        dtype=dtype or meta.get("dtype", "float32"))

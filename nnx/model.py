@@ -60,9 +60,9 @@ class Sequential:
         gradient with respect to the data, and for MNIST's first Dense layer it is a third of
         that layer's backward work.
         """
+        if self._first_trainable < len(self.layers):
+            self.layers[self._first_trainable].input_grad = input_grad
         first = 0 if input_grad else self._first_trainable
-        if first < len(self.layers):
-            self.layers[first].input_grad = input_grad
         for i in range(len(self.layers) - 1, first - 1, -1):
             grad = self.layers[i].backward(grad)
         return grad if input_grad else None

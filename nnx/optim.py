@@ -47,14 +47,14 @@ class Optimizer:
     def step(self, lr: float | None = None) -> None:
         """Apply one update with ``lr`` (the schedule's value) or the base learning rate."""
         lr = self.lr if lr is None else float(lr)
+        missing = [key for key, p in self.params.items() if p.grad is None]
+        if missing:
+            raise RuntimeError(f"parameters {missing} have no gradient: call backward() before step()")
         self.steps += 1
         if self.clip_norm is not None:
             clip_grad_norm(self.params.values(), self.clip_norm, self.xp)
         for key, p in self.params.items():
-            g = p.grad
-            if g is None:
-                raise RuntimeError(f"parameter {key} has no gradient: call backward() before step()")
-            self.update(key, p, g, lr)
+            self.update(key, p, p.grad, lr)
 
     def update(self, key, p, g, lr):
         raise NotImplementedError

@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="default: 128")
     g.add_argument("--seed", type=int, help="seeds weights, validation split, shuffling, dropout (default: 0)")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
-                   help="stop when validation loss has not improved for PATIENCE epochs and "
-                        "restore the best weights (default: 0 = off)")
+                   help="stop when validation loss has not improved for PATIENCE epochs; the "
+                        "run ends with its best-validation weights (default: 0 = off)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     g.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
@@ -120,8 +120,8 @@ def validate(cfg: dict, parser) -> None:
         bad(f"--clip-norm must be positive, got {cfg['clip_norm']}")
     if cfg["warmup_epochs"] < 0 or cfg["warmup_epochs"] > cfg["epochs"]:
         bad(f"--warmup-epochs must be between 0 and --epochs, got {cfg['warmup_epochs']}")
-    if cfg["val_size"] < 0:
-        bad(f"--val-size must be >= 0, got {cfg['val_size']}")
+    if not 0 <= cfg["val_size"] < 50_000:
+        bad(f"--val-size must be between 0 and 49999 (of 60,000 training images), got {cfg['val_size']}")
     if cfg["early_stopping"] < 0:
         bad(f"--early-stopping must be >= 0, got {cfg['early_stopping']}")
     if cfg["early_stopping"] and not cfg["val_size"]:
@@ -185,6 +185,8 @@ def resolve_config(args, parser) -> dict:
     cfg.update(given)
     if cfg["data_dir"]:  # stored absolute so evaluate/plots find the data from any folder
         cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+    if cfg["arch"] and Path(cfg["arch"]).is_file():  # store the spec itself: resumable anywhere
+        cfg["arch"] = arch_spec(cfg)
     if not cfg.get("resume") and cfg.get("out") and (Path(cfg["out"]) / "config.json").exists():
         parser.error(f"--out {cfg['out']} already holds a run; continue it with --resume "
                      f"{cfg['out']} or choose another --out")

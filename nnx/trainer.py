@@ -183,16 +183,19 @@ class Trainer:
             if self.run_dir:
                 self._append_metrics(row)
                 path = self.save()
-            if stop_now:
-                raise TrainingInterrupted(path)
             if stop:
                 self.log(f"early stopping: validation loss has not improved for {self.patience} "
-                         f"epochs; restoring the weights of epoch {self.best_epoch}")
-                self.restore_best()
+                         f"epochs")
                 break
-        if self.patience and self.best_weights is not None and self.epoch >= self.epochs:
-            self.restore_best()
+            if stop_now:
+                raise TrainingInterrupted(path)
         result = {}
+        if self.patience and self.best_weights is not None:
+            # with early stopping on, the run ends with its best-validation weights
+            self.log(f"restoring the weights of epoch {self.best_epoch} (best validation loss "
+                     f"{self.best_val_loss:.4f})")
+            self.restore_best()
+            result["best_epoch"] = self.best_epoch
         if test is not None:
             result["test_loss"], result["test_acc"] = self.evaluate(test)
             self.log(f"test: loss {result['test_loss']:.4f}  accuracy {100 * result['test_acc']:.2f}%")
@@ -240,7 +243,20 @@ class Trainer:
                                self.best_weights)
 
     def resume(self, ckpt_dir) -> None:
-        """Restore weights, optimizer, position and early-stopping state from a checkpoint."""
+        """Restore weights, optimizer, position and early-stopping state from a checkpoint.
+
+        Any inconsistency (missing arrays, another optimizer, other shapes) is a CheckpointError.
+        """
+        from .checkpoint import CheckpointError
+
+        try:
+            self._resume(ckpt_dir)
+        except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{ckpt_dir}: cannot resume from this checkpoint ({e})") from e
+
+    def _resume(self, ckpt_dir) -> None:
         from .checkpoint import check_architecture, load_safetensors, read_state
 
         state = read_state(ckpt_dir)
@@ -260,9 +276,10 @@ class Trainer:
         best_file = Path(ckpt_dir) / "best.safetensors"
         if best_file.is_file():
             best, _ = load_safetensors(best_file)
-            self.best_weights = {k: self.backend.from_numpy(v, dtype=v.dtype if v.dtype.kind != "f"
-                                                            else self.model.dtype)
-                                 for k, v in best.items()}
+            buffers = self.model.named_buffers()  # BatchNorm counters keep their integer dtype
+            self.best_weights = {k: self.backend.from_numpy(
+                v, dtype=buffers[k].dtype if k in buffers else self.model.dtype)
+                for k, v in best.items()}
         if self.run_dir:
             self._truncate_metrics(self.epoch)
 

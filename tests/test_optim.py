@@ -117,6 +117,8 @@ def test_optimizer_rejects_bad_settings():
         make_optimizer("rmsprop", [p], 0.1)
     with pytest.raises(RuntimeError, match="no gradient"):
         SGD([p], lr=0.1).step()
+    with pytest.raises(RuntimeError, match="no gradient"):  # also with clipping on
+        SGD([p], lr=0.1, clip_norm=1.0).step()
 
 
 # --- schedules --------------------------------------------------------------------------

@@ -328,3 +328,41 @@ def test_backward_without_input_grad_gives_the_same_parameter_grads(spec, shape)
         np.testing.assert_array_equal(p.grad, full[k], err_msg=k)
     loss.forward(m.forward(x, train=True), y)
     np.testing.assert_array_equal(m.backward(loss.backward()), dx)  # default computes it again
+
+
+def test_input_grad_flag_is_restored_when_first_layer_has_no_parameters():
+    b = nnx.get_backend("numpy")
+    m = nnx.Sequential([nnx.Flatten(), nnx.Dense(4, 2)], (2, 2), backend=b, dtype="float64")
+    x = b.from_numpy(np.ones((3, 2, 2)))
+    m.forward(x, train=True)
+    assert m.backward(b.from_numpy(np.ones((3, 2))), input_grad=False) is None
+    m.forward(x, train=True)
+    dx = m.backward(b.from_numpy(np.ones((3, 2))))
+    assert dx.shape == (3, 2, 2)
+
+
+def test_resume_with_early_stopping_and_batchnorm_on_strict(tmp_path):
+    """best.safetensors holds int64 BatchNorm counters: they must come back with their dtype."""
+    b = nnx.get_backend("strict", "device1")
+    data = synthetic_digits(n_train=328, n_test=32)
+
+    def trainer():
+        splits = make_splits(data, b, b.float32, val_size=200, seed=0)
+        layers = [nnx.Dense(784, 8), nnx.BatchNorm(8), nnx.ReLU(), nnx.Dense(8, 10)]
+        model = nnx.Sequential(layers, (784,), backend=b, seed=0)
+        opt = make_optimizer("adam", model.named_parameters(), 1e-3)
+        return Trainer(model, opt, make_schedule("constant", 1e-3, 2, 2), batch_size=64, epochs=2,
+                       early_stopping=5, run_dir=tmp_path, progress=False, log=lambda *a: None), splits
+
+    t, s = trainer()
+    t.fit(s["train"], s["val"])
+    again, _ = trainer()
+    again.resume(latest_checkpoint(tmp_path))
+    assert again.best_weights["1.num_batches_tracked"].dtype == b.int64
+    again.restore_best()
+
+
+def test_cli_rejects_too_large_validation_split(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--val-size", "60000"])
+    assert "--val-size must be between 0 and 49999" in capsys.readouterr().err

@@ -98,7 +98,8 @@ class BatchNorm(Layer):
         xp, b = self.xp, self.buffers
         b["num_batches_tracked"] = b["num_batches_tracked"] + 1
         if self.momentum is None:
-            factor = 1.0 / int(b["num_batches_tracked"])
+            # a 0-D device array: no host read of the counter inside the training step
+            factor = 1.0 / xp.astype(b["num_batches_tracked"], mean.dtype)
         else:
             factor = self.momentum
         unbiased = var * (m / (m - 1.0))
