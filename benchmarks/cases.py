@@ -1,0 +1,316 @@
+"""The measurements: training step and inference per batch size, full epochs, time to
+accuracy, and (for the CNN) single layers. Each returns a list of JSON-able result rows."""
+from __future__ import annotations
+
+import gc
+import time
+
+from . import impls
+from .machine import load_snapshot, peak_for
+from .timing import MemoryProbe, measure_interleaved, summarize
+
+
+class Spec:
+    """One implementation to run: ``kind`` is "nnx", "torch-ref" or "plain-numpy"."""
+
+    def __init__(self, kind: str, backend: str, device: str):
+        self.kind, self.backend, self.device = kind, backend, device
+
+    def __repr__(self):
+        return f"Spec({self.kind}, {self.backend}, {self.device})"
+
+
+def _nnx_backend(spec):
+    from nnx.backends import get_backend
+
+    return get_backend(spec.backend, spec.device)
+
+
+def make_runner(spec, model, state, dtype, input_grad=False):
+    """``input_grad`` (``--with-input-grad``) applies to nnx only: the peers never compute
+    the first layer's input gradient."""
+    if spec.kind == "nnx":
+        return impls.NnxRunner(_nnx_backend(spec), model, state, dtype, input_grad)
+    if spec.kind == "torch-ref":
+        return impls.TorchRefRunner(spec.device, model, state, dtype)
+    if spec.kind == "plain-numpy":
+        return impls.PlainNumpyRunner(model, state, dtype)
+    raise ValueError(spec.kind)
+
+
+def _key(r) -> str:
+    return f"{r.impl}@{r.device}"
+
+
+def _flop_fields(flops, median_s, device, peaks, theoretical):
+    rate = flops / median_s if median_s else None
+    peak = peak_for(peaks, device)
+    out = {"flops": flops, "flop_per_s": rate, "measured_peak_flop_per_s": peak,
+           "frac_measured_peak": rate / peak if rate and peak else None}
+    if not str(device).startswith("cuda") and theoretical:
+        out["frac_theoretical_peak"] = rate / theoretical if rate else None
+    return out
+
+
+def _base_row(kind, model, runner, dtype, batch):
+    return {"kind": kind, "model": model, "impl": runner.impl, "backend": runner.backend_name,
+            "device": runner.device, "dtype": dtype, "batch_size": batch}
+
+
+def step_cases(model, batch_sizes, specs, data, cfg, peaks, log=print) -> list[dict]:
+    """Training step and inference for every spec at every batch size (interleaved repeats)."""
+    from nnx.backends import get_backend
+
+    rows = []
+    state = impls.reference_state(model, cfg.dtype)
+    flops_model = impls.build_nnx(model, get_backend("numpy", "cpu"), cfg.dtype)
+    theoretical = cfg.theoretical_peak
+    for bs in batch_sizes:
+        count = max(1, min(4, (len(data["train"][1]) // bs) or 1))
+        batches = impls.step_batches(data, model, bs, count, cfg.dtype)
+        runners = []
+        for spec in specs:
+            try:
+                r = make_runner(spec, model, state, cfg.dtype, cfg.input_grad)
+                r.load_batches(batches)
+                runners.append(r)
+            except Exception as e:
+                log(f"  skip {spec} at batch {bs}: {e}")
+                rows.append({"kind": "skipped", "model": model, "spec": repr(spec),
+                             "batch_size": bs, "reason": str(e)})
+        for mode in ("train_step", "inference"):
+            mems = {}
+            cases = {}
+            for r in runners:
+                fn = r.train_step if mode == "train_step" else r.infer
+                probe = MemoryProbe(r.gpu_bytes).start()
+                r.gpu_reset()
+                for _ in range(cfg.warmup):
+                    fn()
+                r.sync()
+                mems[_key(r)] = probe.stop()
+                cases[_key(r)] = (fn, r.sync)
+            load0 = load_snapshot()
+            res = measure_interleaved(cases, warmup=0, repeats=cfg.repeats, min_time=cfg.min_time)
+            load1 = load_snapshot()
+            for r in runners:
+                s = res[_key(r)]
+                row = _base_row(mode, model, r, cfg.dtype, bs)
+                if mode == "inference":  # no backward: --with-input-grad changes nothing here
+                    row["impl"] = r.impl.split("+")[0]
+                row.update({k: v for k, v in s.items()})
+                row["samples_per_s"] = bs / s["median_s"]
+                # the work this implementation does: +dx0 rows add the first layer's dx
+                flops = (impls.train_step_flops(flops_model, bs, getattr(r, "input_grad", False))
+                         if mode == "train_step" else impls.forward_flops(flops_model, bs))
+                row.update(_flop_fields(flops, s["median_s"], r.device, peaks, theoretical))
+                row["memory"] = mems[_key(r)]
+                row["load"] = [load0, load1]
+                rows.append(row)
+                log(f"  {model} {mode:<10} bs {bs:>5} {row['impl']:<18} {1e3 * s['median_s']:9.3f} ms "
+                    f"(IQR {1e3 * s['iqr_s']:.3f}, CPU {1e3 * s['cpu_median_s']:.3f}, x{s['inner']}) "
+                    f"{row['flop_per_s'] / 1e9:7.2f} GFLOP/s")
+        del runners, batches
+        gc.collect()
+    return rows
+
+
+def epoch_runner(spec, model, data, state, dtype, epochs):
+    """nnx's epoch is ``nnx.trainer.Trainer``'s, which always skips the first layer's input
+    gradient: ``--with-input-grad`` does not reach it."""
+    if spec.kind == "nnx":
+        return impls.NnxEpochRunner(_nnx_backend(spec), model, data, dtype, epochs)
+    if spec.kind == "torch-ref":
+        return impls.TorchRefEpochRunner(spec.device, model, data, state, dtype, epochs)
+    if spec.kind == "plain-numpy":
+        return impls.PlainNumpyEpochRunner(model, data, state, dtype, epochs)
+    raise ValueError(spec.kind)
+
+
+def epoch_cases(model, specs, data, cfg, peaks, log=print) -> list[dict]:
+    """Full training epochs (batch 128, CLI defaults): 1 warm-up epoch, then ``epoch_repeats``
+    epochs per implementation, round-robin."""
+    from nnx.backends import get_backend
+
+    state = impls.reference_state(model, cfg.dtype)
+    flops_model = impls.build_nnx(model, get_backend("numpy", "cpu"), cfg.dtype)
+    epochs = 1 + cfg.epoch_repeats
+    runners, mems, rows = [], {}, []
+    for spec in specs:
+        try:
+            probe = MemoryProbe().start()
+            r = epoch_runner(spec, model, data, state, cfg.dtype, epochs)
+            r.sync()
+            t0 = time.perf_counter()
+            r.train_epoch(0)  # warm-up epoch
+            r.sync()
+            log(f"  {model} epoch warm-up {r.impl:<18} {time.perf_counter() - t0:8.3f} s")
+            mems[_key(r)] = probe.stop()
+            runners.append(r)
+        except Exception as e:
+            log(f"  skip epoch for {spec}: {e}")
+            rows.append({"kind": "skipped", "model": model, "spec": repr(spec), "case": "epoch",
+                         "reason": str(e)})
+    samples = {_key(r): [] for r in runners}
+    cpu = {_key(r): [] for r in runners}
+    load0 = load_snapshot()
+    for rep in range(cfg.epoch_repeats):
+        for r in runners:
+            r.sync()
+            c0, t0 = time.process_time(), time.perf_counter()
+            r.train_epoch(1 + rep)
+            r.sync()
+            samples[_key(r)].append(time.perf_counter() - t0)
+            cpu[_key(r)].append(time.process_time() - c0)
+    load1 = load_snapshot()
+    for r in runners:
+        s = summarize(samples[_key(r)])
+        n = r.n_train
+        steps = -(-n // impls.BATCH)
+        flops = sum(impls.train_step_flops(flops_model, min(impls.BATCH, n - k * impls.BATCH))
+                    for k in range(steps))
+        row = {"kind": "epoch", "model": model, "impl": r.impl, "backend": r.backend_name,
+               "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
+               "train_samples": n, "steps": steps, "samples": samples[_key(r)], **s,
+               "cpu_samples": cpu[_key(r)], "cpu_median_s": summarize(cpu[_key(r)])["median_s"],
+               "samples_per_s": n / s["median_s"], "memory": mems[_key(r)], "load": [load0, load1]}
+        row.update(_flop_fields(flops, s["median_s"], r.device, peaks, cfg.theoretical_peak))
+        rows.append(row)
+        log(f"  {model} epoch {r.impl:<18} {s['median_s']:8.3f} s median of {s['n']} "
+            f"(min {s['min_s']:.3f}, max {s['max_s']:.3f}; CPU {row['cpu_median_s']:.3f} s)")
+    return rows
+
+
+def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) -> list[dict]:
+    """Train with the CLI defaults (10-epoch cosine), evaluate test accuracy after each epoch
+    (evaluation time excluded from the training clock), stop once every threshold is reached
+    or after 10 epochs."""
+    state = impls.reference_state(model, cfg.dtype)
+    rows = []
+    for spec in specs:
+        if spec.kind == "nnx" and spec.backend == "strict":
+            continue  # correctness-only backend: minutes per epoch
+        try:
+            r = epoch_runner(spec, model, data, state, cfg.dtype, impls.EPOCHS)
+        except Exception as e:
+            rows.append({"kind": "skipped", "model": model, "spec": repr(spec), "case": "accuracy",
+                         "reason": str(e)})
+            continue
+        load0 = load_snapshot()
+        train_clock, history, reached = 0.0, [], {}
+        for epoch in range(impls.EPOCHS):
+            r.sync()
+            c0, t0 = time.process_time(), time.perf_counter()
+            r.train_epoch(epoch)
+            r.sync()
+            dt = time.perf_counter() - t0
+            cpu_dt = time.process_time() - c0
+            train_clock += dt
+            t1 = time.perf_counter()
+            acc = r.test_accuracy()
+            history.append({"epoch": epoch + 1, "epoch_s": dt, "epoch_cpu_s": cpu_dt,
+                            "train_clock_s": train_clock,
+                            "eval_s": time.perf_counter() - t1, "test_acc": acc})
+            for th in thresholds:
+                if acc >= th and th not in reached:
+                    reached[th] = {"epochs": epoch + 1, "train_s": train_clock,
+                                   "wall_s_with_eval": train_clock + sum(h["eval_s"] for h in history)}
+            log(f"  {model} accuracy {r.impl:<18} epoch {epoch + 1:>2} {dt:7.2f} s "
+                f"test acc {100 * acc:.2f}%")
+            if len(reached) == len(thresholds):
+                break
+        rows.append({"kind": "time_to_accuracy", "model": model, "impl": r.impl,
+                     "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
+                     "history": history, "final_test_acc": history[-1]["test_acc"],
+                     "thresholds": {f"{th:.2f}": reached.get(th) for th in thresholds},
+                     "load": [load0, load_snapshot()]})
+    return rows
+
+
+# --- CNN layers ----------------------------------------------------------------------------
+def _cnn_layer_table():
+    from nnx.layers import BatchNorm, Conv2D, Dense, MaxPool2D, ReLU
+
+    import torch.nn as nn
+
+    return [
+        ("conv 1→32 k3 p1", (1, 28, 28), lambda: Conv2D(1, 32, 3, padding=1), lambda: nn.Conv2d(1, 32, 3, padding=1)),
+        ("batchnorm 32", (32, 28, 28), lambda: BatchNorm(32), lambda: nn.BatchNorm2d(32)),
+        ("relu 32x28x28", (32, 28, 28), lambda: ReLU(), lambda: nn.ReLU()),
+        ("maxpool 2 (32x28x28)", (32, 28, 28), lambda: MaxPool2D(2), lambda: nn.MaxPool2d(2)),
+        ("conv 32→64 k3 p1", (32, 14, 14), lambda: Conv2D(32, 64, 3, padding=1), lambda: nn.Conv2d(32, 64, 3, padding=1)),
+        ("batchnorm 64", (64, 14, 14), lambda: BatchNorm(64), lambda: nn.BatchNorm2d(64)),
+        ("maxpool 2 (64x14x14)", (64, 14, 14), lambda: MaxPool2D(2), lambda: nn.MaxPool2d(2)),
+        ("dense 3136→128", (3136,), lambda: Dense(3136, 128), lambda: nn.Linear(3136, 128)),
+    ]
+
+
+def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
+    """Single CNN layers at MNIST shapes: forward+backward (training mode) and forward
+    (inference), nnx on each CPU/GPU backend vs the torch layer with autograd."""
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        return [{"kind": "skipped", "case": "cnn layers", "reason": "torch not installed"}]
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, shape, make_nnx, make_torch in _cnn_layer_table():
+        x_np = rng.standard_normal((batch, *shape)).astype(cfg.dtype)
+        cases, meta = {}, {}
+        for spec in specs:
+            if spec.kind == "plain-numpy":
+                continue
+            try:
+                if spec.kind == "nnx":
+                    b = _nnx_backend(spec)
+                    layer = make_nnx()
+                    out_shape = layer.build(b, b.dtype(cfg.dtype), b.host_rng(0), shape)
+                    x = b.from_numpy(x_np)
+                    g = b.from_numpy(rng.standard_normal((batch, *out_shape)).astype(cfg.dtype))
+
+                    def fb(layer=layer, x=x, g=g):
+                        layer.forward(x, train=True)
+                        layer.backward(g)
+
+                    def fwd(layer=layer, x=x):
+                        layer.forward(x, train=False)
+
+                    key, sync = f"nnx-{b.name}", b.synchronize
+                    dev = impls.device_label(b)
+                else:
+                    d = torch.device(spec.device)
+                    mod = make_torch().to(d, getattr(torch, cfg.dtype))
+                    x = torch.from_numpy(x_np).to(d).requires_grad_(True)
+                    with torch.no_grad():
+                        y0 = mod(x)
+                    g = torch.from_numpy(rng.standard_normal(tuple(y0.shape)).astype(cfg.dtype)).to(d)
+
+                    def fb(mod=mod, x=x, g=g):
+                        mod.train()
+                        mod(x).backward(g)
+
+                    def fwd(mod=mod, x=x):
+                        mod.eval()
+                        with torch.inference_mode():
+                            mod(x)
+
+                    key = "torch-ref"
+                    sync = (lambda d=d: torch.cuda.synchronize(d)) if d.type == "cuda" else (lambda: None)
+                    dev = str(d)
+                key = f"{key}@{dev}"
+                cases[("fwd+bwd", key)] = (fb, sync)
+                cases[("fwd", key)] = (fwd, sync)
+                meta[key] = dev
+            except Exception as e:
+                rows.append({"kind": "skipped", "case": f"layer {name}", "spec": repr(spec),
+                             "reason": str(e)})
+        res = measure_interleaved(cases, warmup=cfg.warmup, repeats=cfg.repeats, min_time=cfg.min_time)
+        for (mode, key), s in res.items():
+            impl, dev = key.split("@")
+            rows.append({"kind": "layer", "model": "cnn", "layer": name, "mode": mode, "impl": impl,
+                         "device": dev, "dtype": cfg.dtype, "batch_size": batch,
+                         "input_shape": [batch, *shape], **s})
+            log(f"  layer {name:<22} {mode:<8} {impl:<12} {dev:<6} {1e3 * s['median_s']:9.3f} ms")
+    return rows

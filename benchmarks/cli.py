@@ -1,0 +1,319 @@
+"""Command line of the benchmark suite: ``python -m benchmarks [options]``."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_BATCHES = (32, 128, 512, 2048, 8192)
+QUICK_BATCHES = (8, 64)
+
+
+def _csv(s):
+    return [p.strip() for p in str(s).split(",") if p.strip()]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark nnx (per backend and device) against a PyTorch eager reference "
+                    "and a plain NumPy loop: training step and inference per batch size, a full "
+                    "MNIST epoch, time to 97%%/98%% test accuracy, memory. Writes results.json, "
+                    "results.md and PNG charts.",
+        epilog="examples:\n"
+               "  python -m benchmarks                         # everything present here\n"
+               "  python -m benchmarks --threads 1             # one BLAS/torch thread (shared machines)\n"
+               "  python -m benchmarks --models mlp,cnn --skip-accuracy\n"
+               "  python -m benchmarks --quick --backends numpy,strict --skip-accuracy   # CI smoke run\n"
+               "  python -m benchmarks --with-input-grad --skip-epoch --skip-accuracy   # nnx steps as before input_grad=False\n"
+               "  python -m benchmarks --devices cuda --backends cupy,torch",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", help="nnx backends: numpy,torch,strict,cupy (default: every one "
+                                      "present; strict runs the step cases and one epoch only)")
+    p.add_argument("--devices", help="cpu,cuda,cuda:N (default: cpu, plus cuda when a GPU backend works)")
+    p.add_argument("--refs", default="torch,numpy",
+                   help="peers: torch (PyTorch eager reference), numpy (plain NumPy loop), none "
+                        "(default: torch,numpy)")
+    p.add_argument("--models", default="mlp", help="mlp and/or cnn (default: mlp)")
+    p.add_argument("--batch-sizes", help=f"MLP step batch sizes (default: "
+                                         f"{','.join(map(str, DEFAULT_BATCHES))}; quick: "
+                                         f"{','.join(map(str, QUICK_BATCHES))})")
+    p.add_argument("--cnn-batch-sizes", default="128", help="CNN step batch sizes (default: 128)")
+    p.add_argument("--dtypes", default="float32", help="float32 and/or float64 (default: float32)")
+    p.add_argument("--repeats", type=int, help="timed samples per case (default 7; quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each case (default 5; quick 1)")
+    p.add_argument("--min-time", type=float,
+                   help="seconds one timed sample lasts at least; short calls are repeated "
+                        "inside it (default 0.05; quick 0.002)")
+    p.add_argument("--epoch-repeats", type=int, help="timed epochs per implementation after one "
+                                                     "warm-up epoch (default 3; quick 1)")
+    p.add_argument("--threads", type=int,
+                   help="limit BLAS/OpenMP (threadpoolctl) and torch intra-op threads to N "
+                        "(default: leave the libraries' defaults)")
+    p.add_argument("--with-input-grad", action="store_true",
+                   help="nnx's step cases also compute the first layer's input gradient "
+                        "(model.backward(..., input_grad=True); impl nnx-<backend>+dx0), as nnx "
+                        "training did before; default: input_grad=False, as the Trainer does. "
+                        "Epoch and accuracy rows always run the Trainer, which skips it")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke run)")
+    p.add_argument("--skip-steps", action="store_true", help="skip the per-batch-size step cases")
+    p.add_argument("--skip-epoch", action="store_true", help="skip the full-epoch case")
+    p.add_argument("--skip-accuracy", action="store_true", help="skip time-to-accuracy")
+    p.add_argument("--skip-layers", action="store_true", help="skip the CNN single-layer cases")
+    p.add_argument("--data-dir", help="MNIST folder (default: NNX_DATA_DIR, ~/.cache/nnx/mnist, "
+                                      "../shared/data/mnist); never downloads")
+    p.add_argument("--out", help="results folder (default: benchmarks/results/<timestamp>/)")
+    p.add_argument("--no-charts", action="store_true", help="write no PNG charts")
+    return p
+
+
+class Config:
+    pass
+
+
+def _resolve(args, parser):
+    cfg = Config()
+    cfg.quick = bool(args.quick)
+    cfg.models = _csv(args.models)
+    for m in cfg.models:
+        if m not in ("mlp", "cnn"):
+            parser.error(f"--models: unknown model {m!r} (use mlp, cnn)")
+    try:
+        cfg.batch_sizes = [int(b) for b in _csv(args.batch_sizes)] if args.batch_sizes else \
+            list(QUICK_BATCHES if cfg.quick else DEFAULT_BATCHES)
+        cfg.cnn_batch_sizes = [int(b) for b in _csv(args.cnn_batch_sizes)]
+        if cfg.quick and args.cnn_batch_sizes == "128":
+            cfg.cnn_batch_sizes = [8]
+    except ValueError:
+        parser.error("batch sizes must be comma-separated integers")
+    if min(cfg.batch_sizes + cfg.cnn_batch_sizes) <= 0:
+        parser.error("batch sizes must be positive")
+    cfg.dtypes = _csv(args.dtypes)
+    for d in cfg.dtypes:
+        if d not in ("float32", "float64"):
+            parser.error(f"--dtypes: {d!r} is not float32 or float64")
+    cfg.repeats = args.repeats or (3 if cfg.quick else 7)
+    cfg.warmup = args.warmup if args.warmup is not None else (1 if cfg.quick else 5)
+    cfg.min_time = args.min_time if args.min_time is not None else (0.002 if cfg.quick else 0.05)
+    cfg.epoch_repeats = args.epoch_repeats or (1 if cfg.quick else 3)
+    if cfg.repeats <= 0 or cfg.epoch_repeats <= 0 or cfg.warmup < 0 or cfg.min_time < 0:
+        parser.error("--repeats/--epoch-repeats must be positive, --warmup/--min-time >= 0")
+    cfg.refs = [] if args.refs.strip().lower() == "none" else _csv(args.refs)
+    for r in cfg.refs:
+        if r not in ("torch", "numpy"):
+            parser.error(f"--refs: unknown peer {r!r} (use torch, numpy or none)")
+    cfg.threads = args.threads
+    cfg.input_grad = bool(args.with_input_grad)
+    cfg.skip_steps, cfg.skip_epoch = args.skip_steps, args.skip_epoch
+    cfg.skip_accuracy, cfg.skip_layers = args.skip_accuracy, args.skip_layers
+    cfg.data_dir = args.data_dir
+    cfg.backends = _csv(args.backends) if args.backends else None
+    cfg.devices = _csv(args.devices) if args.devices else None
+    return cfg
+
+
+def _specs(cfg, model, log):
+    """Which implementations run: nnx on each (backend, device), then the peers per device."""
+    from nnx.backends import BackendError, get_backend
+    from nnx.backends import available_backends
+
+    from .cases import Spec
+
+    present = available_backends()
+    devices = cfg.devices or sorted({d if d != "CPU_DEVICE" else "cpu" for _, d in present},
+                                    key=lambda d: (d != "cpu", d))
+    wanted = cfg.backends or sorted({n for n, _ in present})
+    specs, skipped = [], []
+    for dev in devices:
+        cuda = dev.startswith("cuda")
+        for name in wanted:
+            if name not in ("numpy", "torch", "strict", "cupy"):
+                raise SystemExit(f"error: unknown backend {name!r} (numpy, torch, strict, cupy)")
+            if cuda and name in ("numpy", "strict"):
+                continue
+            if not cuda and name == "cupy":
+                continue
+            bdev = "CPU_DEVICE" if name == "strict" else dev
+            try:
+                get_backend(name, bdev)
+            except BackendError as e:
+                skipped.append({"kind": "skipped", "model": model, "spec": f"nnx-{name} {dev}",
+                                "reason": str(e)})
+                log(f"skip nnx-{name} on {dev}: {e}")
+                continue
+            specs.append(Spec("nnx", name, bdev if name != "strict" else "CPU_DEVICE"))
+        if "torch" in cfg.refs:
+            try:
+                get_backend("torch", dev)
+                specs.append(Spec("torch-ref", "torch", dev))
+            except BackendError as e:
+                skipped.append({"kind": "skipped", "model": model, "spec": f"torch-ref {dev}",
+                                "reason": str(e)})
+        if "numpy" in cfg.refs and not cuda and model == "mlp":
+            specs.append(Spec("plain-numpy", "numpy", "cpu"))
+    return specs, skipped
+
+
+def _data(cfg, log):
+    from . import impls
+
+    data = impls.load_mnist(cfg.data_dir)
+    name = "MNIST"
+    if data is None:
+        data = impls.synthetic_mnist(6024 if cfg.quick else 60000, 512 if cfg.quick else 10000)
+        name = "synthetic (MNIST files not found)"
+        log("MNIST not found (use --data-dir or NNX_DATA_DIR): synthetic data, accuracy skipped")
+    elif cfg.quick:
+        # 5000 validation images are held out like the CLI does, leaving 1024 to train on
+        x, y = data["train"]
+        xt, yt = data["test"]
+        data = {"train": (x[:6024], y[:6024]), "test": (xt[:512], yt[:512])}
+        name = "MNIST subset (quick: 1,024 train / 512 test)"
+    return data, name
+
+
+def _limit_threads(n, log):
+    """Limit BLAS/OpenMP pools (threadpoolctl) and torch to ``n`` threads; returns a keep-alive."""
+    keep = None
+    try:
+        from threadpoolctl import threadpool_limits
+
+        keep = threadpool_limits(limits=n)
+    except ImportError:
+        log("threadpoolctl is not installed: BLAS threads not limited (pip install threadpoolctl)")
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    return keep
+
+
+def _oversubscription(info, cfg, log) -> list[str]:
+    """Warn when BLAS and OpenMP pools together want more threads than there are cores: with
+    NumPy and torch in one process their idle threads spin against each other."""
+    if cfg.threads:
+        return []
+    pools = info["threads"].get("threadpools")
+    cores = info["cpu"]["usable_cores"]
+    if not isinstance(pools, list):
+        return []
+    total = sum(int(p.get("num_threads") or 0) for p in pools)
+    if len(pools) > 1 and total > cores:
+        msg = (f"{total} BLAS/OpenMP threads ({', '.join(str(p.get('internal_api')) + ':' + str(p.get('num_threads')) for p in pools)}) "
+               f"on {cores} cores in one process: their spinning threads slow each other down "
+               "(and any other job on the machine); consider --threads 1")
+        log("warning: " + msg)
+        return [msg]
+    return []
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = _resolve(args, parser)
+    log = print
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m benchmarks", *argv])
+
+    from . import cases, impls, machine, report
+
+    if cfg.threads:
+        cfg._threads_keep = _limit_threads(cfg.threads, log)
+    out = Path(args.out) if args.out else RESULTS_DIR / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    load_start = machine.load_snapshot()
+    info = machine.machine_info()
+    warnings = _oversubscription(info, cfg, log)
+    cfg.theoretical_peak = info["cpu"]["theoretical_peak_fp32_flops"]
+    if cfg.threads and cfg.theoretical_peak:  # the cores this run may use
+        cores = info["cpu"]["usable_cores"]
+        cfg.theoretical_peak *= min(cfg.threads, cores) / cores
+    data, data_name = _data(cfg, log)
+    have_mnist = not data_name.startswith("synthetic")
+
+    all_specs = {m: _specs(cfg, m, log) for m in cfg.models}
+    devices = sorted({s.device if s.device != "CPU_DEVICE" else "cpu"
+                      for specs, _ in all_specs.values() for s in specs})
+    log(f"nnx benchmarks -> {out}")
+    log(f"CPU: {info['cpu']['model']}, {info['cpu']['usable_cores']} cores; load "
+        f"{load_start['loadavg_1_5_15']}; {load_start['cpu_pressure']}")
+    log("measuring the matmul peak ...")
+    peaks = machine.measured_peaks(devices, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 7)
+    log(f"  CPU float32 matmul: {peaks['cpu']['best_flop_per_s'] / 1e9:.1f} GFLOP/s best")
+
+    rows = []
+    flops_per_sample = {}
+    t_start = time.perf_counter()
+    from nnx.backends import get_backend
+
+    for dtype in cfg.dtypes:
+        cfg.dtype = dtype
+        for model in cfg.models:
+            specs, skipped = all_specs[model]
+            rows += skipped
+            m = impls.build_nnx(model, get_backend("numpy", "cpu"), dtype)
+            flops_per_sample[model] = {"forward": impls.forward_flops(m, 1),
+                                       "train_step": impls.train_step_flops(m, 1),
+                                       "train_step_with_input_grad": impls.train_step_flops(m, 1, True)}
+            log(f"[{model} {dtype}] implementations: {', '.join(f'{s.kind}:{s.backend}@{s.device}' for s in specs)}")
+            if not cfg.skip_steps:
+                bss = cfg.batch_sizes if model == "mlp" else cfg.cnn_batch_sizes
+                rows += cases.step_cases(model, bss, specs, data, cfg, peaks, log)
+            if model == "cnn" and not cfg.skip_layers:
+                rows += cases.layer_cases([s for s in specs if s.kind != "plain-numpy"], cfg,
+                                          batch=cfg.cnn_batch_sizes[0], log=log)
+            if not cfg.skip_epoch:
+                if model == "cnn" and not cfg.quick:
+                    log("  cnn epoch skipped: minutes per epoch on a CPU (use --quick to smoke-test it)")
+                else:
+                    rows += cases.epoch_cases(model, specs, data, cfg, peaks, log)
+            if not cfg.skip_accuracy:
+                if not have_mnist:
+                    rows.append({"kind": "skipped", "model": model, "case": "accuracy",
+                                 "reason": "MNIST not found"})
+                elif model == "cnn":
+                    rows.append({"kind": "skipped", "model": model, "case": "accuracy",
+                                 "reason": "time-to-accuracy is measured for the MLP only"})
+                else:
+                    rows += cases.accuracy_cases(model, specs, data, cfg, log=log)
+
+    results = {
+        "schema": 1,
+        "command": command,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - t_start,
+        "config": {"quick": cfg.quick, "models": cfg.models, "dtypes": cfg.dtypes,
+                   "batch_sizes": cfg.batch_sizes, "cnn_batch_sizes": cfg.cnn_batch_sizes,
+                   "repeats": cfg.repeats, "warmup": cfg.warmup, "min_time_s": cfg.min_time,
+                   "epoch_repeats": cfg.epoch_repeats, "threads": cfg.threads,
+                   "theoretical_peak_used": cfg.theoretical_peak,
+                   "refs": cfg.refs, "nnx_step_first_layer_input_grad": cfg.input_grad,
+                   "nnx_epoch_first_layer_input_grad": False,
+                   "backends": cfg.backends, "devices": cfg.devices,
+                   "settings": {"lr": impls.LR, "momentum": impls.MOMENTUM,
+                                "weight_decay": impls.WEIGHT_DECAY, "optimizer": "nesterov",
+                                "schedule": "cosine", "epochs": impls.EPOCHS,
+                                "val_size": impls.VAL_SIZE, "seed": impls.SEED}},
+        "data": data_name,
+        "machine": info,
+        "threads_after": machine.thread_info(),
+        "load_start": load_start,
+        "load_end": machine.load_snapshot(),
+        "peaks": peaks,
+        "flops_per_sample": flops_per_sample,
+        "cases": rows,
+        "warnings": warnings,
+    }
+    results["charts"] = [] if args.no_charts else report.charts(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report.write_markdown(results, out / "results.md")
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+        + (f" and {len(results['charts'])} charts" if results["charts"] else ""))
+    return 0

@@ -1,0 +1,593 @@
+"""The implementations a benchmark compares, behind one small interface.
+
+``Runner`` (one implementation of one model on one device, with its optimizer):
+
+* ``load_batches([(x, y), ...])`` copies host NumPy batches to the device once;
+* ``train_step()`` runs forward, loss, backward and the Nesterov update on the next batch
+  (cycling through the loaded ones); ``infer()`` runs the forward pass only;
+* ``sync()`` waits for the device; ``gpu_reset()``/``gpu_bytes()`` probe GPU memory.
+
+``EpochRunner`` (the same, over a whole training split): ``train_epoch(epoch)`` and
+``test_accuracy()``. nnx's runs through ``nnx.trainer.Trainer`` itself; the two references
+copy its loop step for step (same shuffling, same schedule, same on-device running loss and
+accuracy with a few host reads per epoch).
+
+Every implementation starts from the SAME initial weights (nnx's ``state_dict`` copied in)
+and, for the references, sees the same batches as nnx on NumPy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MLP_SIZES = (784, 128, 64, 10)
+#: the CLI's default optimisation settings (nnx/train.py DEFAULTS)
+LR, MOMENTUM, WEIGHT_DECAY, BATCH, EPOCHS, VAL_SIZE, SEED = 0.1, 0.9, 5e-4, 128, 10, 5000, 0
+
+
+# --- models ------------------------------------------------------------------------------
+def cnn_layers():
+    """conv(1→32,k3,p1)→BN→ReLU→MaxPool2→conv(32→64,k3,p1)→BN→ReLU→MaxPool2→Flatten→
+    Dense(3136→128)→ReLU→Dense(128→10)."""
+    from nnx.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+    return [Conv2D(1, 32, 3, padding=1), BatchNorm(32), ReLU(), MaxPool2D(2),
+            Conv2D(32, 64, 3, padding=1), BatchNorm(64), ReLU(), MaxPool2D(2),
+            Flatten(), Dense(3136, 128), ReLU(), Dense(128, 10)]
+
+
+def input_shape(kind: str) -> tuple:
+    return (784,) if kind == "mlp" else (1, 28, 28)
+
+
+def build_nnx(kind: str, backend, dtype="float32", seed: int = SEED):
+    from nnx.model import Sequential, mlp
+
+    if kind == "mlp":
+        return mlp(MLP_SIZES, backend=backend, dtype=dtype, seed=seed)
+    if kind == "cnn":
+        return Sequential(cnn_layers(), input_shape=(1, 28, 28), backend=backend, dtype=dtype,
+                          seed=seed)
+    raise ValueError(f"unknown model {kind!r}: use mlp or cnn")
+
+
+def build_torch(kind: str, device, dtype: str = "float32"):
+    """The same network as ``torch.nn.Sequential``; layer indices (and so state_dict names)
+    match nnx's."""
+    import torch.nn as nn
+
+    if kind == "mlp":
+        mods = []
+        for i, (a, b) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(MLP_SIZES) - 2:
+                mods.append(nn.ReLU())
+        net = nn.Sequential(*mods)
+    elif kind == "cnn":
+        net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64),
+                            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3136, 128),
+                            nn.ReLU(), nn.Linear(128, 10))
+    else:
+        raise ValueError(f"unknown model {kind!r}")
+    import torch
+
+    return net.to(device=device, dtype=getattr(torch, dtype))
+
+
+def reference_state(kind: str, dtype: str = "float32", seed: int = SEED) -> dict:
+    """nnx's initial weights (and BatchNorm buffers) as host NumPy arrays: every
+    implementation starts from these."""
+    from nnx.backends import get_backend
+
+    return build_nnx(kind, get_backend("numpy", "cpu"), dtype, seed).state_dict()
+
+
+def load_torch_state(net, state: dict, device, dtype: str = "float32"):
+    import torch
+
+    sd = {}
+    for k, v in state.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if t.is_floating_point():
+            t = t.to(getattr(torch, dtype))
+        sd[k] = t.reshape(net.state_dict()[k].shape).to(device)
+    net.load_state_dict(sd)
+    return net
+
+
+# --- FLOPs -------------------------------------------------------------------------------
+def forward_flops(model, batch: int) -> int:
+    """Multiply-add FLOPs of one forward pass (matmuls and convolutions only, 2 per MAC):
+    Dense 2·N·in·out; Conv2D 2·N·O·Ho·Wo·C·k². Element-wise work (ReLU, bias, softmax,
+    batch norm, pooling, the optimizer) is not counted: for the default MLP it is ~1% of
+    the total."""
+    from nnx.layers import Conv2D, Dense
+
+    total, shape = 0, model.input_shape
+    for layer, out in zip(model.layers, model.shapes):
+        if isinstance(layer, Dense):
+            total += 2 * batch * layer.in_features * layer.out_features
+        elif isinstance(layer, Conv2D):
+            o, ho, wo = out
+            total += 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
+        shape = out
+    return total
+
+
+def train_step_flops(model, batch: int, input_grad: bool = False) -> int:
+    """Forward + backward. Backward is two matmuls per layer (dW and dx: 4·N·in·out for
+    Dense), so a step with every input gradient is 3 × the forward FLOPs. Training needs no
+    gradient with respect to the data: nnx's Trainer (``Sequential.backward(...,
+    input_grad=False)``), autograd and the plain loop all skip the first parameterised
+    layer's dx, so by default that layer's forward FLOPs (the size of its dx) are taken off.
+    ``input_grad=True``: the count for ``--with-input-grad``."""
+    total = 3 * forward_flops(model, batch)
+    if not input_grad:
+        total -= _first_layer_flops(model, batch)
+    return total
+
+
+def _first_layer_flops(model, batch: int) -> int:
+    """Forward FLOPs of the first Dense/Conv2D (= those of its input gradient)."""
+    from nnx.layers import Conv2D, Dense
+
+    for layer, out in zip(model.layers, model.shapes):
+        if isinstance(layer, Dense):
+            return 2 * batch * layer.in_features * layer.out_features
+        if isinstance(layer, Conv2D):
+            o, ho, wo = out
+            return 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
+    return 0
+
+
+# --- data --------------------------------------------------------------------------------
+def load_mnist(data_dir=None):
+    """nnx.datasets.load("mnist") without downloading; None when the files are not there."""
+    from pathlib import Path
+
+    from nnx import datasets
+
+    candidates = [data_dir]
+    if data_dir is None:  # the project's shared data folder beside the repository
+        candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+    for d in candidates:
+        try:
+            return datasets.load("mnist", data_dir=d, download=False, progress=False)
+        except Exception:
+            continue
+    return None
+
+
+def synthetic_mnist(n_train: int = 2048, n_test: int = 512, seed: int = 0) -> dict:
+    """uint8 images and labels shaped like MNIST (when the real files are absent)."""
+    rng = np.random.default_rng(seed)
+    mk = lambda n: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                    rng.integers(0, 10, n).astype(np.uint8))
+    return {"train": mk(n_train), "test": mk(n_test)}
+
+
+def step_batches(data: dict, kind: str, batch: int, count: int, dtype: str = "float32"):
+    """``count`` distinct host batches (x float in [0, 1], y int64) from the training images."""
+    x, y = data["train"]
+    need = batch * count
+    reps = -(-need // len(y))
+    idx = np.arange(need) % len(y) if reps > 1 else np.arange(need)
+    xs = x[idx].astype(dtype) * (1.0 / 255.0)
+    xs = xs.reshape(need, 784) if kind == "mlp" else xs.reshape(need, 1, 28, 28)
+    ys = y[idx].astype(np.int64)
+    return [(np.ascontiguousarray(xs[i * batch:(i + 1) * batch]), ys[i * batch:(i + 1) * batch])
+            for i in range(count)]
+
+
+# --- runners -----------------------------------------------------------------------------
+def device_label(backend) -> str:
+    """'cpu', 'cuda:0', ...: array-api-strict's CPU_DEVICE is reported as 'cpu'."""
+    if backend.name == "strict":
+        return "cpu" if backend.device._device == "CPU_DEVICE" else f"strict:{backend.device._device}"
+    return str(backend.device)
+
+
+class Runner:
+    impl = "?"
+    device = "cpu"
+    backend_name = None
+
+    def __init__(self):
+        self.batches, self.k = [], 0
+
+    def sync(self):
+        pass
+
+    def gpu_reset(self):
+        pass
+
+    def gpu_bytes(self) -> dict:
+        return {}
+
+    def next_batch(self):
+        b = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        return b
+
+
+class NnxRunner(Runner):
+    """nnx's Sequential + SoftmaxCrossEntropy + Nesterov on one backend: the Trainer's step,
+    ``model.backward(loss.backward(), input_grad=False)``. ``input_grad=True`` (the CLI's
+    ``--with-input-grad``, impl ``nnx-<backend>+dx0``) also computes the first layer's input
+    gradient, as nnx's training did before ``Sequential.backward`` grew the flag."""
+
+    def __init__(self, backend, kind: str, state: dict, dtype: str = "float32",
+                 input_grad: bool = False):
+        super().__init__()
+        from nnx.losses import SoftmaxCrossEntropy
+        from nnx.optim import Nesterov
+
+        self.backend, self.kind = backend, kind
+        self.backend_name, self.device = backend.name, device_label(backend)
+        self.impl = f"nnx-{backend.name}"
+        self.model = build_nnx(kind, backend, dtype)
+        self.model.load_state_dict(state)
+        self.input_grad = bool(input_grad)
+        if self.input_grad:
+            self.impl += "+dx0"
+        self.opt = Nesterov(self.model.named_parameters(), lr=LR, momentum=MOMENTUM,
+                            weight_decay=WEIGHT_DECAY)
+        self.loss = SoftmaxCrossEntropy()
+
+    def load_batches(self, batches):
+        b = self.backend
+        self.batches = [(b.from_numpy(x, dtype=self.model.dtype), b.from_numpy(y)) for x, y in batches]
+        self.k = 0
+
+    def train_step(self):
+        x, y = self.next_batch()
+        logits = self.model.forward(x, train=True)
+        loss = self.loss.forward(logits, y)
+        self.model.backward(self.loss.backward(), input_grad=self.input_grad)
+        self.opt.step(LR)
+        return loss
+
+    def infer(self):
+        x, _ = self.next_batch()
+        return self.model.forward(x, train=False)
+
+    def sync(self):
+        self.backend.synchronize()
+
+    def gpu_reset(self):
+        if self.backend.name == "torch" and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.backend.device)
+
+    def gpu_bytes(self):
+        if self.backend.name == "cupy":
+            import cupy
+
+            pool = cupy.get_default_memory_pool()
+            return {"gpu_pool_used_bytes": self.backend.memory_pool_bytes(),
+                    "gpu_pool_total_bytes": pool.total_bytes()}
+        if self.backend.name == "torch" and self.device.startswith("cuda"):
+            import torch
+
+            d = self.backend.device
+            return {"gpu_allocated_bytes": torch.cuda.memory_allocated(d),
+                    "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(d),
+                    "gpu_reserved_bytes": torch.cuda.memory_reserved(d)}
+        return {}
+
+
+class TorchRefRunner(Runner):
+    """torch.nn.Sequential + autograd + torch.optim.SGD(nesterov=True): PyTorch eager."""
+
+    backend_name = "torch"
+
+    def __init__(self, device: str, kind: str, state: dict, dtype: str = "float32"):
+        super().__init__()
+        import torch
+
+        self.torch, self.kind = torch, kind
+        self.dev = torch.device(device)
+        self.device = str(self.dev)
+        self.impl = "torch-ref"
+        self.net = load_torch_state(build_torch(kind, self.dev, dtype), state, self.dev, dtype)
+        self.net.train()
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                   weight_decay=WEIGHT_DECAY)
+        self.dtype = getattr(torch, dtype)
+
+    def load_batches(self, batches):
+        t = self.torch
+        self.batches = [(t.from_numpy(x).to(self.dev, self.dtype), t.from_numpy(y).to(self.dev))
+                        for x, y in batches]
+        self.k = 0
+
+    def step_on(self, x, y):
+        F = self.torch.nn.functional
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.opt.step()
+        return logits, loss
+
+    def train_step(self):
+        return self.step_on(*self.next_batch())[1].detach()
+
+    def infer(self):
+        x, _ = self.next_batch()
+        self.net.eval()
+        with self.torch.inference_mode():
+            out = self.net(x)
+        self.net.train()
+        return out
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+
+    def gpu_reset(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def gpu_bytes(self):
+        if self.dev.type != "cuda":
+            return {}
+        t = self.torch
+        return {"gpu_allocated_bytes": t.cuda.memory_allocated(self.dev),
+                "gpu_peak_allocated_bytes": t.cuda.max_memory_allocated(self.dev),
+                "gpu_reserved_bytes": t.cuda.memory_reserved(self.dev)}
+
+
+class PlainNumpyMLP:
+    """The MLP written directly in NumPy: no layers, no Array API namespace, no checks.
+
+    What a careful hand-written loop does: ``out=`` buffers for the element-wise work, ReLU
+    via ``np.maximum``, the softmax gradient by subtracting 1 at the labels, no input
+    gradient for the first layer, and torch's Nesterov update in place.
+    """
+
+    def __init__(self, state: dict, dtype="float32"):
+        n = len(MLP_SIZES) - 1
+        self.W = [np.array(state[f"{2 * i}.weight"], dtype=dtype) for i in range(n)]
+        self.b = [np.array(state[f"{2 * i}.bias"], dtype=dtype) for i in range(n)]
+        self.vW = [np.zeros_like(w) for w in self.W]
+        self.vb = [np.zeros_like(b) for b in self.b]
+
+    def forward(self, x):
+        acts = [x]
+        h = x
+        last = len(self.W) - 1
+        for i, (w, b) in enumerate(zip(self.W, self.b)):
+            z = h @ w.T
+            z += b
+            if i < last:
+                np.maximum(z, 0, out=z)
+            acts.append(z)
+            h = z
+        return acts
+
+    def loss_and_grad(self, logits, y):
+        n = logits.shape[0]
+        z = logits - logits.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        s = z.sum(axis=1, keepdims=True)
+        z /= s
+        rows = np.arange(n)
+        loss = -np.log(z[rows, y]).mean()
+        z[rows, y] -= 1.0
+        z *= 1.0 / n
+        return loss, z
+
+    def step(self, x, y, lr=LR, mu=MOMENTUM, wd=WEIGHT_DECAY):
+        acts = self.forward(x)
+        loss, g = self.loss_and_grad(acts[-1], y)
+        for i in range(len(self.W) - 1, -1, -1):
+            gw = g.T @ acts[i]
+            gb = g.sum(axis=0)
+            if i > 0:
+                g = g @ self.W[i]
+                g *= acts[i] > 0  # ReLU mask from the layer's output
+            for p, d, v in ((self.W[i], gw, self.vW[i]), (self.b[i], gb, self.vb[i])):
+                d += wd * p          # L2, as torch: d = g + wd·p
+                v *= mu
+                v += d               # v = mu·v + d
+                d += mu * v          # Nesterov: d + mu·v
+                d *= lr
+                p -= d
+        return acts[-1], loss
+
+
+class PlainNumpyRunner(Runner):
+    backend_name = "numpy"
+
+    def __init__(self, kind: str, state: dict, dtype: str = "float32"):
+        super().__init__()
+        if kind != "mlp":
+            raise ValueError("the plain NumPy loop exists for the MLP only")
+        self.impl, self.device = "plain-numpy", "cpu"
+        self.net = PlainNumpyMLP(state, dtype)
+
+    def load_batches(self, batches):
+        self.batches = [(np.array(x), np.array(y)) for x, y in batches]
+        self.k = 0
+
+    def train_step(self):
+        return self.net.step(*self.next_batch())[1]
+
+    def infer(self):
+        x, _ = self.next_batch()
+        return self.net.forward(x)[-1]
+
+
+# --- whole epochs ------------------------------------------------------------------------
+def _derived_perm(seed, epoch, n):
+    """The shuffle nnx's Trainer uses on the NumPy backend for this epoch."""
+    from nnx.trainer import derived_seed
+
+    return np.random.default_rng(derived_seed(seed, epoch, 1)).permutation(n).astype(np.int64)
+
+
+class EpochRunner:
+    """Common shape: ``train_epoch(epoch)`` (no evaluation inside), ``test_accuracy()``."""
+
+    impl = "?"
+    device = "cpu"
+    backend_name = "numpy"
+
+    def sync(self):
+        pass
+
+
+class NnxEpochRunner(EpochRunner):
+    """nnx.trainer.Trainer's own epoch (``_train_epoch``: gather, step, on-device running
+    metrics, a few host reads) with progress=False; the CLI's default settings. The Trainer
+    always skips the first layer's input gradient (``input_grad=False``), so epoch and
+    time-to-accuracy rows are the Trainer as it is, whatever ``--with-input-grad`` says."""
+
+    def __init__(self, backend, kind, data, dtype="float32", epochs=EPOCHS):
+        from nnx.data import make_splits
+        from nnx.optim import make_optimizer
+        from nnx.schedules import make_schedule
+        from nnx.trainer import Trainer
+
+        self.backend, self.impl, self.device = backend, f"nnx-{backend.name}", device_label(backend)
+        self.backend_name = backend.name
+        dt = backend.dtype(dtype)
+        self.splits = make_splits(data, backend, dt, val_size=VAL_SIZE, seed=SEED,
+                                  flatten=(kind == "mlp"))
+        self.model = build_nnx(kind, backend, dtype)
+        opt = make_optimizer("nesterov", self.model.named_parameters(), LR, momentum=MOMENTUM,
+                             weight_decay=WEIGHT_DECAY)
+        steps = -(-len(self.splits["train"]) // BATCH)
+        sched = make_schedule("cosine", LR, epochs, steps)
+        self.trainer = Trainer(self.model, opt, sched, batch_size=BATCH, epochs=epochs, seed=SEED,
+                               progress=False, log=lambda *a, **k: None)
+        self.n_train = len(self.splits["train"])
+
+    def train_epoch(self, epoch):
+        out = self.trainer._train_epoch(self.splits["train"], epoch)
+        self.trainer.epoch = epoch + 1
+        return out
+
+    def test_accuracy(self):
+        return self.trainer.evaluate(self.splits["test"])[1]
+
+    def sync(self):
+        self.backend.synchronize()
+
+
+def _host_splits(data, kind, dtype):
+    from nnx.backends import get_backend
+    from nnx.data import make_splits
+
+    return make_splits(data, get_backend("numpy", "cpu"), np.dtype(dtype), val_size=VAL_SIZE,
+                       seed=SEED, flatten=(kind == "mlp"))
+
+
+class TorchRefEpochRunner(EpochRunner):
+    """PyTorch eager over the same batches as nnx on NumPy, mirroring Trainer._train_epoch."""
+
+    def __init__(self, device, kind, data, state, dtype="float32", epochs=EPOCHS):
+        import torch
+        from nnx.schedules import make_schedule
+
+        self.torch, self.impl, self.backend_name = torch, "torch-ref", "torch"
+        self.dev = torch.device(device)
+        self.device = str(self.dev)
+        sp = _host_splits(data, kind, dtype)
+        self.x = torch.from_numpy(sp["train"].x).to(self.dev)
+        self.y = torch.from_numpy(sp["train"].y).to(self.dev)
+        self.xt = torch.from_numpy(sp["test"].x).to(self.dev)
+        self.yt = torch.from_numpy(sp["test"].y).to(self.dev)
+        self.n_train = int(self.y.shape[0])
+        self.ref = TorchRefRunner(device, kind, state, dtype)
+        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
+        self.global_step = 0
+
+    def train_epoch(self, epoch):
+        t, ref = self.torch, self.ref
+        n, bs = self.n_train, BATCH
+        steps = math.ceil(n / bs)
+        perm = t.from_numpy(_derived_perm(SEED, epoch, n)).to(self.dev)
+        read_every = max(1, steps // 5)
+        loss_sum = t.zeros((), device=self.dev)
+        correct = t.zeros((), device=self.dev)
+        seen = 0
+        for k in range(steps):
+            idx = perm[k * bs:(k + 1) * bs]
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            for g in ref.opt.param_groups:
+                g["lr"] = self.schedule(self.global_step)
+            logits, loss = ref.step_on(xb, yb)
+            self.global_step += 1
+            m = int(yb.shape[0])
+            seen += m
+            with t.no_grad():
+                loss_sum += loss.detach() * m
+                correct += (logits.argmax(dim=1) == yb).sum()
+            if (k + 1) % read_every == 0 or k + 1 == steps:
+                if not math.isfinite(float(loss_sum) / seen):
+                    raise RuntimeError("torch-ref diverged")
+        return float(loss_sum) / seen, float(correct) / seen
+
+    def test_accuracy(self):
+        t, net = self.torch, self.ref.net
+        net.eval()
+        correct = 0
+        with t.inference_mode():
+            for s in range(0, int(self.yt.shape[0]), 2048):
+                out = net(self.xt[s:s + 2048])
+                correct += int((out.argmax(dim=1) == self.yt[s:s + 2048]).sum())
+        net.train()
+        return correct / int(self.yt.shape[0])
+
+    def sync(self):
+        self.ref.sync()
+
+
+class PlainNumpyEpochRunner(EpochRunner):
+    """The plain NumPy MLP over the same batches as nnx on NumPy, mirroring the Trainer loop."""
+
+    def __init__(self, kind, data, state, dtype="float32", epochs=EPOCHS):
+        from nnx.schedules import make_schedule
+
+        if kind != "mlp":
+            raise ValueError("the plain NumPy loop exists for the MLP only")
+        self.impl = "plain-numpy"
+        sp = _host_splits(data, kind, dtype)
+        self.x, self.y, self.xt, self.yt = sp["train"].x, sp["train"].y, sp["test"].x, sp["test"].y
+        self.n_train = len(self.y)
+        self.net = PlainNumpyMLP(state, dtype)
+        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
+        self.global_step = 0
+
+    def train_epoch(self, epoch):
+        n, bs = self.n_train, BATCH
+        steps = math.ceil(n / bs)
+        perm = _derived_perm(SEED, epoch, n)
+        read_every = max(1, steps // 5)
+        loss_sum = correct = 0.0
+        seen = 0
+        for k in range(steps):
+            idx = perm[k * bs:(k + 1) * bs]
+            xb, yb = np.take(self.x, idx, axis=0), np.take(self.y, idx, axis=0)
+            logits, loss = self.net.step(xb, yb, lr=self.schedule(self.global_step))
+            self.global_step += 1
+            m = yb.shape[0]
+            seen += m
+            loss_sum += loss * m
+            correct += np.count_nonzero(logits.argmax(axis=1) == yb)
+            if (k + 1) % read_every == 0 or k + 1 == steps:
+                if not math.isfinite(loss_sum / seen):
+                    raise RuntimeError("plain-numpy diverged")
+        return loss_sum / seen, correct / seen
+
+    def test_accuracy(self):
+        correct = 0
+        for s in range(0, len(self.yt), 2048):
+            out = self.net.forward(self.xt[s:s + 2048])[-1]
+            correct += int(np.count_nonzero(out.argmax(axis=1) == self.yt[s:s + 2048]))
+        return correct / len(self.yt)

@@ -1,0 +1,410 @@
+"""results.json → results.md (tables with ratios against the PyTorch reference) and PNG charts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MIB = 2.0 ** 20
+
+
+def _fmt(v, spec=".3f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def _key(r):
+    return (r["impl"], r["device"])
+
+
+def _label(impl, device):
+    return f"{impl} ({device})"
+
+
+def _rows(results, kind, **match):
+    return [r for r in results["cases"] if r.get("kind") == kind
+            and all(r.get(k) == v for k, v in match.items())]
+
+
+def _ref(rows, row, field="median_s"):
+    """The torch-ref row for the same case on the same device (or None)."""
+    for r in rows:
+        if (r["impl"] == "torch-ref" and r["device"] == row["device"]
+                and r.get("batch_size") == row.get("batch_size") and r.get("model") == row.get("model")):
+            return r.get(field)
+    return None
+
+
+def _model_desc(model):
+    return ("MLP 784-128-64-10 ReLU" if model == "mlp" else
+            "CNN conv(1→32)-BN-ReLU-pool-conv(32→64)-BN-ReLU-pool-Dense(3136→128)-ReLU-Dense(128→10)")
+
+
+def machine_lines(results) -> list[str]:
+    m = results["machine"]
+    cpu = m["cpu"]
+    th = m["threads"]
+    pools = th.get("threadpools")
+    if isinstance(pools, list):
+        blas = ", ".join(f"{p.get('internal_api')} {p.get('version') or ''} "
+                         f"{p.get('architecture') or ''} ({p.get('num_threads')} threads)".replace("  ", " ")
+                         for p in pools)
+    else:
+        blas = str(pools)
+    env = ", ".join(f"{k}={v}" for k, v in m["env"].items() if v is not None) or "none set"
+    peaks = results.get("peaks", {})
+    cpu_peak = peaks.get("cpu", {})
+    lines = [
+        f"- **Command**: `{results['command']}`",
+        f"- **When**: {results['created']}; quick mode: {results['config']['quick']}; "
+        f"data: {results['data']}",
+        f"- **CPU**: {cpu['model']} (family {cpu.get('family')}, model {cpu.get('model_id')}), "
+        f"{cpu['usable_cores']} cores usable, {cpu.get('mhz')} MHz, SIMD {', '.join(cpu['simd_flags'])}; "
+        f"memory {(m['memory_bytes'] or 0) / 2**30:.1f} GiB; {m['os']}",
+        f"- **GPUs**: {', '.join(g['name'] for g in m['gpus']) or 'none'}",
+        f"- **Load** (1/5/15-min load average; CPU pressure): start {results['load_start']['loadavg_1_5_15']} "
+        f"({results['load_start']['cpu_pressure']}); end {results['load_end']['loadavg_1_5_15']} "
+        f"({results['load_end']['cpu_pressure']})",
+        f"- **Threads**: {blas}; torch intra-op threads {th.get('torch_num_threads', '–')}; "
+        f"--threads {results['config'].get('threads') or 'library defaults'}",
+        f"- **Environment**: {env}",
+        f"- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+    ]
+    if cpu_peak:
+        lines.append(
+            f"- **Peak fp32**: measured {cpu_peak['size']}x{cpu_peak['size']} NumPy matmul "
+            f"{cpu_peak['best_flop_per_s'] / 1e9:.1f} GFLOP/s best, "
+            f"{cpu_peak['median_flop_per_s'] / 1e9:.1f} median (the '% peak' columns use the best); "
+            f"theoretical {_fmt((cpu['theoretical_peak_fp32_flops'] or 0) / 1e9, '.1f')} GFLOP/s = "
+            f"{cpu['theoretical_peak_assumption']}"
+            + (f"; with --threads {results['config']['threads']}: "
+               f"{results['config']['theoretical_peak_used'] / 1e9:.1f} GFLOP/s"
+               if results["config"].get("threads") and results["config"].get("theoretical_peak_used")
+               else ""))
+    for k, v in peaks.items():
+        if k != "cpu":
+            lines.append(f"- **Peak {k}**: {v['size']}² float32 matmul {v['best_flop_per_s'] / 1e12:.2f} TFLOP/s")
+    return lines
+
+
+def step_table(results, kind, model) -> list[str]:
+    rows = _rows(results, kind, model=model)
+    if not rows:
+        return []
+    rows.sort(key=lambda r: (r["device"], r["batch_size"], r["impl"]))
+    title = "Training step" if kind == "train_step" else "Inference (forward only)"
+    what = ("forward + loss + backward + Nesterov update on one batch" if kind == "train_step"
+            else "forward pass in evaluation mode")
+    out = [f"### {title}: {_model_desc(model)}, {rows[0]['dtype']}", "",
+           f"Time per step ({what}); median of {rows[0]['n']} samples, each the mean of "
+           "`inner` back-to-back calls; IQR = interquartile range; CPU = this process's CPU time "
+           "per call (median). × torch-ref = time / PyTorch eager's time on the same device "
+           "(< 1: faster than PyTorch)."
+           + (" nnx's step is the Trainer's: `model.backward(grad, input_grad=False)` (no input "
+              "gradient for the first layer, like autograd and the plain loop); `+dx0` rows "
+              "(`--with-input-grad`) compute it too." if kind == "train_step" else ""), "",
+           "| device | batch | impl | median ms | IQR ms | CPU ms | samples/s | GFLOP/s | % peak | × torch-ref | extra RSS MiB |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ref = _ref(rows, r)
+        ratio = r["median_s"] / ref if ref else None
+        mem = r.get("memory", {}).get("rss_peak_extra_bytes")
+        frac = r.get("frac_measured_peak")
+        out.append(f"| {r['device']} | {r['batch_size']} | {r['impl']} | {1e3 * r['median_s']:.3f} | "
+                   f"{1e3 * r['iqr_s']:.3f} | {_fmt(1e3 * r['cpu_median_s'] if r.get('cpu_median_s') else None)} | "
+                   f"{r['samples_per_s']:,.0f} | "
+                   f"{_fmt(r['flop_per_s'] / 1e9 if r.get('flop_per_s') else None, '.2f')} | "
+                   f"{_fmt(100 * frac if frac else None, '.1f')} | {_fmt(ratio, '.2f')} | "
+                   f"{_fmt(mem / MIB if mem is not None else None, '.1f')} |")
+    gpu = [r for r in rows if r.get("memory", {}).get("gpu_pool_used_bytes") is not None
+           or r.get("memory", {}).get("gpu_peak_allocated_bytes") is not None]
+    if gpu:
+        out += ["", "GPU memory after warm-up (CuPy pool used / torch peak allocated), MiB: " + ", ".join(
+            f"{r['impl']} bs {r['batch_size']}: "
+            f"{(r['memory'].get('gpu_pool_used_bytes') or r['memory'].get('gpu_peak_allocated_bytes') or 0) / MIB:.1f}"
+            for r in gpu)]
+    return out + [""]
+
+
+def epoch_table(results, model) -> list[str]:
+    rows = _rows(results, "epoch", model=model)
+    if not rows:
+        return []
+    plain = {r["device"]: r["median_s"] for r in rows if r["impl"] == "plain-numpy"}
+    out = [f"### Full training epoch: {_model_desc(model)}, batch {rows[0]['batch_size']}, "
+           f"{rows[0]['train_samples']:,} samples", "",
+           f"Median of {rows[0]['n']} epochs after one warm-up epoch (shuffle, gather, step, "
+           "on-device running loss/accuracy; no evaluation). nnx runs through "
+           "`nnx.trainer.Trainer`, which always skips the first layer's input gradient "
+           "(`--with-input-grad` does not apply here).", "",
+           "| device | impl | median s | min–max s | CPU s | samples/s | GFLOP/s | % peak | × torch-ref | × plain-numpy | extra RSS MiB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["device"], r["median_s"])):
+        ref = _ref(rows, r)
+        p = plain.get(r["device"])
+        mem = r.get("memory", {}).get("rss_peak_extra_bytes")
+        frac = r.get("frac_measured_peak")
+        out.append(f"| {r['device']} | {r['impl']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
+                   f"{_fmt(r.get('cpu_median_s'))} | "
+                   f"{r['samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:.2f} | "
+                   f"{_fmt(100 * frac if frac else None, '.1f')} | "
+                   f"{_fmt(r['median_s'] / ref if ref else None, '.2f')} | "
+                   f"{_fmt(r['median_s'] / p if p else None, '.2f')} | "
+                   f"{_fmt(mem / MIB if mem is not None else None, '.1f')} |")
+    return out + [""]
+
+
+def accuracy_table(results, model) -> list[str]:
+    rows = _rows(results, "time_to_accuracy", model=model)
+    if not rows:
+        return []
+    ths = list(rows[0]["thresholds"])
+    head = "| device | impl | " + " | ".join(f"epochs to {float(t):.0%} | train s to {float(t):.0%}" for t in ths)
+    out = [f"### Time to accuracy: {_model_desc(model)}, CLI defaults (Nesterov lr 0.1, momentum "
+           "0.9, wd 5e-4, cosine over 10 epochs, batch 128, seed 0)", "",
+           "Test accuracy evaluated after every epoch; the clock counts training only "
+           "(evaluation excluded); '–' = not reached within 10 epochs.", "",
+           head + " | final test acc | epochs run |",
+           "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|"]
+    for r in rows:
+        cells = []
+        for t in ths:
+            v = r["thresholds"][t]
+            cells += [str(v["epochs"]) if v else "–", f"{v['train_s']:.2f}" if v else "–"]
+        out.append(f"| {r['device']} | {r['impl']} | " + " | ".join(cells)
+                   + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} |")
+    return out + [""]
+
+
+def layer_table(results) -> list[str]:
+    rows = _rows(results, "layer")
+    if not rows:
+        return []
+    impls = sorted({(r["impl"], r["device"]) for r in rows})
+    out = ["### CNN layers, batch 128, MNIST shapes", "",
+           "Median ms per call. fwd+bwd = training-mode forward then backward with a given "
+           "output gradient (torch: autograd, input requires grad); fwd = evaluation-mode forward.", "",
+           "| layer | mode | " + " | ".join(_label(*k) for k in impls) + " | nnx-numpy / torch-ref |",
+           "|---|---|" + "---:|" * len(impls) + "---:|"]
+    seen = []
+    for r in rows:
+        if (r["layer"], r["mode"]) not in seen:
+            seen.append((r["layer"], r["mode"]))
+    for layer, mode in seen:
+        cell = {(r["impl"], r["device"]): r["median_s"] for r in rows
+                if r["layer"] == layer and r["mode"] == mode}
+        a, b = cell.get(("nnx-numpy", "cpu")), cell.get(("torch-ref", "cpu"))
+        out.append(f"| {layer} | {mode} | " + " | ".join(_fmt(1e3 * cell[k] if k in cell else None)
+                                                       for k in impls)
+                   + f" | {_fmt(a / b if a and b else None, '.2f')} |")
+    return out + [""]
+
+
+def flop_lines(results) -> list[str]:
+    out = ["### FLOP count", "",
+           "Counted: matmuls and convolutions, 2 FLOP per multiply-add. Dense forward 2·N·in·out; "
+           "backward 4·N·in·out (dW = gᵀx and dx = gW); Conv2D forward 2·N·O·Ho·Wo·C·k², "
+           "backward twice that. A training step is 3 × the forward minus the first layer's "
+           "input gradient (as large as that layer's forward), which nnx's Trainer, autograd "
+           "and the plain loop all skip; `+dx0` rows (`--with-input-grad`) are counted with "
+           "it. Element-wise work (bias, ReLU, softmax, batch norm, pooling, the optimizer) is "
+           "not counted (~1% for the MLP)."]
+    for model, f in results.get("flops_per_sample", {}).items():
+        out.append(f"- {model}: forward {f['forward']:,} FLOP per sample, training step "
+                   f"{f['train_step']:,} FLOP per sample"
+                   + (f" ({f['train_step_with_input_grad']:,} with the first layer's input gradient)"
+                      if f.get("train_step_with_input_grad") else ""))
+    return out + [""]
+
+
+def write_markdown(results, path) -> Path:
+    lines = ["# nnx benchmark results", ""] + machine_lines(results) + [""]
+    if results.get("warnings"):
+        lines += ["**Warnings**: " + "; ".join(results["warnings"]), ""]
+    lines += flop_lines(results)
+    for model in results["config"]["models"]:
+        lines += step_table(results, "train_step", model)
+        lines += step_table(results, "inference", model)
+        lines += epoch_table(results, model)
+        lines += accuracy_table(results, model)
+    lines += layer_table(results)
+    skipped = _rows(results, "skipped")
+    if skipped:
+        lines += ["### Skipped", ""] + [f"- {s.get('spec', '')} {s.get('case', '')} "
+                                        f"{s.get('batch_size', '')}: {s['reason']}" for s in skipped] + [""]
+    if results.get("charts"):
+        lines += ["### Charts", ""] + [f"![{c}]({c})" for c in results["charts"]] + [""]
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path
+
+
+# --- charts --------------------------------------------------------------------------------
+_STYLE = {"nnx-numpy": ("tab:blue", "o"), "nnx-torch": ("tab:orange", "s"),
+          "nnx-strict": ("tab:gray", "x"), "nnx-cupy": ("tab:green", "^"),
+          "torch-ref": ("tab:red", "D"), "plain-numpy": ("tab:purple", "v")}
+
+
+def _style(impl, device):
+    base = impl.split("+")[0]  # "nnx-numpy+dx0" (--with-input-grad) keeps nnx-numpy's colour
+    color, marker = _STYLE.get(base, ("black", "."))
+    ls = "--" if str(device).startswith("cuda") else "-"
+    return dict(color=color, marker=marker, linestyle=ls)
+
+
+def _plain_ticks(ax, xs):
+    """Batch sizes as plain numbers on x, plain decimals (not 10^k) on a log y axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def charts(results, out_dir) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    written = []
+    for model in results["config"]["models"]:
+        panels = [(k, _rows(results, k, model=model)) for k in ("train_step", "inference")]
+        if not any(rows for _, rows in panels):
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+        for ax, (kind, rows) in zip(axes, panels):
+            series = {}
+            for r in rows:
+                series.setdefault(_key(r), []).append((r["batch_size"], r["median_s"], r["q1_s"], r["q3_s"]))
+            for (impl, dev), pts in sorted(series.items()):
+                pts.sort()
+                xs = [p[0] for p in pts]
+                ys = [1e3 * p[1] for p in pts]
+                lo = [1e3 * (p[1] - p[2]) for p in pts]
+                hi = [1e3 * (p[3] - p[1]) for p in pts]
+                ax.errorbar(xs, ys, yerr=[lo, hi], label=_label(impl, dev), capsize=3,
+                            **_style(impl, dev))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            _plain_ticks(ax, sorted({r["batch_size"] for r in rows}))
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("time per call (ms, median; bars: IQR)")
+            ax.set_title(("training step" if kind == "train_step" else "inference (forward)")
+                         + f" — {model}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{_model_desc(model)}, {results['config']['dtypes'][0]} — "
+                     f"{results['machine']['cpu']['model']}", fontsize=10)
+        name = f"step_time_{model}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+        # GPU speed-up over the CPU (nnx-numpy on the CPU is the baseline)
+        train = _rows(results, "train_step", model=model)
+        base = {r["batch_size"]: r["median_s"] for r in train
+                if r["impl"] == "nnx-numpy" and r["device"] == "cpu"}
+        gpu = [r for r in train if str(r["device"]).startswith("cuda")]
+        if gpu and base:
+            fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+            series = {}
+            for r in gpu:
+                if r["batch_size"] in base:
+                    series.setdefault(_key(r), []).append((r["batch_size"], base[r["batch_size"]] / r["median_s"]))
+            for (impl, dev), pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=_label(impl, dev),
+                        **_style(impl, dev))
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            _plain_ticks(ax, sorted(base))
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("speed-up over nnx-numpy on the CPU (training step)")
+            ax.set_title(f"GPU speed-up — {model}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            name = f"gpu_speedup_{model}.png"
+            fig.savefig(out_dir / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+
+        ep = _rows(results, "epoch", model=model)
+        if ep:
+            ep.sort(key=lambda r: r["median_s"])
+            fig, ax = plt.subplots(figsize=(7, 0.9 + 0.5 * len(ep)), constrained_layout=True)
+            labels = [_label(r["impl"], r["device"]) for r in ep]
+            med = [r["median_s"] for r in ep]
+            err = [[r["median_s"] - r["min_s"] for r in ep], [r["max_s"] - r["median_s"] for r in ep]]
+            ax.barh(labels, med, xerr=err, capsize=4,
+                    color=[_style(r["impl"], r["device"])["color"] for r in ep])
+            for i, r in enumerate(ep):
+                ax.text(r["max_s"], i, f"  {r['median_s']:.2f} s", va="center", ha="left", fontsize=8)
+            ax.set_xlim(0, max(r["max_s"] for r in ep) * 1.3)
+            ax.invert_yaxis()
+            ax.set_xlabel("seconds per epoch (median; bars: min–max)")
+            ax.set_title(f"MNIST training epoch, batch 128 — {model}", fontsize=10)
+            name = f"epoch_time_{model}.png"
+            fig.savefig(out_dir / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+
+        acc = _rows(results, "time_to_accuracy", model=model)
+        if acc:
+            fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+            for r in acc:
+                h = r["history"]
+                ax.plot([p["train_clock_s"] for p in h], [100 * p["test_acc"] for p in h],
+                        label=_label(r["impl"], r["device"]), **_style(r["impl"], r["device"]))
+            for th in r["thresholds"]:
+                ax.axhline(100 * float(th), color="gray", linewidth=0.8, linestyle=":")
+            ax.set_xlabel("training time (s, evaluation excluded)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(94, 99)
+            ax.set_title(f"Test accuracy vs training time — {model}, CLI defaults", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+            name = f"accuracy_vs_time_{model}.png"
+            fig.savefig(out_dir / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+
+    layers = _rows(results, "layer")
+    if layers:
+        fb = [r for r in layers if r["mode"] == "fwd+bwd"]
+        names = []
+        for r in fb:
+            if r["layer"] not in names:
+                names.append(r["layer"])
+        impls = sorted({_key(r) for r in fb})
+        fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
+        width = 0.8 / max(1, len(impls))
+        for j, k in enumerate(impls):
+            vals = {r["layer"]: r["median_s"] for r in fb if _key(r) == k}
+            ax.bar([i + j * width for i in range(len(names))],
+                   [1e3 * vals.get(n, float("nan")) for n in names], width, label=_label(*k),
+                   color=_style(*k)["color"])
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("ms per forward+backward (median)")
+        ax.set_title("CNN layers at batch 128, MNIST shapes")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        name = "cnn_layers.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def load(path) -> dict:
+    return json.loads(Path(path).read_text())
