@@ -1,6 +1,4 @@
 """CuPy on an NVIDIA GPU through array-api-compat."""
-import numpy as np
-
 from .base import Backend, BackendError
 
 INSTALL_HINT = (

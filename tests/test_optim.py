@@ -1,5 +1,4 @@
 """Optimizers and schedules against closed-form first steps and against torch.optim."""
-import math
 
 import numpy as np
 import pytest
@@ -90,7 +89,6 @@ def test_matches_torch_optim_over_steps(name, rng):
     torch = pytest.importorskip("torch")
     w0 = rng.standard_normal((4, 3))
     grads = [rng.standard_normal((4, 3)) for _ in range(5)]
-    b = nnx.get_backend("numpy")
     p = Parameter("w", w0.copy())
     opt = make_optimizer(name, [p], lr=0.05, momentum=0.8, weight_decay=0.01)
     t = torch.tensor(w0.copy(), requires_grad=True)

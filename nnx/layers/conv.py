@@ -34,6 +34,20 @@ def out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def swept_shape(name: str, input_shape, k: int, s: int, p: int, channels=None, what="kernel"):
+    """(C, Ho, Wo) → validated (Ho, Wo) of a k x k window sweep; ShapeError names the layer."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or (channels is not None and input_shape[0] != channels):
+        want = f"({channels if channels is not None else 'C'}, H, W)"
+        raise ShapeError(f"layer {name}: expects input of shape {want}, but the previous layer "
+                         f"gives shape {input_shape}")
+    ho, wo = out_size(input_shape[1], k, s, p), out_size(input_shape[2], k, s, p)
+    if ho < 1 or wo < 1:
+        raise ShapeError(f"layer {name}: a {k}x{k} {what} with padding {p} does not fit an "
+                         f"input of shape {input_shape}")
+    return ho, wo
+
+
 def pad2d(xp, x, p: int, value: float = 0.0):
     """Pad the last two axes of ``x`` by ``p`` on each side with ``value`` (concat, no pad())."""
     if p == 0:
@@ -105,17 +119,8 @@ class Conv2D(Layer):
         return self.output_shape(input_shape)
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        name = self.name or "Conv2D"
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ShapeError(f"layer {name}: expects input of shape ({self.in_channels}, H, W), "
-                             f"but the previous layer gives shape {input_shape}")
-        _, h, w = input_shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
-        if ho < 1 or wo < 1:
-            raise ShapeError(f"layer {name}: a {k}x{k} kernel with padding {p} does not fit an "
-                             f"input of shape {input_shape}")
+        ho, wo = swept_shape(self.name or "Conv2D", input_shape, self.kernel_size, self.stride,
+                             self.padding, channels=self.in_channels)
         return (self.out_channels, ho, wo)
 
     # --- passes -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..errors import ShapeError
 from .base import Layer
-from .conv import _as_int, add_window, crop2d, out_size, pad2d, set_window, window
+from .conv import _as_int, add_window, crop2d, out_size, pad2d, set_window, swept_shape, window
 
 
 class _Pool2D(Layer):
@@ -40,18 +40,9 @@ class _Pool2D(Layer):
         return out
 
     def output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        name = self.name or type(self).__name__
-        if len(input_shape) != 3:
-            raise ShapeError(f"layer {name}: expects input of shape (C, H, W), but the previous "
-                             f"layer gives shape {input_shape}")
-        c, h, w = input_shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
-        if ho < 1 or wo < 1:
-            raise ShapeError(f"layer {name}: a {k}x{k} window with padding {p} does not fit an "
-                             f"input of shape {input_shape}")
-        return (c, ho, wo)
+        ho, wo = swept_shape(self.name or type(self).__name__, input_shape, self.kernel_size,
+                             self.stride, self.padding, what="window")
+        return (tuple(input_shape)[0], ho, wo)
 
     def _check(self, x):
         if tuple(x.shape[1:]) != self.in_shape:
