@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import nnx
 from nnx.layers import Parameter
 from nnx.optim import SGD, Adam, AdamW, Momentum, Nesterov, clip_grad_norm, make_optimizer
 from nnx.schedules import make_schedule
