@@ -29,4 +29,8 @@ class NumpyBackend(Backend):
             blas = "BLAS"
         import os
 
-        return f"numpy {np.__version__} on CPU ({os.cpu_count()} cores, {blas})"
+        try:
+            ram = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+        except (ValueError, OSError, AttributeError):  # not available on every OS
+            ram = ""
+        return f"numpy {np.__version__} on CPU ({os.cpu_count()} cores{ram}, {blas})"
