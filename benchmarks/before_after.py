@@ -148,7 +148,6 @@ def main(argv=None) -> int:
     from .machine import load_snapshot
     from nnx.backends import get_backend
     from nnx.data import make_splits
-    from nnx.optim import make_optimizer  # noqa: F401  (import check)
     from nnx.schedules import make_schedule
     from nnx.trainer import Trainer
 
@@ -222,8 +221,9 @@ def main(argv=None) -> int:
                   f"CPU {c['median_s']:.3f})  {s['median_s'] / b0:5.2f}x before")
     out["load_end"] = load_snapshot()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        from nnx.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
     return 0
 
 

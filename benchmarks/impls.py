@@ -105,14 +105,13 @@ def forward_flops(model, batch: int) -> int:
     the total."""
     from nnx.layers import Conv2D, Dense
 
-    total, shape = 0, model.input_shape
+    total = 0
     for layer, out in zip(model.layers, model.shapes):
         if isinstance(layer, Dense):
             total += 2 * batch * layer.in_features * layer.out_features
         elif isinstance(layer, Conv2D):
             o, ho, wo = out
             total += 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
-        shape = out
     return total
 
 

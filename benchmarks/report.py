@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from nnx.checkpoint import atomic_write_bytes
 
 MIB = 2.0 ** 20
 
@@ -66,7 +69,7 @@ def machine_lines(results) -> list[str]:
         f"- **Threads**: {blas}; torch intra-op threads {th.get('torch_num_threads', '–')}; "
         f"--threads {results['config'].get('threads') or 'library defaults'}",
         f"- **Environment**: {env}",
-        f"- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
     ]
     if cpu_peak:
         lines.append(
@@ -233,7 +236,7 @@ def write_markdown(results, path) -> Path:
     if results.get("charts"):
         lines += ["### Charts", ""] + [f"![{c}]({c})" for c in results["charts"]] + [""]
     path = Path(path)
-    path.write_text("\n".join(lines))
+    atomic_write_bytes(path, "\n".join(lines).encode())
     return path
 
 
@@ -270,6 +273,15 @@ def charts(results, out_dir) -> list[str]:
 
     out_dir = Path(out_dir)
     written = []
+
+    def save(fig, name):
+        """Write the chart atomically (temp file, then rename) and close it."""
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, out_dir / name)
+        written.append(name)
+
     for model in results["config"]["models"]:
         panels = [(k, _rows(results, k, model=model)) for k in ("train_step", "inference")]
         if not any(rows for _, rows in panels):
@@ -298,10 +310,7 @@ def charts(results, out_dir) -> list[str]:
             ax.legend(fontsize=8)
         fig.suptitle(f"{_model_desc(model)}, {results['config']['dtypes'][0]} — "
                      f"{results['machine']['cpu']['model']}", fontsize=10)
-        name = f"step_time_{model}.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        save(fig, f"step_time_{model}.png")
 
         # GPU speed-up over the CPU (nnx-numpy on the CPU is the baseline)
         train = _rows(results, "train_step", model=model)
@@ -327,10 +336,7 @@ def charts(results, out_dir) -> list[str]:
             ax.set_title(f"GPU speed-up — {model}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-            name = f"gpu_speedup_{model}.png"
-            fig.savefig(out_dir / name, dpi=110)
-            plt.close(fig)
-            written.append(name)
+            save(fig, f"gpu_speedup_{model}.png")
 
         ep = _rows(results, "epoch", model=model)
         if ep:
@@ -347,10 +353,7 @@ def charts(results, out_dir) -> list[str]:
             ax.invert_yaxis()
             ax.set_xlabel("seconds per epoch (median; bars: min–max)")
             ax.set_title(f"MNIST training epoch, batch 128 — {model}", fontsize=10)
-            name = f"epoch_time_{model}.png"
-            fig.savefig(out_dir / name, dpi=110)
-            plt.close(fig)
-            written.append(name)
+            save(fig, f"epoch_time_{model}.png")
 
         acc = _rows(results, "time_to_accuracy", model=model)
         if acc:
@@ -367,10 +370,7 @@ def charts(results, out_dir) -> list[str]:
             ax.set_title(f"Test accuracy vs training time — {model}, CLI defaults", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
-            name = f"accuracy_vs_time_{model}.png"
-            fig.savefig(out_dir / name, dpi=110)
-            plt.close(fig)
-            written.append(name)
+            save(fig, f"accuracy_vs_time_{model}.png")
 
     layers = _rows(results, "layer")
     if layers:
@@ -399,10 +399,7 @@ def charts(results, out_dir) -> list[str]:
         ax.set_title("CNN layers at batch 128, MNIST shapes")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        name = "cnn_layers.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        save(fig, "cnn_layers.png")
     return written
 
 
