@@ -225,12 +225,14 @@ def test_cli_help_explains_options(capsys):
         assert option in out
 
 
-def test_cli_unknown_device_is_one_clear_error(capsys):
-    code = run_cli(["--device", "cuda", "--backend", "cupy", "--quiet"])
+def test_cli_unusable_gpu_is_one_clear_error(capsys):
+    """cuda:99 exists nowhere: without CuPy the error says what to install, with CuPy it says
+    how many GPUs are visible; either way one line and exit code 2, never a traceback."""
+    code = run_cli(["--device", "cuda:99", "--backend", "cupy", "--quiet"])
     err = capsys.readouterr().err
-    if code == 2:
-        assert "CuPy" in err or "GPU" in err
-        assert "Traceback" not in err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "pip install 'nnx[cuda12]'" in err or "CUDA device(s) visible" in err
 
 
 needs_mnist = pytest.mark.skipif(shared_mnist_dir() is None,
