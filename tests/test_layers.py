@@ -149,6 +149,19 @@ def test_relu_gradient_is_zero_at_zero(backend):
     np.testing.assert_array_equal(host(backend, dx), [[0.0, 0.0, 1.0]])
 
 
+def test_relu_reused_zeros_follow_shape_and_dtype(backend):
+    """ReLU keeps a zeros array between calls; a new batch size or dtype must not reuse it,
+    and the output must never alias it (−inf → 0 and NaN → NaN as in torch)."""
+    layer, _ = build(ReLU(), backend, (3,))
+    rows = [[-np.inf, np.nan, 2.0], [-1.0, 0.0, np.inf]]
+    for n, dt in ((2, "float64"), (1, "float64"), (2, "float32"), (2, "float64")):
+        x = arr(backend, np.array(rows[:n]), backend.dtype(dt))
+        for train in (True, False):
+            y = layer.forward(x, train)
+            assert y.dtype == backend.dtype(dt) and tuple(y.shape) == (n, 3)
+            np.testing.assert_array_equal(host(backend, y), np.maximum(np.array(rows[:n]), 0.0))
+    np.testing.assert_array_equal(host(backend, layer._zeros), np.zeros((2, 3)))  # never written
+
 def test_softmax_layer_rows_sum_to_one_and_stable(backend, rng):
     layer, _ = build(Softmax(), backend, (4,))
     z_np = np.vstack([rng.standard_normal((3, 4)), [[1e4, -1e4, 0.0, 1e4]]])

@@ -8,9 +8,13 @@ class ReLU(Layer):
     """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch).
 
     Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (on NumPy a
-    multiply is ~8x faster than ``where`` with a zeros array, and needs no zeros array).
-    ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does.
+    multiply is ~8x faster than ``where`` with a zeros array).
+    ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does. Its
+    second operand is a zeros array of x's shape, kept between calls: NumPy, torch and
+    array-api-strict take a slow broadcasting path for ``maximum(x, 0.0)`` (2-3x the time).
     """
+
+    _zeros = None
 
     def forward(self, x, train=False):
         xp = self.xp
@@ -18,7 +22,11 @@ class ReLU(Layer):
             self.mask, self.x = xp.astype(x > 0, x.dtype), None
         else:  # inference: no mask, unless someone back-propagates anyway (gradcheck)
             self.mask, self.x = None, x
-        return xp.maximum(x, 0.0)
+        zeros = self._zeros
+        if (zeros is None or zeros.shape != x.shape or zeros.dtype != x.dtype
+                or zeros.device != x.device):
+            zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
+        return xp.maximum(x, zeros)
 
     def backward(self, grad):
         mask = self.mask
