@@ -146,6 +146,31 @@ def test_plain_numpy_loop_matches_nnx():
         np.testing.assert_allclose(plain.net.b[i], after[f"{2 * i}.bias"], rtol=1e-10, atol=1e-12)
 
 
+def test_floor_numpy_loop_matches_nnx():
+    """benchmarks.numpy_floor's fastest loop (flat parameters, out= buffers) does nnx's
+    arithmetic: same loss, same accuracy count and same parameters after two steps, and its
+    flat buffer really is what the layer views show."""
+    x, y = _batch("mlp", n=16, seed=1)
+    nnx_r, state = _nnx_runner("mlp")
+    floor = impls.FloorNumpyMLP(state, "float64")
+    nnx_r.load_batches([(x, y)])
+    for lr in (impls.LR, 0.03):
+        logits = nnx_r.model.forward(nnx_r.backend.from_numpy(x))
+        expected_correct = int(np.count_nonzero(np.argmax(logits, axis=1) == y))
+        loss, correct = floor.step(x, y, lr=lr)
+        ref = nnx_r.model.forward(nnx_r.backend.from_numpy(x), train=True)
+        ref_loss = nnx_r.loss.forward(ref, nnx_r.backend.from_numpy(y))
+        nnx_r.model.backward(nnx_r.loss.backward(), input_grad=False)
+        nnx_r.opt.step(lr)
+        assert math.isclose(loss, float(ref_loss), rel_tol=1e-12)
+        assert correct == expected_correct
+    after = nnx_r.model.state_dict()
+    for i in range(3):
+        np.testing.assert_allclose(floor.W[i], after[f"{2 * i}.weight"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(floor.b[i], after[f"{2 * i}.bias"], rtol=1e-10, atol=1e-12)
+        assert np.shares_memory(floor.W[i], floor.p) and np.shares_memory(floor.b[i], floor.p)
+    assert not np.allclose(floor.W[0], state["0.weight"])  # it did train
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_with_input_grad_changes_no_parameter(kind):
     """The default step skips the first layer's dx as the Trainer does; ``--with-input-grad``
