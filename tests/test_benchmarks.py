@@ -234,3 +234,28 @@ def test_epoch_runners_share_batches_and_learn():
     after = nnx_e.model.state_dict()
     np.testing.assert_allclose(plain.net.W[0], after["0.weight"], rtol=1e-8, atol=1e-10)
     assert 0.0 <= nnx_e.test_accuracy() <= 1.0 and 0.0 <= plain.test_accuracy() <= 1.0
+
+
+def test_numpy_floor_tool_runs_and_writes_json(tmp_path, capsys):
+    """``python -m benchmarks.numpy_floor`` (tiny settings): every row present, the loops that
+    train end where nnx ends, and the JSON has every sample."""
+    from conftest import shared_mnist_dir
+
+    data_dir = shared_mnist_dir()
+    if data_dir is None:
+        pytest.skip("MNIST not found: set NNX_DATA_DIR to the folder with the four IDX files")
+    from benchmarks.numpy_floor import main
+
+    out = tmp_path / "floor.json"
+    assert main(["--epochs", "1", "--step-repeats", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    impls_ = {"nnx-numpy", "plain-numpy", "floor-numpy", "gather+matmuls"}
+    assert impls_ <= set(res["epochs"])
+    assert {"nnx-numpy", "plain-numpy", "floor-numpy", "matmuls"} <= set(res["steps"])
+    for k in impls_:
+        assert len(res["epochs"][k]["samples"]) == 1 and res["epochs"][k]["median_s"] > 0
+    nnx_acc = res["epochs"]["nnx-numpy"]["last_train_acc"]
+    assert 0.85 < nnx_acc < 1.0  # one epoch of the default MLP
+    assert abs(res["epochs"]["floor-numpy"]["last_train_acc"] - nnx_acc) < 0.005
+    assert "full epoch" in capsys.readouterr().out
