@@ -137,7 +137,7 @@ class Conv2D(Layer):
         w2 = xp.reshape(xp.permute_dims(self.weight.value, (0, 2, 3, 1)), (o, k * k * c))
         y = w2 @ cols                                                  # (O, N·L)
         if self.use_bias:
-            y = y + xp.reshape(self.bias.value, (o, 1))
+            y += xp.reshape(self.bias.value, (o, 1))  # in place: y is the matmul's fresh output
         self.cols, self.w2, self.xshape = cols, w2, (n, c, h, w)
         return xp.permute_dims(xp.reshape(y, (o, n, ho, wo)), (1, 0, 2, 3))
 
