@@ -150,8 +150,9 @@ def test_relu_gradient_is_zero_at_zero(backend):
 
 
 def test_relu_reused_zeros_follow_shape_and_dtype(backend):
-    """ReLU keeps a zeros array between calls; a new batch size or dtype must not reuse it,
-    and the output must never alias it (−inf → 0 and NaN → NaN as in torch)."""
+    """Training ReLU keeps a zeros array between steps; a new batch size or dtype must not
+    reuse it, the output must never alias it (−inf → 0 and NaN → NaN as in torch), and
+    inference keeps none."""
     layer, _ = build(ReLU(), backend, (3,))
     rows = [[-np.inf, np.nan, 2.0], [-1.0, 0.0, np.inf]]
     for n, dt in ((2, "float64"), (1, "float64"), (2, "float32"), (2, "float64")):
@@ -160,7 +161,26 @@ def test_relu_reused_zeros_follow_shape_and_dtype(backend):
             y = layer.forward(x, train)
             assert y.dtype == backend.dtype(dt) and tuple(y.shape) == (n, 3)
             np.testing.assert_array_equal(host(backend, y), np.maximum(np.array(rows[:n]), 0.0))
-    np.testing.assert_array_equal(host(backend, layer._zeros), np.zeros((2, 3)))  # never written
+            y += 1.0  # callers may change the output in place: the kept zeros must not follow
+    np.testing.assert_array_equal(host(backend, layer._zeros), np.zeros((2, 3)))
+    layer._zeros = None
+    layer.forward(arr(backend, np.ones((4, 3)), backend.float64), train=False)
+    assert layer._zeros is None
+
+
+def test_relu_kept_zeros_follow_the_device():
+    """The same ReLU fed arrays from two array-api-strict devices (mixing devices raises
+    there): the kept zeros must move with the input."""
+    strict = pytest.importorskip("array_api_strict")
+    layer = ReLU()
+    layer.xp = strict
+    other = strict.Device("device1")
+    for device in (strict.Device("CPU_DEVICE"), other, other):
+        x = strict.asarray([[-1.0, 2.0]], device=device)
+        y = layer.forward(x, train=True)
+        assert y.device == device and layer._zeros.device == device
+        np.testing.assert_array_equal(np.asarray(y.to_device(strict.Device("CPU_DEVICE"))), [[0.0, 2.0]])
+
 
 def test_softmax_layer_rows_sum_to_one_and_stable(backend, rng):
     layer, _ = build(Softmax(), backend, (4,))

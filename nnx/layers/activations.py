@@ -10,8 +10,10 @@ class ReLU(Layer):
     Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (on NumPy a
     multiply is ~8x faster than ``where`` with a zeros array).
     ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does. Its
-    second operand is a zeros array of x's shape, kept between calls: NumPy, torch and
-    array-api-strict take a slow broadcasting path for ``maximum(x, 0.0)`` (2-3x the time).
+    second operand is a zeros array of x's shape: NumPy, torch and array-api-strict take a
+    slow broadcasting path for ``maximum(x, 0.0)`` (2-3x the time). Training keeps that
+    array between steps (one batch shape); inference makes a temporary one, so evaluating
+    big batches leaves no memory behind.
     """
 
     _zeros = None
@@ -20,12 +22,13 @@ class ReLU(Layer):
         xp = self.xp
         if train:
             self.mask, self.x = xp.astype(x > 0, x.dtype), None
+            zeros = self._zeros
+            if (zeros is None or zeros.shape != x.shape or zeros.dtype != x.dtype
+                    or zeros.device != x.device):
+                zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
         else:  # inference: no mask, unless someone back-propagates anyway (gradcheck)
             self.mask, self.x = None, x
-        zeros = self._zeros
-        if (zeros is None or zeros.shape != x.shape or zeros.dtype != x.dtype
-                or zeros.device != x.device):
-            zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
+            zeros = xp.zeros_like(x)
         return xp.maximum(x, zeros)
 
     def backward(self, grad):
