@@ -116,7 +116,35 @@ def library_versions() -> dict:
     from nnx import __version__
 
     out["nnx"] = __version__
+    commit = nnx_commit()
+    if commit:
+        out["nnx_commit"] = commit
     return out
+
+
+def nnx_commit() -> str | None:
+    """The git commit nnx runs from ("<sha>", "+dirty" when tracked files differ), or None
+    outside a git checkout: results then name the exact code they measured."""
+    import subprocess
+    from pathlib import Path
+
+    import nnx
+
+    repo = Path(nnx.__file__).resolve().parents[1]
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "nnx/__init__.py"], cwd=repo,
+                                 capture_output=True, text=True, timeout=10)
+        if tracked.returncode != 0:  # not a checkout of nnx (an installed copy, say)
+            return None
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def thread_info() -> dict:

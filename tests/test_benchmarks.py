@@ -259,3 +259,18 @@ def test_numpy_floor_tool_runs_and_writes_json(tmp_path, capsys):
     assert 0.85 < nnx_acc < 1.0  # one epoch of the default MLP
     assert abs(res["epochs"]["floor-numpy"]["last_train_acc"] - nnx_acc) < 0.005
     assert "full epoch" in capsys.readouterr().out
+
+
+def test_results_name_the_commit_they_measured():
+    import re
+    import shutil
+    from pathlib import Path
+
+    from benchmarks.machine import library_versions, nnx_commit
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    commit = nnx_commit()
+    assert commit is not None and re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit)
+    assert library_versions()["nnx_commit"] == commit
