@@ -67,8 +67,10 @@ class MaxPool2D(_Pool2D):
     Forward is k·k − 1 element-wise ``maximum`` calls over the strided window slices.
     Backward walks the offsets in row-major order carrying the not-yet-routed gradient
     ``rest``: the first offset that equals the window's max takes all of it (later ties then
-    see zero); each offset's share is added into its strided slice of a zero buffer
-    (col2im). When the windows do not overlap (s ≥ k) each slice is simply assigned.
+    see zero), and the last offset takes whatever is left (a window whose max is NaN routes
+    its gradient there); each offset's share is added into its strided slice of a zero
+    buffer (col2im). When the windows do not overlap (s ≥ k) each slice is simply assigned,
+    and when they tile the input exactly the buffer needs no zero fill.
     """
 
     def forward(self, x, train=False):
@@ -92,15 +94,21 @@ class MaxPool2D(_Pool2D):
         k, s, p = self.kernel_size, self.stride, self.padding
         ho, wo = grad.shape[2], grad.shape[3]
         xpad, out = self.xpad, self.out
-        dx = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=grad.dtype, device=grad.device)
+        hp, wp = h + 2 * p, w + 2 * p
+        # windows that tile the (padded) input exactly write every element once: no zero fill
+        tiled = s == k and hp == s * ho and wp == s * wo
+        make = xp.empty if tiled else xp.zeros
+        dx = make((n, c, hp, wp), dtype=grad.dtype, device=grad.device)
         rest = grad  # gradient of the windows whose first maximum is not found yet
         last = k * k - 1
         for i in range(k):
             for j in range(k):
-                hit = xp.astype(window(xpad, i, j, s, ho, wo) == out, grad.dtype)
-                share = rest * hit  # (a multiply is ~6x faster than where() on NumPy)
                 if i * k + j < last:
+                    hit = xp.astype(window(xpad, i, j, s, ho, wo) == out, grad.dtype)
+                    share = rest * hit  # (a multiply is ~6x faster than where() on NumPy)
                     rest = rest - share  # exact: share is either rest or 0
+                else:  # no earlier offset held the max, so the last one does: it takes the rest
+                    share = rest
                 if s >= k:  # disjoint windows: every element belongs to one window at most
                     set_window(dx, i, j, s, ho, wo, share)
                 else:
