@@ -43,7 +43,7 @@ def _key(r) -> str:
 
 
 def _flop_fields(flops, median_s, device, peaks, theoretical):
-    rate = flops / median_s if median_s else None
+    rate = flops / median_s if flops and median_s else None  # None: nothing counted (element-wise)
     peak = peak_for(peaks, device)
     out = {"flops": flops, "flop_per_s": rate, "measured_peak_flop_per_s": peak,
            "frac_measured_peak": rate / peak if rate and peak else None}
@@ -167,8 +167,7 @@ def epoch_cases(model, specs, data, cfg, peaks, log=print) -> list[dict]:
         s = summarize(samples[_key(r)])
         n = r.n_train
         steps = -(-n // impls.BATCH)
-        flops = sum(impls.train_step_flops(flops_model, min(impls.BATCH, n - k * impls.BATCH))
-                    for k in range(steps))
+        flops = impls.epoch_flops(flops_model, n)
         row = {"kind": "epoch", "model": model, "impl": r.impl, "backend": r.backend_name,
                "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
                "train_samples": n, "steps": steps, "samples": samples[_key(r)], **s,
@@ -181,11 +180,15 @@ def epoch_cases(model, specs, data, cfg, peaks, log=print) -> list[dict]:
     return rows
 
 
-def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) -> list[dict]:
+def accuracy_cases(model, specs, data, cfg, peaks=None, thresholds=(0.97, 0.98),
+                   log=print) -> list[dict]:
     """Train with the CLI defaults (10-epoch cosine), evaluate test accuracy after each epoch
     (evaluation time excluded from the training clock), stop once every threshold is reached
-    or after 10 epochs."""
+    or after 10 epochs. Samples/s, FLOP/s and % of peak are over the whole training clock."""
+    from nnx.backends import get_backend
+
     state = impls.reference_state(model, cfg.dtype)
+    flops_model = impls.build_nnx(model, get_backend("numpy", "cpu"), cfg.dtype)
     rows = []
     for spec in specs:
         if spec.kind == "nnx" and spec.backend == "strict":
@@ -219,11 +222,16 @@ def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) 
                 f"test acc {100 * acc:.2f}%")
             if len(reached) == len(thresholds):
                 break
-        rows.append({"kind": "time_to_accuracy", "model": model, "impl": r.impl,
-                     "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
-                     "history": history, "final_test_acc": history[-1]["test_acc"],
-                     "thresholds": {f"{th:.2f}": reached.get(th) for th in thresholds},
-                     "load": [load0, load_snapshot()]})
+        row = {"kind": "time_to_accuracy", "model": model, "impl": r.impl,
+               "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
+               "history": history, "final_test_acc": history[-1]["test_acc"],
+               "thresholds": {f"{th:.2f}": reached.get(th) for th in thresholds},
+               "epochs_run": len(history), "train_clock_s": train_clock,
+               "samples_per_s": len(history) * r.n_train / train_clock,
+               "load": [load0, load_snapshot()]}
+        row.update(_flop_fields(len(history) * impls.epoch_flops(flops_model, r.n_train),
+                                train_clock, r.device, peaks or {}, cfg.theoretical_peak))
+        rows.append(row)
     return rows
 
 
@@ -245,7 +253,15 @@ def _cnn_layer_table():
     ]
 
 
-def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
+def _layer_forward_flops(layer, shape, batch):
+    """Forward FLOPs of a fresh nnx layer, built on NumPy to learn its output shape."""
+    from nnx.backends import get_backend
+
+    b = get_backend("numpy", "cpu")
+    return impls.layer_flops(layer, layer.build(b, b.float32, b.host_rng(0), shape), batch)
+
+
+def layer_cases(specs, cfg, batch=128, peaks=None, log=print) -> list[dict]:
     """Single CNN layers at MNIST shapes: forward+backward (training mode) and forward
     (inference), nnx on each CPU/GPU backend vs the torch layer with autograd."""
     import numpy as np
@@ -259,6 +275,7 @@ def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
     for name, shape, make_nnx, make_torch in _cnn_layer_table():
         x_np = rng.standard_normal((batch, *shape)).astype(cfg.dtype)
         cases, meta = {}, {}
+        flops_fwd = _layer_forward_flops(make_nnx(), shape, batch)
         for spec in specs:
             if spec.kind == "plain-numpy":
                 continue
@@ -309,8 +326,12 @@ def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
         res = measure_interleaved(cases, warmup=cfg.warmup, repeats=cfg.repeats, min_time=cfg.min_time)
         for (mode, key), s in res.items():
             impl, dev = key.split("@")
-            rows.append({"kind": "layer", "model": "cnn", "layer": name, "mode": mode, "impl": impl,
-                         "device": dev, "dtype": cfg.dtype, "batch_size": batch,
-                         "input_shape": [batch, *shape], **s})
+            row = {"kind": "layer", "model": "cnn", "layer": name, "mode": mode, "impl": impl,
+                   "device": dev, "dtype": cfg.dtype, "batch_size": batch,
+                   "input_shape": [batch, *shape], **s, "samples_per_s": batch / s["median_s"]}
+            # forward + backward with the input gradient: 3 × the forward (0 for element-wise layers)
+            flops = flops_fwd * (3 if mode == "fwd+bwd" else 1)
+            row.update(_flop_fields(flops, s["median_s"], dev, peaks or {}, cfg.theoretical_peak))
+            rows.append(row)
             log(f"  layer {name:<22} {mode:<8} {impl:<12} {dev:<6} {1e3 * s['median_s']:9.3f} ms")
     return rows

@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                 rows += cases.step_cases(model, bss, specs, data, cfg, peaks, log)
             if model == "cnn" and not cfg.skip_layers:
                 rows += cases.layer_cases([s for s in specs if s.kind != "plain-numpy"], cfg,
-                                          batch=cfg.cnn_batch_sizes[0], log=log)
+                                          batch=cfg.cnn_batch_sizes[0], peaks=peaks, log=log)
             if not cfg.skip_epoch:
                 if model == "cnn" and not cfg.quick:
                     log("  cnn epoch skipped: minutes per epoch on a CPU (use --quick to smoke-test it)")
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                     rows.append({"kind": "skipped", "model": model, "case": "accuracy",
                                  "reason": "time-to-accuracy is measured for the MLP only"})
                 else:
-                    rows += cases.accuracy_cases(model, specs, data, cfg, log=log)
+                    rows += cases.accuracy_cases(model, specs, data, cfg, peaks, log=log)
 
     results = {
         "schema": 1,

@@ -98,21 +98,25 @@ def load_torch_state(net, state: dict, device, dtype: str = "float32"):
 
 
 # --- FLOPs -------------------------------------------------------------------------------
+def layer_flops(layer, out_shape, batch: int) -> int:
+    """Forward FLOPs of one layer: Dense 2·N·in·out; Conv2D 2·N·O·Ho·Wo·C·k²; 0 for the
+    element-wise layers (ReLU, batch norm, pooling, ...), which are not counted."""
+    from nnx.layers import Conv2D, Dense
+
+    if isinstance(layer, Dense):
+        return 2 * batch * layer.in_features * layer.out_features
+    if isinstance(layer, Conv2D):
+        o, ho, wo = out_shape
+        return 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
+    return 0
+
+
 def forward_flops(model, batch: int) -> int:
     """Multiply-add FLOPs of one forward pass (matmuls and convolutions only, 2 per MAC):
     Dense 2·N·in·out; Conv2D 2·N·O·Ho·Wo·C·k². Element-wise work (ReLU, bias, softmax,
     batch norm, pooling, the optimizer) is not counted: for the default MLP it is ~1% of
     the total."""
-    from nnx.layers import Conv2D, Dense
-
-    total = 0
-    for layer, out in zip(model.layers, model.shapes):
-        if isinstance(layer, Dense):
-            total += 2 * batch * layer.in_features * layer.out_features
-        elif isinstance(layer, Conv2D):
-            o, ho, wo = out
-            total += 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
-    return total
+    return sum(layer_flops(layer, out, batch) for layer, out in zip(model.layers, model.shapes))
 
 
 def train_step_flops(model, batch: int, input_grad: bool = False) -> int:
@@ -128,16 +132,19 @@ def train_step_flops(model, batch: int, input_grad: bool = False) -> int:
     return total
 
 
+def epoch_flops(model, n_train: int, batch: int = BATCH) -> int:
+    """Training FLOPs of one epoch of ``n_train`` samples in batches of ``batch`` (the last
+    one smaller)."""
+    steps = -(-n_train // batch)
+    return sum(train_step_flops(model, min(batch, n_train - k * batch)) for k in range(steps))
+
+
 def _first_layer_flops(model, batch: int) -> int:
     """Forward FLOPs of the first Dense/Conv2D (= those of its input gradient)."""
-    from nnx.layers import Conv2D, Dense
-
     for layer, out in zip(model.layers, model.shapes):
-        if isinstance(layer, Dense):
-            return 2 * batch * layer.in_features * layer.out_features
-        if isinstance(layer, Conv2D):
-            o, ho, wo = out
-            return 2 * batch * o * ho * wo * layer.in_channels * layer.kernel_size ** 2
+        f = layer_flops(layer, out, batch)
+        if f:
+            return f
     return 0
 
 

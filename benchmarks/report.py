@@ -164,16 +164,20 @@ def accuracy_table(results, model) -> list[str]:
     out = [f"### Time to accuracy: {_model_desc(model)}, CLI defaults (Nesterov lr 0.1, momentum "
            "0.9, wd 5e-4, cosine over 10 epochs, batch 128, seed 0)", "",
            "Test accuracy evaluated after every epoch; the clock counts training only "
-           "(evaluation excluded); '–' = not reached within 10 epochs.", "",
-           head + " | final test acc | epochs run |",
-           "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|"]
+           "(evaluation excluded); '–' = not reached within 10 epochs. Samples/s, GFLOP/s and "
+           "% peak: over all epochs run, on the training clock.", "",
+           head + " | final test acc | epochs run | samples/s | GFLOP/s | % peak |",
+           "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = []
         for t in ths:
             v = r["thresholds"][t]
             cells += [str(v["epochs"]) if v else "–", f"{v['train_s']:.2f}" if v else "–"]
+        rate, frac = r.get("flop_per_s"), r.get("frac_measured_peak")
         out.append(f"| {r['device']} | {r['impl']} | " + " | ".join(cells)
-                   + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} |")
+                   + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} | "
+                   f"{_fmt(r.get('samples_per_s'), ',.0f')} | {_fmt(rate / 1e9 if rate else None, '.2f')} | "
+                   f"{_fmt(100 * frac if frac else None, '.1f')} |")
     return out + [""]
 
 
@@ -184,7 +188,9 @@ def layer_table(results) -> list[str]:
     impls = sorted({(r["impl"], r["device"]) for r in rows})
     out = ["### CNN layers, batch 128, MNIST shapes", "",
            "Median ms per call. fwd+bwd = training-mode forward then backward with a given "
-           "output gradient (torch: autograd, input requires grad); fwd = evaluation-mode forward.", "",
+           "output gradient (torch: autograd, input requires grad); fwd = evaluation-mode forward. "
+           "Each row's samples/s, FLOP/s and % of peak are in results.json (conv and Dense "
+           "count 2 FLOP per multiply-add, fwd+bwd = 3 × fwd; the element-wise layers count 0).", "",
            "| layer | mode | " + " | ".join(_label(*k) for k in impls) + " | nnx-numpy / torch-ref |",
            "|---|---|" + "---:|" * len(impls) + "---:|"]
     seen = []

@@ -274,3 +274,30 @@ def test_results_name_the_commit_they_measured():
     commit = nnx_commit()
     assert commit is not None and re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit)
     assert library_versions()["nnx_commit"] == commit
+
+
+def test_accuracy_and_layer_rows_carry_rates(tmp_path):
+    """Time-to-accuracy and CNN-layer results carry samples/s, FLOP/s and % of peak like the
+    step and epoch rows; FLOPs follow the stated count (conv/Dense only, fwd+bwd = 3 × fwd)."""
+    pytest.importorskip("torch")
+    from benchmarks.cli import main
+
+    assert main(["--quick", "--backends", "numpy", "--refs", "torch", "--models", "mlp,cnn",
+                 "--skip-steps", "--skip-epoch", "--repeats", "2", "--threads", "1",
+                 "--no-charts", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    acc = [c for c in res["cases"] if c["kind"] == "time_to_accuracy"]
+    assert {c["impl"] for c in acc} == {"nnx-numpy", "torch-ref"}
+    for c in acc:
+        assert c["samples_per_s"] > 0 and c["flop_per_s"] > 0 and 0 < c["frac_measured_peak"]
+        assert math.isclose(c["flop_per_s"] * c["train_clock_s"], c["flops"], rel_tol=1e-12)
+    layers = {(c["layer"], c["mode"], c["impl"]): c for c in res["cases"] if c["kind"] == "layer"}
+    n = 8  # --quick's CNN batch
+    conv2 = layers[("conv 32→64 k3 p1", "fwd", "nnx-numpy")]
+    assert conv2["flops"] == 2 * n * 64 * 14 * 14 * 32 * 9 and conv2["flop_per_s"] > 0
+    assert layers[("conv 32→64 k3 p1", "fwd+bwd", "torch-ref")]["flops"] == 3 * conv2["flops"]
+    assert layers[("dense 3136→128", "fwd", "torch-ref")]["flops"] == 2 * n * 3136 * 128
+    bn = layers[("batchnorm 32", "fwd+bwd", "nnx-numpy")]
+    assert bn["flops"] == 0 and bn["flop_per_s"] is None and bn["samples_per_s"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| final test acc | epochs run | samples/s | GFLOP/s | % peak |" in md
