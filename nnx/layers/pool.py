@@ -97,8 +97,11 @@ class MaxPool2D(_Pool2D):
         hp, wp = h + 2 * p, w + 2 * p
         # windows that tile the (padded) input exactly write every element once: no zero fill
         tiled = s == k and hp == s * ho and wp == s * wo
-        make = xp.empty if tiled else xp.zeros
-        dx = make((n, c, hp, wp), dtype=grad.dtype, device=grad.device)
+        if p == 0:  # *_like: dx gets x's memory layout (NumPy keeps it), so the element-wise
+            # backward of the layers below mixes no layouts (a conv's output is channel-major)
+            dx = (xp.empty_like if tiled else xp.zeros_like)(xpad)
+        else:
+            dx = (xp.empty if tiled else xp.zeros)((n, c, hp, wp), dtype=grad.dtype, device=grad.device)
         rest = grad  # gradient of the windows whose first maximum is not found yet
         last = k * k - 1
         for i in range(k):
