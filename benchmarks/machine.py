@@ -123,8 +123,9 @@ def library_versions() -> dict:
 
 
 def nnx_commit() -> str | None:
-    """The git commit nnx runs from ("<sha>", "+dirty" when tracked files differ), or None
-    outside a git checkout: results then name the exact code they measured."""
+    """The git commit nnx runs from ("<sha>", "+dirty" when tracked files outside
+    benchmarks/results differ), or None outside a git checkout: results then name the exact
+    code they measured."""
     import subprocess
     from pathlib import Path
 
@@ -140,7 +141,9 @@ def nnx_commit() -> str | None:
                              text=True, timeout=10)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        # results folders are rewritten by the runs themselves: they do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=repo,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
