@@ -224,10 +224,43 @@ def flop_lines(results) -> list[str]:
     return out + [""]
 
 
+#: a timed row whose interquartile range exceeds this fraction of its median is called noisy
+NOISY_IQR = 0.10
+
+
+def _row_name(r) -> str:
+    where = r.get("layer") and f"{r['layer']} {r['mode']}" or f"{r['kind']} batch {r.get('batch_size')}"
+    return f"{r.get('model', '')} {where} {r['impl']}@{r['device']}".strip()
+
+
+def noisy_rows(rows) -> list[dict]:
+    """Timed rows (steps, inference, epochs, layers) whose IQR is above ``NOISY_IQR`` of the
+    median: their ratios can move that much between runs on this machine."""
+    out = []
+    for r in rows:
+        if r.get("median_s") and r.get("iqr_s") is not None and r["iqr_s"] > NOISY_IQR * r["median_s"]:
+            out.append({"row": _row_name(r), "iqr_over_median": r["iqr_s"] / r["median_s"]})
+    return out
+
+
+def noise_lines(results) -> list[str]:
+    timed = [r for r in results["cases"] if r.get("median_s") and r.get("iqr_s") is not None]
+    noisy = noisy_rows(timed)
+    if not noisy:
+        return [f"**Noise**: every timed row's IQR is within {NOISY_IQR:.0%} of its median.", ""]
+    worst = sorted(noisy, key=lambda n: -n["iqr_over_median"])[:6]
+    return [f"**Noise**: {len(noisy)} of {len(timed)} timed rows have an IQR above "
+            f"{NOISY_IQR:.0%} of their median (worst: "
+            + "; ".join(f"{n['row']} {n['iqr_over_median']:.0%}" for n in worst)
+            + "). Ratios involving them can move by that much between runs: rerun with more "
+            "`--repeats`/`--epoch-repeats`, or on a quieter machine, before drawing conclusions.", ""]
+
+
 def write_markdown(results, path) -> Path:
     lines = ["# nnx benchmark results", ""] + machine_lines(results) + [""]
     if results.get("warnings"):
         lines += ["**Warnings**: " + "; ".join(results["warnings"]), ""]
+    lines += noise_lines(results)
     lines += flop_lines(results)
     for model in results["config"]["models"]:
         lines += step_table(results, "train_step", model)

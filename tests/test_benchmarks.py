@@ -301,3 +301,16 @@ def test_accuracy_and_layer_rows_carry_rates(tmp_path):
     assert bn["flops"] == 0 and bn["flop_per_s"] is None and bn["samples_per_s"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "| final test acc | epochs run | samples/s | GFLOP/s | % peak |" in md
+
+
+def test_noise_line_names_rows_with_a_wide_spread():
+    from benchmarks.report import noise_lines, noisy_rows
+
+    quiet = {"kind": "train_step", "model": "mlp", "batch_size": 128, "impl": "nnx-numpy",
+             "device": "cpu", "median_s": 1.0, "iqr_s": 0.05}
+    loud = dict(quiet, impl="torch-ref", iqr_s=0.3)
+    assert noisy_rows([quiet]) == []
+    assert [n["row"] for n in noisy_rows([quiet, loud])] == ["mlp train_step batch 128 torch-ref@cpu"]
+    assert "within 10%" in noise_lines({"cases": [quiet]})[0]
+    line = noise_lines({"cases": [quiet, loud, {"kind": "skipped"}]})[0]
+    assert "1 of 2 timed rows" in line and "torch-ref@cpu 30%" in line
