@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     report.write_markdown(results, out / "results.md")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}"
         + (f" and {len(results['charts'])} charts" if results["charts"] else ""))
-    noisy = report.noisy_rows([r for r in rows if r.get("median_s")])
+    noisy = report.noisy_rows(rows)
     if noisy:
         log(f"note: {len(noisy)} timed rows have an IQR above {report.NOISY_IQR:.0%} of their median "
             "(listed in results.md): more --repeats or a quieter machine would firm them up")

@@ -188,6 +188,27 @@ def test_pool_matches_torch_with_ties(backend, kind, case):
     assert_close(dx, xt.grad.numpy())
 
 
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 3, 0), (2, 1, 0), (2, 2, 1)])
+def test_maxpool_channel_major_input(backend, k, s, p):
+    """A Conv2D output is a (C, N, H, W) array seen as (N, C, H, W): max-pool must give
+    torch's values and gradients on such a view, and (without padding, on NumPy) hand back a
+    gradient in the same memory layout, so the layers below never mix layouts."""
+    torch = pytest.importorskip("torch")
+    a = host((3, 2, 6, 8), 7, integers=3)                      # (C, N, H, W), many ties
+    m = model_of(backend, [MaxPool2D(k, s, p)], (3, 6, 8))
+    x = backend.xp.permute_dims(backend.from_numpy(a), (1, 0, 2, 3))
+    y = m.forward(x, train=True)
+    g = host(tuple(y.shape), 8)
+    dx = m.backward(backend.from_numpy(g))
+    xt = torch_t(a.transpose(1, 0, 2, 3), True)
+    yt = torch.nn.functional.max_pool2d(xt, k, s, p)
+    yt.backward(torch_t(g))
+    assert_close(backend.to_numpy(y), yt.detach().numpy())
+    assert_close(backend.to_numpy(dx), xt.grad.numpy())
+    if backend.name == "numpy" and p == 0:
+        assert dx.strides == x.strides
+
+
 @pytest.mark.parametrize("k,s", [(2, 2), (3, 3), (2, 1), (3, 2)])
 def test_maxpool_ties_go_to_first_max(backend, k, s):
     """All-equal input: each window sends its whole gradient to its top-left element."""

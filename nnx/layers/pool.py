@@ -67,8 +67,8 @@ class MaxPool2D(_Pool2D):
     Forward is k·k − 1 element-wise ``maximum`` calls over the strided window slices.
     Backward walks the offsets in row-major order carrying the not-yet-routed gradient
     ``rest``: the first offset that equals the window's max takes all of it (later ties then
-    see zero), and the last offset takes whatever is left (a window whose max is NaN routes
-    its gradient there); each offset's share is added into its strided slice of a zero
+    see zero), and the last offset takes whatever is left (so a window whose max is NaN
+    routes its gradient to its last element, where torch picks the NaN's position); each offset's share is added into its strided slice of a zero
     buffer (col2im). When the windows do not overlap (s ≥ k) each slice is simply assigned,
     and when they tile the input exactly the buffer needs no zero fill.
     """
@@ -97,11 +97,10 @@ class MaxPool2D(_Pool2D):
         hp, wp = h + 2 * p, w + 2 * p
         # windows that tile the (padded) input exactly write every element once: no zero fill
         tiled = s == k and hp == s * ho and wp == s * wo
-        if p == 0:  # *_like: dx gets x's memory layout (NumPy keeps it), so the element-wise
-            # backward of the layers below mixes no layouts (a conv's output is channel-major)
-            dx = (xp.empty_like if tiled else xp.zeros_like)(xpad)
-        else:
-            dx = (xp.empty if tiled else xp.zeros)((n, c, hp, wp), dtype=grad.dtype, device=grad.device)
+        # *_like: dx gets the input's memory layout (NumPy, torch and CuPy keep it), so the
+        # element-wise backward of the layers below mixes no layouts (a conv's output is
+        # channel-major); with padding, xpad is a fresh C-ordered array anyway
+        dx = (xp.empty_like if tiled else xp.zeros_like)(xpad)
         rest = grad  # gradient of the windows whose first maximum is not found yet
         last = k * k - 1
         for i in range(k):
