@@ -68,9 +68,10 @@ class MaxPool2D(_Pool2D):
     Backward walks the offsets in row-major order carrying the not-yet-routed gradient
     ``rest``: the first offset that equals the window's max takes all of it (later ties then
     see zero), and the last offset takes whatever is left (so a window whose max is NaN
-    routes its gradient to its last element, where torch picks the NaN's position); each offset's share is added into its strided slice of a zero
-    buffer (col2im). When the windows do not overlap (s ≥ k) each slice is simply assigned,
-    and when they tile the input exactly the buffer needs no zero fill.
+    routes its gradient to its last element, where torch picks the NaN's position); each
+    offset's share is added into its strided slice of a zero buffer (col2im). When the
+    windows do not overlap (s ≥ k) each slice is simply assigned, and when they tile the
+    input exactly the buffer needs no zero fill.
     """
 
     def forward(self, x, train=False):
