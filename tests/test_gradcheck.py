@@ -7,7 +7,6 @@ import importlib.util
 import numpy as np
 import pytest
 
-import nnx
 from nnx import (MSE, Dense, Dropout, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid,
                  Softmax, SoftmaxCrossEntropy, Tanh, get_backend, gradcheck, mlp)
 
