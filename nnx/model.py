@@ -67,6 +67,14 @@ class Sequential:
             grad = self.layers[i].backward(grad)
         return grad if input_grad else None
 
+    def skip_random(self, steps: int, batch: int) -> None:
+        """Advance the random stream past ``steps`` training steps of ``batch`` rows without
+        computing them (``Layer.skip_random``): how a run resumed mid-epoch gets the same
+        dropout masks as one that never stopped."""
+        for _ in range(int(steps)):
+            for layer in self.layers:
+                layer.skip_random(batch)
+
     # --- parameters ---------------------------------------------------------------------
     def named_parameters(self) -> dict:
         """{"0.weight": Parameter, ...} in layer order (the order optimizers and checkpoints use)."""

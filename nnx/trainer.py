@@ -93,7 +93,9 @@ class Trainer:
         steps = math.ceil(n / bs)
         perm = self.backend.device_rng(derived_seed(self.seed, epoch, 1)).permutation(n)
         start = self.step_in_epoch
-        model.rng.reseed(derived_seed(self.seed, epoch, 2, start))
+        model.rng.reseed(derived_seed(self.seed, epoch, 2, 0))
+        if start:  # resumed mid-epoch: replay the dropout draws of the steps already done
+            model.skip_random(start, bs)
         loss_sum = self.partial["loss_sum"]
         correct = self.partial["correct"]
         seen = self.partial["seen"]

@@ -330,3 +330,25 @@ def test_layers_cannot_be_shared_between_models():
         Sequential([layer], input_shape=(3,))
     with pytest.raises(TypeError, match="not an nnx Layer"):
         Sequential([lambda x: x], input_shape=(3,))
+
+
+def test_skip_random_replays_exactly_the_training_draws(backend):
+    """Skipping k steps draws what k training forward passes draw, nested blocks included:
+    the next step's dropout masks (hence outputs) are identical (resume mid-epoch relies on it)."""
+    def build():
+        layers = [Dense(6, 8), Dropout(0.3), nnx.Residual([Dense(8, 8), Dropout(0.5)]), Dense(8, 3)]
+        return Sequential(layers, input_shape=(6,), backend=backend, dtype="float32", seed=3)
+
+    x = backend.from_numpy(np.random.default_rng(0).standard_normal((5, 6)), dtype=backend.float32)
+    stepped, skipped = build(), build()
+    for m in (stepped, skipped):
+        m.rng.reseed(11)
+    for _ in range(3):
+        stepped.forward(x, train=True)
+    skipped.skip_random(3, 5)
+    a = backend.to_numpy(stepped.forward(x, train=True))
+    b = backend.to_numpy(skipped.forward(x, train=True))
+    np.testing.assert_array_equal(a, b)
+    fresh = build()
+    fresh.rng.reseed(11)  # without the replay the masks differ
+    assert not np.array_equal(backend.to_numpy(fresh.forward(x, train=True)), a)

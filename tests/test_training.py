@@ -107,11 +107,12 @@ def _interrupt_at(trainer, global_step):
     trainer.schedule = schedule
 
 
-@pytest.mark.parametrize("stop_step, dropout", [(15, 0.0), (15, 0.3), (7, 0.0), (19, 0.0)])
+@pytest.mark.parametrize("stop_step, dropout", [(15, 0.0), (15, 0.3), (7, 0.0), (19, 0.0),
+                                               (7, 0.3), (19, 0.3)])
 def test_resume_reaches_the_same_weights(tmp_path, stop_step, dropout):
     """Ctrl-C (a real SIGINT) at an epoch end (step 15 is the last of 16) or mid-epoch, then
-    resume: bit-identical final weights. (Mid-epoch with dropout re-seeds the mask stream, so
-    that case is exact only at epoch boundaries; see docs/training.md.)"""
+    resume: bit-identical final weights — with dropout too, since the resumed epoch replays
+    the masks of the steps already done (``Sequential.skip_random``)."""
     b = nnx.get_backend("numpy")
     ref, s = make_trainer(b, run_dir=tmp_path / "ref", epochs=3, dropout=dropout)  # 16 steps/epoch
     ref.fit(s["train"], s["val"])

@@ -95,6 +95,12 @@ class Layer:
     def backward(self, grad):
         raise NotImplementedError
 
+    def skip_random(self, batch: int) -> None:
+        """Draw, and throw away, what one training forward pass of ``batch`` rows draws from
+        the model's random stream. Resuming mid-epoch replays the steps already done this
+        way, so the remaining steps see the masks an uninterrupted run would. Layers without
+        randomness draw nothing."""
+
     def named_parameters(self) -> dict:
         """{name: Parameter}; composite layers prefix their children's names (``fn.0.weight``)."""
         return {p.name: p for p in self.params}

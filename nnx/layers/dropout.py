@@ -13,6 +13,10 @@ class Dropout(Layer):
         self.p = float(p)
         self.rng = None  # the model's device random stream, set by Sequential
 
+    def build(self, backend, dtype, rng, input_shape):
+        self.in_shape = tuple(input_shape)
+        return super().build(backend, dtype, rng, input_shape)
+
     def forward(self, x, train=False):
         if not train or self.p == 0.0:
             self.scale_mask = None
@@ -20,6 +24,10 @@ class Dropout(Layer):
         keep = 1.0 - self.p
         self.scale_mask = self.rng.bernoulli(tuple(x.shape), keep, dtype=x.dtype) * (1.0 / keep)
         return x * self.scale_mask
+
+    def skip_random(self, batch):
+        if self.p:  # the very draw forward makes (same shape, probability and dtype)
+            self.rng.bernoulli((int(batch), *self.in_shape), 1.0 - self.p, dtype=self.dtype)
 
     def backward(self, grad):
         return grad if self.scale_mask is None else grad * self.scale_mask

@@ -54,6 +54,10 @@ class Residual(Layer):
             y = layer.forward(y, train)
         return x + y
 
+    def skip_random(self, batch):
+        for layer in self.layers:
+            layer.skip_random(batch)
+
     def backward(self, grad):
         g = grad
         for layer in reversed(self.layers):
