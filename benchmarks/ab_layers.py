@@ -79,7 +79,8 @@ def case_relu(rev, repeats):
 
     old = old_module(rev, "activations").ReLU
     out = {}
-    for name in [b for b in ("numpy", "torch", "strict") if b in available_backends()]:
+    present = {name for name, _ in available_backends()}
+    for name in [b for b in ("numpy", "torch", "strict") if b in present]:
         be = get_backend(name)
         x = be.from_numpy(np.random.default_rng(0).standard_normal((128, 128)), dtype=be.float32)
         a, b = _built(old, be, (128,)), _built(ReLU, be, (128,))
@@ -171,6 +172,10 @@ def case_cnn_step(rev, repeats, data_dir=None):
     return {"cnn training step, batch 128": res}
 
 
+def _time(ms: float) -> str:
+    return f"{1e3 * ms:.1f} us" if ms < 1 else f"{ms:.2f} ms"
+
+
 CASES = {"relu": case_relu, "batchnorm": case_batchnorm, "maxpool": case_maxpool,
          "cnn-step": case_cnn_step}
 
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
         for label, sides in res.items():
             out["results"][label] = sides
             base = sides["old"]["median_ms"]
-            cells = "  ".join(f"{k} {v['median_ms']:.4g} ms ({v['median_ms'] / base:.2f}x old)"
+            cells = "  ".join(f"{k} {_time(v['median_ms'])} ({v['median_ms'] / base:.2f}x old)"
                               for k, v in sides.items())
             print(f"{label:<42} {cells}")
     out["load_end"] = load_snapshot()

@@ -317,3 +317,27 @@ def test_noise_line_names_rows_with_a_wide_spread():
     assert "within 10%" in noise_lines({"cases": [quiet]})[0]
     line = noise_lines({"cases": [quiet, loud, {"kind": "skipped"}]})[0]
     assert "1 of 2 timed rows" in line and "torch-ref@cpu 30%" in line
+
+
+def test_ab_layers_loads_a_past_version_from_git(tmp_path, capsys):
+    """``python -m benchmarks.ab_layers``: the old side is read from git and must compute
+    what the new side computes (HEAD against itself here), then both are timed."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    from benchmarks.ab_layers import main, old_module
+
+    old = old_module("HEAD", "batchnorm")
+    assert old.BatchNorm.__module__.startswith("old_batchnorm") and hasattr(old.BatchNorm, "backward")
+    out = tmp_path / "ab.json"
+    assert main(["--rev", "HEAD", "--cases", "relu,batchnorm", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert "relu fwd (128,128) numpy" in res and "batchnorm eval fwd (128, 64, 14, 14)" in res
+    assert all(v["old"]["median_ms"] > 0 and v["new"]["median_ms"] > 0 for v in res.values())
+    assert "x old" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        old_module("no-such-revision", "batchnorm")
