@@ -21,7 +21,6 @@ float32 rounding) before timing them.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -214,9 +213,9 @@ def main(argv=None) -> int:
             print(f"{label:<42} {cells}")
     out["load_end"] = load_snapshot()
     if args.json:
-        from nnx.checkpoint import atomic_write_bytes
+        from .report import write_json
 
-        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
+        write_json(args.json, out)
     return 0
 
 

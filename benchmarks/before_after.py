@@ -25,7 +25,6 @@ the abstraction costs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -221,9 +220,9 @@ def main(argv=None) -> int:
                   f"CPU {c['median_s']:.3f})  {s['median_s'] / b0:5.2f}x before")
     out["load_end"] = load_snapshot()
     if args.json:
-        from nnx.checkpoint import atomic_write_bytes
+        from .report import write_json
 
-        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
+        write_json(args.json, out)
     return 0
 
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
 
-from nnx.checkpoint import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_BATCHES = (32, 128, 512, 2048, 8192)
@@ -314,7 +312,7 @@ def main(argv=None) -> int:
         "warnings": warnings,
     }
     results["charts"] = [] if args.no_charts else report.charts(results, out)
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, default=str).encode())
+    report.write_json(out / "results.json", results)
     report.write_markdown(results, out / "results.md")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}"
         + (f" and {len(results['charts'])} charts" if results["charts"] else ""))

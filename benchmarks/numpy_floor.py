@@ -22,7 +22,6 @@ Prints two tables (median, spread, × torch-ref) and, with ``--json``, writes ev
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -167,9 +166,9 @@ def main(argv=None) -> int:
         print(f"{r.impl:<15} {s['median_s']:9.3f} {s['min_s']:6.3f}-{s['max_s']:.3f} "
               f"{'' if ratio is None else f'{ratio:12.2f}'}{note}")
     if args.json:
-        from nnx.checkpoint import atomic_write_bytes
+        from .report import write_json
 
-        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
+        write_json(args.json, out)
     return 0
 
 

@@ -256,6 +256,11 @@ def noise_lines(results) -> list[str]:
             "`--repeats`/`--epoch-repeats`, or on a quieter machine, before drawing conclusions.", ""]
 
 
+def write_json(path, obj) -> None:
+    """Results as indented JSON, written atomically (temp file, then rename)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+
+
 def write_markdown(results, path) -> Path:
     lines = ["# nnx benchmark results", ""] + machine_lines(results) + [""]
     if results.get("warnings"):
