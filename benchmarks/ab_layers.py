@@ -42,7 +42,14 @@ def old_module(rev: str, name: str):
         raise SystemExit(f"git show {rev}:nnx/layers/{name}.py failed: {src.stderr.strip()}")
     code = src.stdout.replace("from ..", "from nnx.").replace("from .", "from nnx.layers.")
     mod = types.ModuleType(f"old_{name}_{rev}")
-    exec(compile(code, f"{rev}:nnx/layers/{name}.py", "exec"), mod.__dict__)
+    from nnx.layers.base import LAYER_TYPES
+
+    registry = dict(LAYER_TYPES)  # old Layer subclasses register themselves by class name:
+    try:                          # keep today's classes the ones checkpoints are rebuilt from
+        exec(compile(code, f"{rev}:nnx/layers/{name}.py", "exec"), mod.__dict__)
+    finally:
+        LAYER_TYPES.clear()
+        LAYER_TYPES.update(registry)
     return mod
 
 

@@ -330,8 +330,12 @@ def test_ab_layers_loads_a_past_version_from_git(tmp_path, capsys):
         pytest.skip("not a git checkout")
     from benchmarks.ab_layers import main, old_module
 
+    from nnx.layers import BatchNorm
+    from nnx.layers.base import LAYER_TYPES
+
     old = old_module("HEAD", "batchnorm")
     assert old.BatchNorm.__module__.startswith("old_batchnorm") and hasattr(old.BatchNorm, "backward")
+    assert LAYER_TYPES["BatchNorm"] is BatchNorm  # the old class did not take over the registry
     out = tmp_path / "ab.json"
     assert main(["--rev", "HEAD", "--cases", "relu,batchnorm", "--repeats", "1",
                  "--json", str(out)]) == 0
