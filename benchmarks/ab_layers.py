@@ -11,9 +11,9 @@ the change). Cases (``--cases``, default all):
   and (128, 64, 14, 14) float32, NumPy;
 * ``maxpool``   MaxPool2D(2) forward+backward on ReLU'd channel-major input (as a Conv2D
   output is laid out), same two shapes, NumPy;
-* ``cnn-step``  the benchmark CNN's training step with the old BatchNorm and MaxPool2D
-  classes, with the current ones, and PyTorch eager (``--data-dir`` MNIST batches, or
-  random ones).
+* ``cnn-step``  the benchmark CNN's training step with BatchNorm and MaxPool2D as at REV
+  (the other layers as today), with today's, and PyTorch eager (``--data-dir`` MNIST
+  batches, or random ones).
 
 Both sides get the same inputs; the tool checks that they compute the same values (to
 float32 rounding) before timing them.
@@ -35,18 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def old_module(rev: str, name: str):
-    """``nnx/layers/<name>.py`` at ``rev`` as a fresh module (relative imports made absolute)."""
+    """``nnx/layers/<name>.py`` at ``rev`` as a fresh module (its own classes, today's helpers)."""
     src = subprocess.run(["git", "show", f"{rev}:nnx/layers/{name}.py"], cwd=REPO,
                          capture_output=True, text=True)
     if src.returncode != 0:
         raise SystemExit(f"git show {rev}:nnx/layers/{name}.py failed: {src.stderr.strip()}")
-    code = src.stdout.replace("from ..", "from nnx.").replace("from .", "from nnx.layers.")
     mod = types.ModuleType(f"old_{name}_{rev}")
+    mod.__package__ = "nnx.layers"  # its relative imports resolve against today's package
     from nnx.layers.base import LAYER_TYPES
 
     registry = dict(LAYER_TYPES)  # old Layer subclasses register themselves by class name:
     try:                          # keep today's classes the ones checkpoints are rebuilt from
-        exec(compile(code, f"{rev}:nnx/layers/{name}.py", "exec"), mod.__dict__)
+        exec(compile(src.stdout, f"{rev}:nnx/layers/{name}.py", "exec"), mod.__dict__)
     finally:
         LAYER_TYPES.clear()
         LAYER_TYPES.update(registry)
@@ -172,8 +172,12 @@ def case_cnn_step(rev, repeats, data_dir=None):
         pass
     for r in runners.values():
         r.load_batches(batches)
-    _close(runners["old"].model.forward(be.from_numpy(batches[0][0])),
-           runners["new"].model.forward(be.from_numpy(batches[0][0])), "cnn forward")
+    # one training step each on the same batch: the same loss, and the same weights after it
+    losses = [float(runners[k].train_step()) for k in ("old", "new")]
+    _close(losses[0], losses[1], "cnn training step loss")
+    old_w, new_w = runners["old"].model.state_dict(), runners["new"].model.state_dict()
+    for k in new_w:
+        _close(old_w[k], new_w[k], f"cnn weights after a step: {k}")
     res = interleaved({k: r.train_step for k, r in runners.items()}, repeats, 3)
     return {"cnn training step, batch 128": res}
 

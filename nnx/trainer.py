@@ -233,7 +233,8 @@ class Trainer:
     def state(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "partial": self.partial,
-                "rng": {"seed": self.seed, "scheme": "derived per (seed, epoch, step)"},
+                "rng": {"seed": self.seed, "scheme": "derived per (seed, epoch); mid-epoch "
+                        "resume replays the steps done (Sequential.skip_random)"},
                 "early_stopping": {"patience": self.patience,
                                    "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
                                    "bad_epochs": self.bad_epochs,

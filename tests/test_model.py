@@ -352,3 +352,24 @@ def test_skip_random_replays_exactly_the_training_draws(backend):
     fresh = build()
     fresh.rng.reseed(11)  # without the replay the masks differ
     assert not np.array_equal(backend.to_numpy(fresh.forward(x, train=True)), a)
+
+
+def test_a_random_layer_without_skip_random_warns():
+    """A custom layer that draws from the model's stream but cannot replay it would make a
+    mid-epoch resume silently inexact: skipping says so."""
+    from nnx.layers.base import LAYER_TYPES
+
+    class Noisy(ReLU):
+        rng = None
+
+    LAYER_TYPES.pop("Noisy")  # a throwaway class: keep the registry as it was
+    m = Sequential([Dense(3, 3), Noisy()], input_shape=(3,), backend=nnx.get_backend("numpy"))
+    with pytest.warns(RuntimeWarning, match="Noisy .* skip_random"):
+        m.skip_random(1, 4)
+    plain = Sequential([Dense(3, 3), ReLU(), Dropout(0.5)], input_shape=(3,),
+                       backend=nnx.get_backend("numpy"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.skip_random(2, 4)  # Dropout replays, ReLU draws nothing: no warning

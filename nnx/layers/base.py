@@ -99,7 +99,14 @@ class Layer:
         """Draw, and throw away, what one training forward pass of ``batch`` rows draws from
         the model's random stream. Resuming mid-epoch replays the steps already done this
         way, so the remaining steps see the masks an uninterrupted run would. Layers without
-        randomness draw nothing."""
+        randomness draw nothing; a layer that declares ``rng`` must override this."""
+        if getattr(self, "rng", None) is not None:
+            import warnings
+
+            warnings.warn(f"{type(self).__name__} uses the model's random stream but does not "
+                          "implement skip_random(batch): a run resumed mid-epoch will draw "
+                          "different random numbers from here on than one that never stopped",
+                          RuntimeWarning, stacklevel=2)
 
     def named_parameters(self) -> dict:
         """{name: Parameter}; composite layers prefix their children's names (``fn.0.weight``)."""
