@@ -10,7 +10,6 @@ import itertools
 import math
 
 from .losses import SoftmaxCrossEntropy
-from .model import Sequential
 
 
 def _rel_error(a, b, xp) -> float:
@@ -49,13 +48,12 @@ def gradcheck(target, x, y=None, loss=None, eps: float = 1e-6, train: bool = Fal
     """
     xp = target.xp
     rng = getattr(target, "rng", None)
-    if isinstance(target, Sequential):
-        named = target.named_parameters()
-    else:
-        named = {p.name: p for p in target.params}
+    named = target.named_parameters()
     if x.dtype != xp.float64 or any(p.value.dtype != xp.float64 for p in named.values()):
         raise TypeError("gradcheck needs float64 inputs and parameters (float32 is too coarse)")
     x = xp.asarray(x, copy=True)
+    for layer in target.walk():  # inference forwards keep their caches only when asked
+        layer.retain = True
 
     def run_forward():
         if train and rng is not None:
@@ -78,4 +76,6 @@ def gradcheck(target, x, y=None, loss=None, eps: float = 1e-6, train: bool = Fal
     errors = {"input": _rel_error(grad_in, _numeric_grad(f, x, eps), xp)}
     for name, p in named.items():
         errors[name] = _rel_error(analytic[name], _numeric_grad(f, p.value, eps), xp)
+    for layer in target.walk():
+        layer.retain = False
     return errors

@@ -4,36 +4,30 @@ from __future__ import annotations
 import math
 
 from .errors import ShapeError
-from .layers import ACTIVATIONS, Dense, Dropout, Layer
-from .layers.base import build_stack
+from .layers import ACTIVATIONS, Dense, Dropout
+from .layers.chain import Chain
 from .layers.softmax import softmax
 
 
-class Sequential:
-    """``Sequential(layers, input_shape, backend=..., dtype="float32", seed=0)``.
+class Sequential(Chain):
+    """``Sequential(layers, input_shape, backend=..., dtype="float32", seed=0)``: a model.
 
-    Building creates every parameter on ``backend`` from one seed (the same seed gives the
-    same weights on every backend). ``parameters()`` names them ``"{index}.{name}"`` — the
-    names a ``torch.nn.Sequential`` of the same layers uses.
+    A chain of layers (``nnx.layers.chain``) built at once on ``backend`` from one seed (the
+    same seed gives the same weights on every backend). ``named_parameters()`` names them
+    ``"{index}.{name}"`` — the names a ``torch.nn.Sequential`` of the same layers uses.
     """
 
     def __init__(self, layers, input_shape, backend=None, dtype="float32", seed: int = 0):
         from .backends import get_backend
 
-        self.backend = backend if backend is not None else get_backend()
-        self.xp = self.backend.xp
-        self.dtype = self.backend.dtype(dtype)
+        super().__init__(layers)
+        backend = backend if backend is not None else get_backend()
         self.seed = int(seed)
-        self.layers: list[Layer] = list(layers)
         self.input_shape = tuple(int(d) for d in (input_shape if hasattr(input_shape, "__len__")
                                                   else (input_shape,)))
-        self.rng = self.backend.device_rng(self.seed + 1)  # dropout masks
-        init_rng = self.backend.host_rng(self.seed)
-        self.shapes = build_stack(self.layers, self.backend, self.dtype, init_rng, self.rng,
-                                  self.input_shape)
+        self.rng = backend.device_rng(self.seed + 1)  # dropout masks
+        self.build(backend, backend.dtype(dtype), backend.host_rng(self.seed), self.input_shape)
         self.output_shape = self.shapes[-1] if self.shapes else self.input_shape
-        self._first_trainable = next((i for i, layer in enumerate(self.layers)
-                                      if layer.named_parameters()), len(self.layers))
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train: bool = False):
@@ -45,9 +39,7 @@ class Sequential:
                              f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if x.dtype != self.dtype:
             x = self.xp.astype(x, self.dtype)
-        for layer in self.layers:
-            x = layer.forward(x, train)
-        return x
+        return super().forward(x, train)
 
     __call__ = forward
 
@@ -60,34 +52,18 @@ class Sequential:
         gradient with respect to the data, and for MNIST's first Dense layer it is a third of
         that layer's backward work.
         """
-        if self._first_trainable < len(self.layers):
-            self.layers[self._first_trainable].input_grad = input_grad
-        first = 0 if input_grad else self._first_trainable
-        for i in range(len(self.layers) - 1, first - 1, -1):
-            grad = self.layers[i].backward(grad)
-        return grad if input_grad else None
+        return super().backward(grad, input_grad)
 
     def skip_random(self, steps: int, batch: int) -> None:
         """Advance the random stream past ``steps`` training steps of ``batch`` rows without
         computing them (``Layer.skip_random``): how a run resumed mid-epoch gets the same
         dropout masks as one that never stopped."""
         for _ in range(int(steps)):
-            for layer in self.layers:
-                layer.skip_random(batch)
+            super().skip_random(batch)
 
     # --- parameters ---------------------------------------------------------------------
-    def named_parameters(self) -> dict:
-        """{"0.weight": Parameter, ...} in layer order (the order optimizers and checkpoints use)."""
-        return {f"{i}.{name}": p for i, layer in enumerate(self.layers)
-                for name, p in layer.named_parameters().items()}
-
     def parameters(self) -> list:
         return list(self.named_parameters().values())
-
-    def named_buffers(self) -> dict:
-        """Non-trainable state (BatchNorm running statistics), named like torch's buffers."""
-        return {f"{i}.{name}": b for i, layer in enumerate(self.layers)
-                for name, b in layer.named_buffers().items()}
 
     def num_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.parameters())
@@ -108,24 +84,26 @@ class Sequential:
         state = dict(state)
         for k in sorted(expected):
             current = params[k].value if k in params else buffers[k]
-            if tuple(current.shape) == () and tuple(state[k].shape) == (1,):
-                state[k] = state[k].reshape(())  # 0-D buffers saved as (1,) by nnx 0.1.0 pre-releases
             if tuple(state[k].shape) != tuple(current.shape):
                 raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape "
                                  f"{tuple(current.shape)}")
         for k, p in params.items():
-            p.value = self.backend.from_numpy(state[k], dtype=self.dtype)
+            value = self.backend.from_numpy(state[k], dtype=self.dtype)
+            if p.value is value or getattr(self, "flat", None) is None:
+                p.value = value
+            else:  # flat storage: write into the view, so the flat buffer stays the storage
+                p.value[...] = value
             p.grad = None
         for k, b in buffers.items():
-            index, name = k.split(".", 1)
-            value = self.backend.from_numpy(state[k], dtype=b.dtype)
-            self.layers[int(index)].load_buffer(name, value)
+            self.load_buffer(k, self.backend.from_numpy(state[k], dtype=b.dtype))
 
     # --- inference ----------------------------------------------------------------------
-    def predict_proba(self, x):
+    def probabilities(self, x):
+        """Softmax of the logits for a batch (inference mode)."""
         return softmax(self.xp, self.forward(x, train=False))
 
     def predict(self, x):
+        """Predicted class per row (inference mode)."""
         return self.xp.argmax(self.forward(x, train=False), axis=1)
 
     # --- description --------------------------------------------------------------------

@@ -20,7 +20,12 @@ TOL = 1e-6
 
 
 def model_of(backend, layers, input_shape, dtype="float64", seed=0):
-    return nnx.Sequential(layers, input_shape=input_shape, backend=backend, dtype=dtype, seed=seed)
+    """A model whose layers retain their caches after inference forwards too (the tests
+    back-propagate through eval-mode passes)."""
+    m = nnx.Sequential(layers, input_shape=input_shape, backend=backend, dtype=dtype, seed=seed)
+    for layer in m.walk():
+        layer.retain = True
+    return m
 
 
 def host(shape, seed=0, integers=None):

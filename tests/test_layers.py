@@ -18,8 +18,10 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def build(layer, backend, input_shape, dtype="float64", seed=0, index=0):
-    """Build ``layer`` alone the way Sequential does (name, random streams, parameters)."""
+    """Build ``layer`` alone the way Sequential does (name, random streams, parameters).
+    The tests back-propagate after inference forwards too, so the layer retains its caches."""
     layer.name = f"{index}:{type(layer).__name__}"
+    layer.retain = True
     if hasattr(layer, "rng"):
         layer.rng = backend.device_rng(seed + 1)
     out = layer.build(backend, backend.dtype(dtype), backend.host_rng(seed), tuple(input_shape))

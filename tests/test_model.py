@@ -115,7 +115,7 @@ def test_dtype_flows_through_forward_backward_and_update(backend, dtype):
         assert backend.device_of(p.grad) == backend.device
         p.value -= 0.1 * p.grad
         assert p.value.dtype == dt
-    assert model.predict_proba(x).dtype == dt
+    assert model.probabilities(x).dtype == dt
 
 
 def test_input_of_another_dtype_is_cast_to_the_model_dtype(backend):
@@ -154,7 +154,7 @@ def test_predict_proba_and_predict(backend):
     model = mlp((6, 8, 3), backend=backend, dtype="float64", seed=2)
     x = backend.from_numpy(x_np)
     logits = host(backend, model(x))
-    proba = host(backend, model.predict_proba(x))
+    proba = host(backend, model.probabilities(x))
     assert proba.shape == (10, 3)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))

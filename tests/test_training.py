@@ -81,8 +81,8 @@ def test_run_folder_contents_and_torch_loadable_weights(tmp_path):
     x = s["test"].x[:50, ...]
     for other in (nnx.get_backend("strict", "device1"),):
         m2 = nnx.load(tmp_path, backend=other)
-        p1 = b.to_numpy(t.model.predict_proba(x))
-        p2 = other.to_numpy(m2.predict_proba(other.from_numpy(b.to_numpy(x))))
+        p1 = b.to_numpy(t.model.probabilities(x))
+        p2 = other.to_numpy(m2.probabilities(other.from_numpy(b.to_numpy(x))))
         np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-6)
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
@@ -307,8 +307,8 @@ def test_cnn_checkpoint_resume_and_load(tmp_path):
         np.testing.assert_array_equal(w_ref[k], w_res[k], err_msg=k)
     loaded = nnx.load(tmp_path / "ref", backend=nnx.get_backend("strict", "device1"))
     x = s["test"].x[:8, ...]
-    np.testing.assert_allclose(loaded.backend.to_numpy(loaded.predict_proba(loaded.backend.from_numpy(b.to_numpy(x)))),
-                               b.to_numpy(ref.model.predict_proba(x)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loaded.backend.to_numpy(loaded.probabilities(loaded.backend.from_numpy(b.to_numpy(x)))),
+                               b.to_numpy(ref.model.probabilities(x)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec, shape", [("dense:16,relu,dense:10", (784,)),

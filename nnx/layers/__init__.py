@@ -8,8 +8,9 @@ from .softmax import Softmax, log_softmax, softmax
 from .conv import Conv2D
 from .pool import AvgPool2D, GlobalAvgPool, MaxPool2D
 from .batchnorm import BatchNorm
+from .chain import Chain
 from .residual import Residual
 
 __all__ = ["Layer", "Parameter", "Dense", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout",
            "Flatten", "Reshape", "Softmax", "softmax", "log_softmax", "ACTIVATIONS",
-           "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Residual"]
+           "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Chain", "Residual"]

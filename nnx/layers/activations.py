@@ -7,13 +7,13 @@ from .base import Layer
 class ReLU(Layer):
     """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch).
 
-    Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (on NumPy a
-    multiply is ~8x faster than ``where`` with a zeros array).
+    Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (cheaper than
+    ``where`` with a zeros array on NumPy; docs/architecture.md lists such speed habits).
     ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does. Its
     second operand is a zeros array of x's shape: NumPy, torch and array-api-strict take a
-    slow broadcasting path for ``maximum(x, 0.0)`` (2-3x the time). Training keeps that
-    array between steps (one batch shape); inference makes a temporary one, so evaluating
-    big batches leaves no memory behind.
+    slow broadcasting path for ``maximum(x, 0.0)``. Training keeps that
+    array between steps (one batch shape); inference makes a temporary one and keeps
+    nothing, so evaluating big batches leaves no memory behind.
     """
 
     _zeros = None
@@ -26,12 +26,12 @@ class ReLU(Layer):
             if (zeros is None or zeros.shape != x.shape or zeros.dtype != x.dtype
                     or zeros.device != x.device):
                 zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
-        else:  # inference: no mask, unless someone back-propagates anyway (gradcheck)
-            self.mask, self.x = None, x
+        else:  # inference: no mask; x only when asked to retain (gradcheck)
+            self.mask, self.x = None, (x if self.retain else None)
             zeros = xp.zeros_like(x)
         return xp.maximum(x, zeros)
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         mask = self.mask
         if mask is None:
             mask = self.xp.astype(self.x > 0, grad.dtype)
@@ -46,10 +46,11 @@ class LeakyReLU(Layer):
         self.slope = float(slope)
 
     def forward(self, x, train=False):
-        self.mask = x > 0
-        return self.xp.where(self.mask, x, x * self.slope)
+        mask = x > 0
+        self.mask = mask if self.keeps(train) else None
+        return self.xp.where(mask, x, x * self.slope)
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         return self.xp.where(self.mask, grad, grad * self.slope)
 
     def config(self):
@@ -60,24 +61,34 @@ class LeakyReLU(Layer):
 
 
 class Sigmoid(Layer):
-    """1 / (1 + e^-x), written as (tanh(x/2) + 1)/2 so it never overflows; f' = y(1 - y)."""
+    """1 / (1 + e^-x); f' = y(1 - y).
+
+    Written with e = exp(−|x|) ≤ 1 as 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0: never
+    overflows, and keeps full relative accuracy in both tails (σ(−40) ≈ 4.2e-18, not 0).
+    The output is what backward reuses: modify it in place only after backward.
+    """
 
     def forward(self, x, train=False):
-        self.y = 0.5 * (self.xp.tanh(0.5 * x) + 1.0)
-        return self.y
+        xp = self.xp
+        e = xp.exp(-xp.abs(x))
+        r = 1.0 / (1.0 + e)
+        y = xp.where(x >= 0, r, e * r)
+        self.y = y if self.keeps(train) else None
+        return y
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         return grad * self.y * (1.0 - self.y)
 
 
 class Tanh(Layer):
-    """tanh(x); f' = 1 - y²."""
+    """tanh(x); f' = 1 - y². The output is what backward reuses (see Sigmoid)."""
 
     def forward(self, x, train=False):
-        self.y = self.xp.tanh(x)
-        return self.y
+        y = self.xp.tanh(x)
+        self.y = y if self.keeps(train) else None
+        return y
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         return grad * (1.0 - self.y * self.y)
 
 

@@ -11,14 +11,34 @@ from ..errors import ShapeError
 
 
 class Parameter:
-    """A trainable array and its gradient, side by side (the optimizer updates ``value`` in place)."""
+    """A trainable array and its gradient, side by side (the optimizer updates ``value`` in place).
 
-    __slots__ = ("name", "value", "grad")
+    When the model keeps its parameters in flat buffers (``nnx.flat``), ``value`` is a view of
+    its part of the flat value buffer, and ``grad`` of the flat gradient buffer: assigning
+    ``p.grad = g`` then copies g into that view, so the optimizer finds every gradient in one
+    array. Layers write ``p.grad = ...`` either way and never know which storage is in use.
+    """
+
+    __slots__ = ("name", "value", "_grad", "_grad_view")
 
     def __init__(self, name: str, value):
         self.name = name
         self.value = value
-        self.grad = None
+        self._grad = None
+        self._grad_view = None  # set by nnx.flat: this parameter's part of the flat gradient
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, g):
+        view = self._grad_view
+        if view is None or g is None:
+            self._grad = g
+        else:
+            view[...] = g
+            self._grad = view
 
     @property
     def shape(self):
@@ -32,40 +52,22 @@ class Parameter:
 LAYER_TYPES: dict[str, type] = {}
 
 
-def build_stack(layers, backend, dtype, init_rng, device_rng, input_shape, prefix=""):
-    """Build ``layers`` in sequence (Sequential and composite layers share this).
-
-    Names each layer ``f"{prefix}{i}:{Type}"`` for error messages, hands the device random
-    stream to layers that declare ``rng``, and returns the output shape after each layer.
-    """
-    shape, shapes = tuple(input_shape), []
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"layer {prefix}{i} is a {type(layer).__name__}, not an nnx Layer")
-        if layer.backend is not None:
-            raise ValueError(f"layer {prefix}{i} ({layer.describe()}) already belongs to a model; "
-                             "create a fresh layer for each model")
-        layer.name = f"{prefix}{i}:{type(layer).__name__}"
-        if hasattr(layer, "rng"):
-            layer.rng = device_rng
-        shape = tuple(layer.build(backend, dtype, init_rng, shape))
-        shapes.append(shape)
-    return shapes
-
-
 class Layer:
     """Base class. Subclasses override ``build`` (if they own parameters), ``forward``,
     ``backward`` and ``output_shape``; they register themselves in ``LAYER_TYPES``.
 
-    Layers that need random numbers at run time (dropout) declare ``rng = None``; the model
-    sets it to its device random stream before ``build``.
+    Layers that need random numbers at run time (dropout) declare ``rng = None``; the chain
+    that owns them sets it to the model's device random stream before ``build``.
+
+    Outputs may be arrays that ``backward`` reuses (Sigmoid's, Tanh's, Softmax's y, MaxPool's
+    maxima): modify an output in place only after backward has run, or copy it first.
     """
 
     #: set by the owning model: "3:Dense" — used in error messages
     name: str = ""
-    #: False lets ``backward`` skip d loss / d input and return None (the model sets it on
-    #: its first parameterised layer when training: nobody needs the gradient of the data)
-    input_grad: bool = True
+    #: keep what backward needs after an inference forward too (gradcheck sets it); training
+    #: forwards always keep it, inference forwards otherwise keep nothing
+    retain: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -90,10 +92,22 @@ class Layer:
         return tuple(input_shape)
 
     def forward(self, x, train: bool = False):
+        """Output for ``x``; caches what ``backward`` needs when ``train or self.retain``."""
         raise NotImplementedError
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad: bool = True):
+        """Fill each parameter's ``grad`` from d loss / d output ``grad`` and return
+        d loss / d input — or None when ``input_grad`` is False (the caller does not want it,
+        e.g. the first layer of a model in training), which lets a layer skip that work."""
         raise NotImplementedError
+
+    def keeps(self, train: bool) -> bool:
+        """Whether this forward must cache for backward."""
+        return train or self.retain
+
+    def walk(self):
+        """This layer and every layer inside it (composite layers override)."""
+        yield self
 
     def skip_random(self, batch: int) -> None:
         """Draw, and throw away, what one training forward pass of ``batch`` rows draws from

@@ -95,7 +95,7 @@ class BatchNorm(Layer):
         else:  # running statistics: y = x·(γ/σ) + (β − μ·γ/σ), two passes over x
             mean = self._stat(self.buffers["running_mean"])
             var = self._stat(self.buffers["running_var"])
-            self.x, self.xc = x, None                                  # x − μ only if backward runs
+            self.x, self.xc = (x if self.retain else None), None       # x − μ only if backward runs
         self.inv_std = 1.0 / xp.sqrt(var + self.eps)
         self.mean, self.m = mean, m
         scale = self._stat(self.weight.value) * self.inv_std
@@ -119,7 +119,7 @@ class BatchNorm(Layer):
         b["running_mean"] = (1.0 - factor) * b["running_mean"] + factor * mean
         b["running_var"] = (1.0 - factor) * b["running_var"] + factor * unbiased
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         xp, axes, inv_std = self.xp, self.axes, self.inv_std
         xc = self.xc if self.xc is not None else self.x - self.mean
         gamma = self._stat(self.weight.value)

@@ -138,10 +138,11 @@ class Conv2D(Layer):
         y = w2 @ cols                                                  # (O, N·L)
         if self.use_bias:
             y += xp.reshape(self.bias.value, (o, 1))  # in place: y is the matmul's fresh output
-        self.cols, self.w2, self.xshape = cols, w2, (n, c, h, w)
+        if self.keeps(train):
+            self.cols, self.w2, self.xshape = cols, w2, (n, c, h, w)
         return xp.permute_dims(xp.reshape(y, (o, n, ho, wo)), (1, 0, 2, 3))
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         xp = self.xp
         n, c, h, w = self.xshape
         k, s, p, o = self.kernel_size, self.stride, self.padding, self.out_channels
@@ -151,7 +152,7 @@ class Conv2D(Layer):
         self.weight.grad = xp.permute_dims(xp.reshape(dw2, (o, k, k, c)), (0, 3, 1, 2))
         if self.use_bias:
             self.bias.grad = xp.sum(g2, axis=1)
-        if not self.input_grad:  # first layer of a model: skip the matmul and col2im
+        if not input_grad:  # first layer of a model: skip the matmul and col2im
             self.cols = None
             return None
         dcols = xp.reshape(self.w2.T @ g2, (k * k, c, n, ho, wo))

@@ -11,9 +11,9 @@ class Dense(Layer):
     Shapes (row-major batches): x (N, in), W (out, in), b (out,), y (N, out).
     Backward: dW = gᵀ x, db = Σ_rows g, dx = g W (docs/backprop.md derives them).
 
-    With ``input_grad`` False (``Sequential.backward(grad, input_grad=False)`` sets it on the
-    first layer) backward skips the dx matmul — a third of the layer's backward FLOPs — and
-    returns None, as autograd does for inputs that do not require grad.
+    ``backward(grad, input_grad=False)`` (a model's first layer in training) skips the dx
+    matmul — a third of the layer's backward FLOPs — and returns None, as autograd does for
+    inputs that do not require grad.
     """
 
     def __init__(self, in_features: int, out_features: int, init: str = "he_normal",
@@ -45,17 +45,17 @@ class Dense(Layer):
     def forward(self, x, train=False):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             self.check_features(x, (self.in_features,))
-        self.x = x
+        self.x = x if self.keeps(train) else None
         y = x @ self.weight.value.T
         if self.use_bias:
             y += self.bias.value  # in place: y is the matmul's fresh output (saves a copy)
         return y
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         self.weight.grad = grad.T @ self.x
         if self.use_bias:
             self.bias.grad = self.xp.sum(grad, axis=0)
-        if not self.input_grad:
+        if not input_grad:
             return None
         return grad @ self.weight.value
 

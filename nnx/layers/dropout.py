@@ -29,7 +29,7 @@ class Dropout(Layer):
         if self.p:  # the very draw forward makes (same shape, probability and dtype)
             self.rng.bernoulli((int(batch), *self.in_shape), 1.0 - self.p, dtype=self.dtype)
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         return grad if self.scale_mask is None else grad * self.scale_mask
 
     def config(self):

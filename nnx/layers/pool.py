@@ -86,10 +86,11 @@ class MaxPool2D(_Pool2D):
             for j in range(k):
                 if i or j:
                     out = xp.maximum(out, window(xpad, i, j, s, ho, wo))
-        self.xpad, self.out, self.xshape = xpad, out, (n, c, h, w)
+        if self.keeps(train):  # backward reuses the output itself
+            self.xpad, self.out, self.xshape = xpad, out, (n, c, h, w)
         return out
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         xp = self.xp
         n, c, h, w = self.xshape
         k, s, p = self.kernel_size, self.stride, self.padding
@@ -142,7 +143,7 @@ class AvgPool2D(_Pool2D):
                     total = total + window(xpad, i, j, s, ho, wo)
         return total * (1.0 / (k * k))
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         xp = self.xp
         n, c, h, w = self.xshape
         k, s, p = self.kernel_size, self.stride, self.padding
@@ -182,7 +183,7 @@ class GlobalAvgPool(Layer):
         self.xshape = tuple(x.shape)
         return self.xp.mean(x, axis=(2, 3))
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         xp = self.xp
         n, c, h, w = self.xshape
         g = xp.reshape(grad * (1.0 / (h * w)), (n, c, 1, 1))

@@ -29,7 +29,7 @@ class Reshape(Layer):
             self.check_features(x, self.in_shape)
         return self.xp.reshape(x, (x.shape[0], *self.shape))
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         return self.xp.reshape(grad, (grad.shape[0], *self.in_shape))
 
     def config(self):

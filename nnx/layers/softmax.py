@@ -23,9 +23,10 @@ def log_softmax(xp, z):
 
 class Softmax(Layer):
     def forward(self, x, train=False):
-        self.s = softmax(self.xp, x)
-        return self.s
+        s = softmax(self.xp, x)
+        self.s = s if self.keeps(train) else None  # backward reuses the output itself
+        return s
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
         s = self.s
         return s * (grad - self.xp.sum(grad * s, axis=1, keepdims=True))
