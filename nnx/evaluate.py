@@ -124,7 +124,7 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
             out_dir = source if source.is_dir() else source.parent
     else:
         model = model_or_path
-        if not hasattr(model, "predict_proba") or not hasattr(model, "input_shape"):
+        if not hasattr(model, "probabilities") or not hasattr(model, "input_shape"):
             raise EvaluateError(f"expected an nnx Sequential or a path, got {type(model).__name__}")
 
     dataset = dataset or settings.get("dataset") or "mnist"

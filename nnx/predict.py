@@ -53,7 +53,7 @@ def predict_proba(model, x, batch_size: int = 2048) -> np.ndarray:
         xb = x[start:min(start + batch_size, n), ...]  # in-bounds stop (Array API)
         if on_host:
             xb = backend.from_numpy(np.ascontiguousarray(xb, dtype=np.float32), dtype=model.dtype)
-        out.append(np.asarray(backend.to_numpy(model.predict_proba(xb)), dtype=np.float64))
+        out.append(np.asarray(backend.to_numpy(model.probabilities(xb)), dtype=np.float64))
     if not out:
         return np.zeros((0, int(math.prod(model.output_shape))))
     return np.concatenate(out)
