@@ -242,67 +242,22 @@ class Trainer:
                 "history": self.history}
 
     def save(self):
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.state(),
-                               self.best_weights)
+        """A checkpoint of this exact position in the run folder (``nnx.checkpoint.save_trainer``)."""
+        from .checkpoint import save_trainer
+
+        return save_trainer(self)
 
     def resume(self, ckpt_dir) -> None:
-        """Restore weights, optimizer, position and early-stopping state from a checkpoint.
+        """Restore weights, optimizer, position and early-stopping state from a checkpoint
+        (``nnx.checkpoint.resume_trainer``); any inconsistency is a CheckpointError."""
+        from .checkpoint import resume_trainer
 
-        Any inconsistency (missing arrays, another optimizer, other shapes) is a CheckpointError.
-        """
-        from .checkpoint import CheckpointError
-
-        try:
-            self._resume(ckpt_dir)
-        except (ValueError, KeyError, TypeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{ckpt_dir}: cannot resume from this checkpoint ({e})") from e
-
-    def _resume(self, ckpt_dir) -> None:
-        from .checkpoint import check_architecture, load_safetensors, read_state
-
-        state = read_state(ckpt_dir)
-        check_architecture(self.model, state, ckpt_dir)
-        arrays, _ = load_safetensors(Path(ckpt_dir) / "model.safetensors")
-        self.model.load_state_dict(arrays)
-        slots, _ = load_safetensors(Path(ckpt_dir) / "optimizer.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"], slots, self.backend, self.model.dtype)
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.partial = state["global_step"], state["partial"]
-        self.history = state.get("history", [])
-        es = state["early_stopping"]
-        self.best_val_loss = math.inf if es["best_val_loss"] is None else es["best_val_loss"]
-        self.bad_epochs = es["bad_epochs"]
-        if es.get("best_epoch") is not None:
-            self.best_epoch = es["best_epoch"]
-        best_file = Path(ckpt_dir) / "best.safetensors"
-        if best_file.is_file():
-            best, _ = load_safetensors(best_file)
-            buffers = self.model.named_buffers()  # BatchNorm counters keep their integer dtype
-            self.best_weights = {k: self.backend.from_numpy(
-                v, dtype=buffers[k].dtype if k in buffers else self.model.dtype)
-                for k, v in best.items()}
-        if self.run_dir:
-            self._truncate_metrics(self.epoch)
+        resume_trainer(self, ckpt_dir)
 
     def _append_metrics(self, row) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        from .checkpoint import append_metrics
 
-    def _truncate_metrics(self, epochs: int) -> None:
-        """After a resume, drop metric lines of epochs the checkpoint does not include."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-        kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs]
-        if kept != lines:
-            from .checkpoint import atomic_write_bytes
-
-            atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        append_metrics(self.run_dir, row)
 
     def _log_epoch(self, row) -> None:
         parts = [f"epoch {row['epoch']:>3}/{self.epochs}",
@@ -314,33 +269,48 @@ class Trainer:
 
 
 class _graceful_sigint:
-    """Turn the first Ctrl-C into a stop request checked between steps (main thread only)."""
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM — what cluster schedulers send — into a stop
+    request checked between steps (main thread only). A second one aborts at once, except
+    while a checkpoint is being written: then it waits until the checkpoint is complete
+    (``nnx.checkpoint.save_trainer``), so no signal can leave a half-written checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def __enter__(self):
         import signal
+        import sys
         import threading
 
-        self.previous = None
-        self.trainer._stop_requested = False
+        self.previous = {}
+        trainer = self.trainer
+        trainer._stop_requested = False
+        trainer._abort_pending = False
+        trainer._stop_signal = None
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
-                if self.trainer._stop_requested:
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                if trainer._stop_requested:
+                    if getattr(trainer, "_saving", False):
+                        trainer._abort_pending = True
+                        print(f"\n{name}: a checkpoint is being written; stopping as soon as "
+                              "it is complete", file=sys.stderr, flush=True)
+                        return
                     raise KeyboardInterrupt
-                self.trainer._stop_requested = True
-                self.trainer.log("\nCtrl-C: finishing this step and saving a checkpoint "
-                                 "(press again to abort without saving)")
+                trainer._stop_requested = True
+                trainer._stop_signal = signum
+                print(f"\n{name}: finishing this step and saving a checkpoint (press Ctrl-C "
+                      "again to abort without saving)", file=sys.stderr, flush=True)
 
-            self.previous = signal.signal(signal.SIGINT, handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
         return False
 
 
