@@ -24,7 +24,10 @@ class NumpyBackend(Backend):
         try:
             from threadpoolctl import threadpool_info
 
-            blas = ", ".join(sorted({i.get("internal_api", "?") for i in threadpool_info()}))
+            info = threadpool_info()
+            blas = ", ".join(sorted({i.get("internal_api", "?") for i in info}))
+            n = max((i.get("num_threads", 0) for i in info), default=0)  # set by --threads
+            blas += f", {n} thread{'s' * (n != 1)}" if n else ""
         except Exception:  # threadpoolctl is optional
             blas = "BLAS"
         import os

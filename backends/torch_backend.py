@@ -96,4 +96,5 @@ class TorchBackend(Backend):
             p = t.cuda.get_device_properties(self.device)
             return (f"torch {t.__version__} on {self.device} ({p.name}, "
                     f"{p.total_memory / 2**30:.0f} GiB)")
-        return f"torch {t.__version__} on CPU ({t.get_num_threads()} threads)"
+        n = t.get_num_threads()
+        return f"torch {t.__version__} on CPU ({n} thread{'s' * (n != 1)})"

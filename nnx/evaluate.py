@@ -265,6 +265,7 @@ def render_report(result, pictures) -> str:
 # --- command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
+    from .threads import add_threads_option
 
     p = argparse.ArgumentParser(
         prog="python -m nnx.evaluate",
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder, checkpoint folder or nnx .safetensors file")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: auto")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    add_threads_option(p)
     p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default=None,
                    help="default: the run's dataset, else mnist")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files")
@@ -295,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .threads import set_threads
+
+    set_threads(args.threads)
     from .backends import BackendError
     from .checkpoint import CheckpointError
     from .datasets import DatasetError

@@ -140,6 +140,7 @@ def format_result(r) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
+    from .threads import add_threads_option
 
     p = argparse.ArgumentParser(
         prog="python -m nnx.predict",
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the --show pictures (default: beside each input)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: auto")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    add_threads_option(p)
     return p
 
 
@@ -172,6 +174,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error(f"--top must be >= 1, got {args.top}")
+    from .threads import set_threads
+
+    set_threads(args.threads)
     from .backends import BackendError
     from .checkpoint import CheckpointError
 

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .schedules import SCHEDULES
     from .layers import ACTIVATIONS
     from .backends import BACKENDS
+    from .threads import add_threads_option
 
     p = argparse.ArgumentParser(
         prog="python -m nnx.train",
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKENDS,
                    help="array library: auto picks numpy on cpu, cupy on cuda (default: auto)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="default: float32")
+    add_threads_option(g)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
@@ -229,6 +231,9 @@ def build_model(cfg: dict, backend):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .threads import set_threads
+
+    set_threads(vars(args).pop("threads"))  # the machine's setting, not the run's: not in config
     cfg = resolve_config(args, parser)
     log = (lambda *a, **k: None) if cfg["quiet"] else print
 

@@ -1,8 +1,11 @@
-"""Backend fixtures: every test that takes ``backend`` runs on each CPU backend present
-(NumPy, array-api-strict on its default device and on ``device1``, PyTorch CPU) and, marked
-``gpu``, on CuPy and torch-CUDA when a GPU is there."""
+"""Backend fixtures: every test that takes ``backend`` runs on each backend usable here —
+NumPy, array-api-strict on its default device and on ``device1``, PyTorch CPU and, marked
+``gpu``, CuPy and torch-CUDA. Backends are probed once at collection; those missing are named
+in pytest's header (with what to install) instead of appearing as hundreds of skips, and
+tests/test_gpu.py keeps one visible skip per missing GPU backend."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -13,14 +16,48 @@ from nnx.backends import BackendError, get_backend
 
 CPU_BACKENDS = [("numpy", "cpu"), ("strict", "CPU_DEVICE"), ("strict", "device1"), ("torch", "cpu")]
 GPU_BACKENDS = [("cupy", "cuda"), ("torch", "cuda")]
+#: what to install for each backend, for the header line
+INSTALL_HINTS = {
+    "strict": "pip install -e '.[test]'",
+    "torch-cpu": "pip install -e '.[torch]'",
+    "cupy-cuda": "an NVIDIA GPU and pip install -e '.[cuda12]' or '.[cuda13]'",
+    "torch-cuda": "an NVIDIA GPU and a CUDA build of torch",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def backend_problem(name: str, device: str) -> str | None:
+    """None when ``get_backend(name, device)`` works here, else why not (probed once)."""
+    try:
+        get_backend(name, device)
+    except BackendError as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def _id(name, device):
+    return f"{name}-{device}"
+
+
+def _hint(name, device):
+    return INSTALL_HINTS.get(_id(name, device)) or INSTALL_HINTS.get(name, "see README")
 
 
 def _param(name, device, gpu=False):
     marks = [pytest.mark.gpu] if gpu else []
-    return pytest.param((name, device), id=f"{name}-{device}", marks=marks)
+    return pytest.param((name, device), id=_id(name, device), marks=marks)
 
 
-ALL_BACKENDS = [_param(n, d) for n, d in CPU_BACKENDS] + [_param(n, d, True) for n, d in GPU_BACKENDS]
+USABLE_BACKENDS = [(n, d) for n, d in CPU_BACKENDS + GPU_BACKENDS if backend_problem(n, d) is None]
+MISSING_BACKENDS = [(n, d) for n, d in CPU_BACKENDS + GPU_BACKENDS if backend_problem(n, d) is not None]
+#: the ``backend`` fixture's parameters: only backends usable here
+ALL_BACKENDS = [_param(n, d, gpu=(n, d) in GPU_BACKENDS) for n, d in USABLE_BACKENDS]
+
+
+def pytest_report_header(config):
+    tested = ", ".join(_id(n, d) for n, d in USABLE_BACKENDS)
+    missing = "; ".join(f"{_id(n, d)} ({_hint(n, d)})" for n, d in MISSING_BACKENDS)
+    return f"nnx backends tested: {tested}" + (f" | not here: {missing}" if missing else "")
 
 
 def make_backend(name, device):
@@ -57,7 +94,7 @@ def _one_thread_per_library():
 
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request):
-    """Every backend present; float64 capable."""
+    """Every backend usable here; float64 capable."""
     return make_backend(*request.param)
 
 
@@ -72,12 +109,24 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def _has_mnist(folder: Path) -> bool:
+    return (folder / "train-images-idx3-ubyte.gz").exists() or (folder / "train-images-idx3-ubyte").exists()
+
+
+@functools.lru_cache(maxsize=None)
 def shared_mnist_dir() -> Path | None:
-    """The MNIST files from NNX_DATA_DIR or ../shared/data/mnist beside the repo, if present."""
+    """The MNIST folder the CLI would use ($NNX_DATA_DIR, the download cache, system folders:
+    ``nnx.datasets.find_data_dir``), else ../shared/data/mnist beside the repository; None
+    when there is none (tests that need it skip)."""
+    from nnx import datasets
+
+    try:
+        found = datasets.find_data_dir("mnist")
+    except (datasets.DatasetError, OSError):  # damaged files: the CLI would refuse them too
+        found = None
+    if found is not None:
+        return Path(found)
     env = os.environ.get("NNX_DATA_DIR")
-    candidates = [Path(env)] if env else []
+    candidates = [Path(env).expanduser()] if env else []
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
-    for c in candidates:
-        if (c / "train-images-idx3-ubyte.gz").exists() or (c / "train-images-idx3-ubyte").exists():
-            return c
-    return None
+    return next((c for c in candidates if _has_mnist(c)), None)
