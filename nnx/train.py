@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
+import os
 import platform
 import sys
 from pathlib import Path
+
+from .errors import cli_main
 
 DEFAULTS = {
     "device": "cpu", "backend": "auto", "dataset": "mnist", "data_dir": None,
@@ -26,6 +30,47 @@ DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download"}
 NUM_INPUTS, NUM_CLASSES = 784, 10
+#: the type each setting must have (config.json of a resumed run is checked against it)
+INT_SETTINGS = ("epochs", "batch_size", "val_size", "seed", "early_stopping")
+FLOAT_SETTINGS = ("lr", "momentum", "weight_decay", "clip_norm", "warmup_epochs", "dropout")
+STR_SETTINGS = ("device", "backend", "dataset", "model", "layers", "activation", "optimizer",
+                "schedule", "dtype")
+MAX_SEED = 2**32 - 1
+#: largest --arch file read (a spec is a line of text; anything bigger is not one)
+MAX_SPEC_BYTES = 64 * 1024
+#: files nnx.evaluate writes into a run folder (stale once a resumed run replaces the weights)
+EVALUATION_FILES = ("evaluation.json", "report.md")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a real number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nnx.train",
         description="Train a hand-written neural network (NumPy/CuPy/PyTorch through the Array "
-                    "API) on MNIST or Fashion-MNIST. Defaults train 784-128-64-10 to >= 98% test "
-                    "accuracy in 10 epochs on a CPU.",
+                    "API) on MNIST or Fashion-MNIST. On MNIST the defaults train 784-128-64-10 to "
+                    ">= 98% test accuracy in 10 epochs on a CPU; Fashion-MNIST is harder and "
+                    "ends lower.",
         epilog="examples:\n"
                "  python -m nnx.train                           # default MLP on the CPU\n"
                "  python -m nnx.train --device cuda             # same on an NVIDIA GPU (CuPy)\n"
                "  python -m nnx.train --optimizer adam --lr 1e-3 --epochs 5\n"
                "  python -m nnx.train --resume runs/20260101-120000   # continue a run\n"
-               "data is looked for in --data-dir, $NNX_DATA_DIR, ~/.cache/nnx/<dataset>, then "
-               "downloaded (see docs/data.md)",
+               "data is looked for in --data-dir (only there, when given), else in "
+               "$NNX_DATA_DIR/<dataset>, $NNX_DATA_DIR, the cache ($XDG_CACHE_HOME/nnx/<dataset>, "
+               "default ~/.cache/nnx/<dataset>), /usr/share/datasets/<dataset>, then downloaded "
+               "into the cache (see docs/data.md)\n"
+               "errors are one line; --debug (or NNX_DEBUG=1) shows the Python traceback",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None)
     g = p.add_argument_group("hardware")
@@ -60,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
     g.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000)")
-    g.add_argument("--limit", type=int, help="use only the first N training images (quick runs)")
+    g.add_argument("--limit", type=positive_int,
+                   help="use only the first N training images (quick runs); a --val-size left "
+                        "at its default shrinks to N/10")
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
     g = p.add_argument_group("model")
@@ -74,21 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", help="MLP sizes, input 784 first and 10 classes last "
                                     "(default: 784,128,64,10)")
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: relu)")
-    g.add_argument("--dropout", type=float, help="dropout after each hidden layer, 0 disables (default: 0)")
+    g.add_argument("--dropout", type=finite_float, help="dropout after each hidden layer, 0 disables (default: 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS),
                    help="default: nesterov for the MLP, adam for --model cnn / --arch")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: "
+    g.add_argument("--lr", type=finite_float, help="peak learning rate (default: "
                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--momentum", type=float, help="for momentum/nesterov (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, help="L2 (sgd/momentum/nesterov/adam) or decoupled (adamw) "
+    g.add_argument("--momentum", type=finite_float, help="for momentum/nesterov (default: 0.9)")
+    g.add_argument("--weight-decay", type=finite_float, help="L2 (sgd/momentum/nesterov/adam) or decoupled (adamw) "
                         "(default: 5e-4 for the MLP, 0 for --model cnn / --arch)")
-    g.add_argument("--clip-norm", type=float, help="clip gradients to this global L2 norm (default: off)")
+    g.add_argument("--clip-norm", type=finite_float, help="clip gradients to this global L2 norm (default: off)")
     g.add_argument("--schedule", choices=list(SCHEDULES), help="learning-rate schedule (default: cosine)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default: 0)")
+    g.add_argument("--warmup-epochs", type=finite_float, help="linear warm-up length (default: 0)")
     g.add_argument("--epochs", type=int, help="default: 10")
     g.add_argument("--batch-size", type=int, help="default: 128")
-    g.add_argument("--seed", type=int, help="seeds weights, validation split, shuffling, dropout (default: 0)")
+    g.add_argument("--seed", type=seed_int, help="seeds weights, validation split, shuffling, dropout (default: 0)")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop when validation loss has not improved for PATIENCE epochs; the "
                         "run ends with its best-validation weights (default: 0 = off)")
@@ -98,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines")
     g.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not draw PNG plots into the run folder at the end")
+    g.add_argument("--debug", action="store_true", default=None,
+                   help="show the Python traceback of an error (also: NNX_DEBUG=1)")
     return p
 
 
@@ -106,10 +159,30 @@ def validate(cfg: dict, parser) -> None:
     def bad(msg):
         parser.error(msg)
 
+    def opt(key):
+        return "--" + key.replace("_", "-")
+
+    for key in INT_SETTINGS:
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+            bad(f"{opt(key)} must be an integer, got {cfg[key]!r}")
+    for key in FLOAT_SETTINGS:
+        value = cfg[key]
+        if value is None and key in ("lr", "clip_norm"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad(f"{opt(key)} must be a finite number, got {value!r}")
+    for key in STR_SETTINGS:
+        if not isinstance(cfg[key], str):
+            bad(f"{opt(key)} must be a string, got {cfg[key]!r}")
+    if cfg["limit"] is not None and (isinstance(cfg["limit"], bool) or not isinstance(cfg["limit"], int)
+                                     or cfg["limit"] <= 0):
+        bad(f"--limit must be a positive integer, got {cfg['limit']!r}")
     if cfg["batch_size"] <= 0:
         bad(f"--batch-size must be a positive integer, got {cfg['batch_size']}")
     if cfg["epochs"] <= 0:
         bad(f"--epochs must be a positive integer, got {cfg['epochs']}")
+    if not 0 <= cfg["seed"] <= MAX_SEED:
+        bad(f"--seed must be between 0 and {MAX_SEED}, got {cfg['seed']}")
     if cfg["lr"] is not None and not cfg["lr"] > 0:
         bad(f"--lr must be positive, got {cfg['lr']}")
     if not 0.0 <= cfg["dropout"] < 1.0:
@@ -129,41 +202,234 @@ def validate(cfg: dict, parser) -> None:
     if cfg["early_stopping"] and not cfg["val_size"]:
         bad("--early-stopping needs a validation split (--val-size > 0)")
     if cfg["limit"] is not None and cfg["limit"] <= cfg["val_size"]:
-        bad(f"--limit ({cfg['limit']}) must be larger than --val-size ({cfg['val_size']})")
-    try:
-        sizes = [int(s) for s in str(cfg["layers"]).split(",")]
-    except ValueError:
-        bad(f"--layers must be comma-separated integers like 784,128,64,10, got {cfg['layers']!r}")
-    if len(sizes) < 2 or min(sizes) <= 0:
-        bad(f"--layers needs at least two positive sizes, got {cfg['layers']!r}")
-    if sizes[0] != NUM_INPUTS or sizes[-1] != NUM_CLASSES:
-        bad(f"--layers must start at {NUM_INPUTS} (28x28 pixels) and end at {NUM_CLASSES} "
-            f"(classes), got {cfg['layers']!r}")
+        bad(f"--limit {cfg['limit']} leaves no training images after --val-size "
+            f"{cfg['val_size']}; pass a smaller --val-size (e.g. --val-size "
+            f"{cfg['limit'] // 10}) or a larger --limit")
     if cfg["arch"] or cfg["model"] != "mlp":
-        from .architectures import ArchitectureError, build_layers, input_shape_for
-        from .errors import ShapeError
-
-        spec = arch_spec(cfg)
         try:
-            layers = build_layers(spec, input_shape_for(spec))
-            out = input_shape_for(spec)
-            for layer in layers:
-                out = layer.output_shape(out)
-        except (ArchitectureError, ShapeError, ValueError, TypeError) as e:
+            spec = arch_spec(cfg)
+            layers, shapes = check_arch(spec)
+        except ValueError as e:  # ArchitectureError, ShapeError
             bad(f"--arch: {e}")
-        if tuple(out) != (NUM_CLASSES,):
-            bad(f"--arch must end with {NUM_CLASSES} outputs (one per class), it ends with shape {tuple(out)}")
+        out = shapes[-1] if shapes else None
+        if tuple(out or ()) != (NUM_CLASSES,):
+            bad(f"--arch must end with {NUM_CLASSES} outputs (one per class), it ends with shape "
+                f"{tuple(out or ())}")
+        sizes = None
+    else:
+        try:
+            sizes = [int(s) for s in str(cfg["layers"]).split(",")]
+        except ValueError:
+            bad(f"--layers must be comma-separated integers like 784,128,64,10, got {cfg['layers']!r}")
+        if len(sizes) < 2 or min(sizes) <= 0:
+            bad(f"--layers needs at least two positive sizes, got {cfg['layers']!r}")
+        if sizes[0] != NUM_INPUTS or sizes[-1] != NUM_CLASSES:
+            bad(f"--layers must start at {NUM_INPUTS} (28x28 pixels) and end at {NUM_CLASSES} "
+                f"(classes), got {cfg['layers']!r}")
+        layers = None
+    need = memory_estimate(cfg, sizes=sizes, layers=layers)
+    have = available_memory(cfg["device"])
+    if have is not None and need > have:
+        what = f"--layers {cfg['layers']}" if sizes else "this --arch/--model"
+        bad(f"{what} with --batch-size {cfg['batch_size']} needs about {_gb(need)} of memory "
+            f"(weights, gradients, optimizer state, activations and the data), but only "
+            f"{_gb(have)} is available; choose smaller layers or a smaller --batch-size")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes of memory a CPU run can still use (MemAvailable), or None when unknown (and for
+    GPUs, whose memory the backend reports once it is loaded)."""
+    if not str(device).startswith("cpu"):
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_estimate(cfg: dict, sizes=None, layers=None) -> int:
+    """Rough bytes a run needs, from the layer sizes alone (nothing allocated): parameters
+    with their gradients and optimizer slots, one batch of activations kept for backward
+    (and their gradients), and the device copy of the data."""
+    itemsize = 8 if cfg["dtype"] == "float64" else 4
+    params, acts = 0, 0
+    if sizes is not None:
+        params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        acts = 2 * sum(sizes)
+    else:
+        from .checkpoint import expected_tensors
+
+        shape = input_shape_for_spec(arch_spec(cfg))
+        try:
+            params = sum(math.prod(t[0]) for t in
+                         expected_tensors([{"type": type(l).__name__, **l.config()} for l in layers]).values())
+        except ValueError:
+            params = 0
+        for layer in layers:
+            shape = layer.output_shape(shape)
+            acts += 2 * math.prod(shape)
+    slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2}.get(cfg["optimizer"], 2)
+    data = 70_000 * NUM_INPUTS * itemsize
+    return int(params * itemsize * (2 + slots) + acts * cfg["batch_size"] * itemsize * 2 + data)
+
+
+def input_shape_for_spec(spec: str) -> tuple:
+    from .architectures import input_shape_for
+
+    return tuple(input_shape_for(spec))
+
+
+#: spec tokens whose layers take no arguments ("relu:3" is a mistake, not a variant)
+NO_ARGUMENT_TOKENS = ("relu", "tanh", "sigmoid", "gap", "bn", "flatten", "softmax")
+
+
+def _split_items(spec: str) -> list[str]:
+    """Top-level comma-separated items, keeping empty ones (to report them)."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            raise ValueError(f"unbalanced ']' in {spec!r}")
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise ValueError(f"unbalanced '[' in {spec!r}")
+    parts.append(current.strip())
+    return parts
+
+
+def check_arch(spec: str, shape=None):
+    """Build the layer objects of ``spec`` (no parameters allocated) and return them with
+    the shape after each; ValueError for an empty spec or item, arguments on layers that
+    take none, bad numbers, or a residual branch that changes the shape."""
+    from .architectures import build_layers
+
+    if not spec.strip():
+        raise ValueError("the layer spec is empty; give layers like 'conv:16,relu,flatten,dense:10'")
+    shape = tuple(shape) if shape is not None else input_shape_for_spec(spec)
+    layers, shapes = [], []
+    for item in _split_items(spec):
+        if not item:
+            raise ValueError(f"empty item in {spec!r} (two commas in a row, or one at an end)")
+        if item.lower().startswith("res["):
+            if not item.endswith("]"):
+                raise ValueError(f"{item!r}: a residual block is written res[LAYERS]")
+            inner, inner_shapes = check_arch(item[4:-1], shape)
+            out = inner_shapes[-1] if inner_shapes else shape
+            if tuple(out) != tuple(shape):
+                raise ValueError(f"the residual branch {item!r} maps shape {shape} to {tuple(out)}; "
+                                 "it must keep its input's shape so x + f(x) is defined")
+        else:
+            name, *args = item.split(":")
+            if name.lower() in NO_ARGUMENT_TOKENS and args:
+                raise ValueError(f"{item!r}: {name} takes no arguments; write {name}")
+            if name.lower() in ("dropout", "leaky_relu") and args:
+                try:
+                    value = float(args[0])
+                except ValueError:
+                    value = math.nan
+                if len(args) > 1 or not math.isfinite(value) or (
+                        name.lower() == "dropout" and not 0 <= value < 1):
+                    raise ValueError(f"{item!r}: {name} takes one finite number"
+                                     + (" in [0, 1)" if name.lower() == "dropout" else ""))
+        try:
+            (layer,) = build_layers(item, shape)
+            shape = tuple(layer.output_shape(shape))
+        except (TypeError, OverflowError) as e:
+            raise ValueError(f"{item!r}: {e}") from None
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"{item!r} leaves nothing: output shape {shape}")
+        layers.append(layer)
+        shapes.append(shape)
+    return layers, shapes
 
 
 def arch_spec(cfg: dict) -> str:
-    """The layer spec of a non-MLP run: --arch (text or a file holding it) or the preset."""
+    """The layer spec of a non-MLP run: --arch (text or a file holding it) or the preset.
+
+    A file holds the spec on one or more lines (blank lines and ``#`` comments are
+    skipped); a file that is not short UTF-8 text is a ValueError."""
     from .architectures import PRESETS
 
     arch = cfg.get("arch")
-    if arch:
-        path = Path(arch)
-        return path.read_text().strip().replace("\n", ",") if path.is_file() else arch
-    return PRESETS[cfg["model"]]
+    if not arch:
+        return PRESETS[cfg["model"]]
+    path = Path(arch)
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. a spec too long to be a file name
+        is_file = False
+    if not is_file:
+        return arch
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read the spec file {arch} ({e.strerror or e})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ValueError(f"{arch} is larger than {MAX_SPEC_BYTES // 1024} KiB: not a layer spec file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise ValueError(f"{arch} is a binary file, not a text file holding a layer spec like "
+                         "'conv:16,relu,flatten,dense:10'")
+    lines = [l.split("#", 1)[0].strip().strip(",") for l in text.splitlines()]
+    return ",".join(l for l in lines if l)
+
+
+def _read_run_config(run: str, parser) -> dict:
+    """The settings in RUN/config.json, or one clear error when the file is missing or damaged."""
+    config_file = Path(run) / "config.json"
+    if not config_file.is_file():
+        parser.error(f"--resume {run}: no config.json there; is it a run folder?")
+    try:
+        saved = json.loads(config_file.read_text())["settings"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"'settings' is a {type(saved).__name__}")
+        unknown = sorted(set(saved) - set(DEFAULTS))
+        if unknown:
+            raise KeyError(f"unknown settings {unknown}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        parser.error(f"--resume {run}: {config_file} is damaged ({e}); it holds the run's "
+                     "settings, so restore it from a backup or start a new run with another --out")
+    return saved
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a new run there would lose."""
+    from .checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir)) or (run_dir / "model.safetensors").exists()
+
+
+def check_out_dir(out: Path, parser) -> None:
+    """--out must be (or become) a writable folder: not a file, not inside a file."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder for the run (it is created if needed)")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        parser.error(f"--out {out} lies inside {ancestor}, which is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: cannot write in {ancestor} (permission denied or a "
+                     "read-only file system); choose another --out")
 
 
 def resolve_config(args, parser) -> dict:
@@ -173,10 +439,7 @@ def resolve_config(args, parser) -> dict:
     if given.get("arch") or given.get("model", "mlp") != "mlp":
         cfg.update(MODEL_DEFAULTS.get(given.get("model"), MODEL_DEFAULTS["cnn"]))
     if "resume" in given:
-        config_file = Path(given["resume"]) / "config.json"
-        if not config_file.is_file():
-            parser.error(f"--resume {given['resume']}: no config.json there; is it a run folder?")
-        saved = json.loads(config_file.read_text())["settings"]
+        saved = _read_run_config(given["resume"], parser)
         cfg.update(saved)
         ignored = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"}
                          and given[k] != saved.get(k))
@@ -184,17 +447,33 @@ def resolve_config(args, parser) -> dict:
             parser.error("--resume continues a run with its own settings; these cannot change: "
                          + ", ".join("--" + k.replace("_", "-") for k in ignored))
         cfg["out"] = given["resume"]
+        cfg["_previous_epochs"] = saved.get("epochs")
+    elif given.get("limit") and "val_size" not in given and given["limit"] <= cfg["val_size"]:
+        # a quick run: hold out a tenth for validation instead of refusing
+        cfg["val_size"] = given["limit"] // 10
+        cfg["_note"] = (f"--limit {given['limit']}: validation split shrunk to "
+                        f"{cfg['val_size']} images (pass --val-size to choose)")
     cfg.update(given)
     if cfg["data_dir"]:  # stored absolute so evaluate/plots find the data from any folder
         cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
-    if cfg["arch"] and Path(cfg["arch"]).is_file():  # store the spec itself: resumable anywhere
-        cfg["arch"] = arch_spec(cfg)
-    if not cfg.get("resume") and cfg.get("out") and (Path(cfg["out"]) / "config.json").exists():
-        parser.error(f"--out {cfg['out']} already holds a run; continue it with --resume "
-                     f"{cfg['out']} or choose another --out")
+    if cfg["arch"]:  # store the spec itself (from a file too): resumable anywhere
+        try:
+            cfg["arch"] = arch_spec(cfg)
+        except ValueError as e:
+            parser.error(f"--arch: {e}")
+    if not cfg.get("resume") and cfg.get("out"):
+        out = Path(cfg["out"])
+        check_out_dir(out, parser)
+        if (out / "config.json").exists():
+            if _has_progress(out):
+                parser.error(f"--out {out} already holds a run; continue it with --resume "
+                             f"{out} or choose another --out")
+            parser.error(f"--out {out} holds a run that stopped before its first checkpoint; "
+                         f"--resume {out} starts it over with its saved settings, or choose "
+                         "another --out")
     cfg.setdefault("quiet", False)
-    if cfg["lr"] is None:
-        cfg["lr"] = DEFAULT_LR[cfg["optimizer"]]
+    if cfg["lr"] is None and isinstance(cfg["optimizer"], str):
+        cfg["lr"] = DEFAULT_LR.get(cfg["optimizer"])
     validate(cfg, parser)
     return cfg
 
@@ -203,7 +482,8 @@ def run_config(cfg: dict, backend) -> dict:
     """What config.json records: every setting plus versions and the machine."""
     from . import __version__
 
-    settings = {k: v for k, v in cfg.items() if k not in ("resume", "quiet", "out")}
+    settings = {k: v for k, v in cfg.items()
+                if k not in ("resume", "quiet", "out") and not k.startswith("_")}
     return {"settings": settings, "nnx_version": __version__, "backend": backend.name,
             "device": str(backend.device), "device_description": backend.describe(),
             "versions": backend.versions(), "python": platform.python_version(),
@@ -228,23 +508,32 @@ def build_model(cfg: dict, backend):
                dtype=cfg["dtype"], seed=cfg["seed"])
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .threads import set_threads
 
     set_threads(vars(args).pop("threads"))  # the machine's setting, not the run's: not in config
+    vars(args).pop("debug", None)  # read by cli_main; not a setting of the run
     cfg = resolve_config(args, parser)
     log = (lambda *a, **k: None) if cfg["quiet"] else print
+    note = lambda msg: print(f"note: {msg}", file=sys.stderr)
 
     from . import datasets
     from .backends import BackendError, get_backend
-    from .checkpoint import CheckpointError, atomic_write_json, latest_checkpoint
+    from .checkpoint import (CheckpointError, SaveError, atomic_write_json, check_position,
+                             clean_run_folder, latest_checkpoint, list_checkpoints)
     from .data import make_splits
     from .optim import make_optimizer
     from .schedules import make_schedule
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
+    if cfg.get("_note"):
+        note(cfg["_note"])
+    run_dir = Path(cfg.get("out") or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if not cfg.get("out"):
+        check_out_dir(run_dir, parser)
     try:
         backend = get_backend(cfg["backend"], cfg["device"])
         dtype = backend.dtype(cfg["dtype"])
@@ -259,31 +548,51 @@ def main(argv=None) -> int:
         return 1
     model = build_model(cfg, backend)
     splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
-                         limit=cfg["limit"], flatten=len(model.input_shape) == 1)
+                         limit=cfg["limit"], flatten=len(model.input_shape) == 1,
+                         num_classes=NUM_CLASSES)
     optimizer = make_optimizer(cfg["optimizer"], model.named_parameters(), cfg["lr"],
                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                                clip_norm=cfg["clip_norm"])
     steps_per_epoch = -(-len(splits["train"]) // cfg["batch_size"])
     schedule = make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"], steps_per_epoch,
                              warmup_epochs=cfg["warmup_epochs"])
-    run_dir = Path(cfg.get("out") or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create the run folder {run_dir} ({e.strerror or e}); choose "
+              "another --out", file=sys.stderr)
+        return 1
+    for line in clean_run_folder(run_dir):
+        note(f"{run_dir}: {line} (left by a process that was killed or ran out of disk space)")
     trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
                       epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
                       run_dir=run_dir, progress=not cfg["quiet"], log=log)
     if cfg.get("resume"):
-        try:
-            ckpt = latest_checkpoint(run_dir)
-            trainer.resume(ckpt)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        started = trainer.epoch + (1 if trainer.step_in_epoch else 0)
-        if cfg["epochs"] < started:
-            print(f"error: --epochs {cfg['epochs']} is fewer than the {started} epochs this run "
-                  f"has already started; pass --epochs {started} or more", file=sys.stderr)
-            return 2
-        log(f"resuming {run_dir} from {ckpt.name} (epoch {trainer.epoch}, step {trainer.global_step})")
+        if not list_checkpoints(run_dir):
+            note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "
+                 "starting it over from epoch 1 with its saved settings")
+            if (run_dir / "metrics.jsonl").exists():
+                (run_dir / "metrics.jsonl").unlink()
+        else:
+            try:
+                ckpt = latest_checkpoint(run_dir)
+                trainer.resume(ckpt)
+                from .checkpoint import read_state
+
+                check_position(read_state(ckpt), steps_per_epoch, where=ckpt)
+            except CheckpointError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            started = trainer.epoch + (1 if trainer.step_in_epoch else 0)
+            if cfg["epochs"] < started:
+                print(f"error: --epochs {cfg['epochs']} is fewer than the {started} epochs this "
+                      f"run has already started; pass --epochs {started} or more", file=sys.stderr)
+                return 2
+            log(f"resuming {run_dir} from {ckpt.name} (epoch {trainer.epoch}, step "
+                f"{trainer.global_step})")
+            _explain_resume(cfg, trainer, schedule, steps_per_epoch, note)
+            if trainer.epoch < cfg["epochs"]:  # the weights will change
+                _remove_stale_evaluation(run_dir, note)
     atomic_write_json(run_dir / "config.json", run_config(cfg, backend))
 
     log(f"nnx: {backend.describe()}")
@@ -292,15 +601,33 @@ def main(argv=None) -> int:
     log(model.summary())
     log(f"optimizer {cfg['optimizer']} lr {cfg['lr']:g} ({cfg['schedule']}), batch {cfg['batch_size']}, "
         f"{cfg['epochs']} epochs -> {run_dir}")
+    resume_hint = f"python -m nnx.train --resume {run_dir}"
     try:
         trainer.fit(splits["train"], splits.get("val"), splits["test"])
     except TrainingInterrupted as e:
+        import signal
+
         where = e.checkpoint or "(no run folder)"
-        print(f"\ninterrupted: saved checkpoint {where}\nresume with: python -m nnx.train "
-              f"--resume {run_dir}", file=sys.stderr)
+        print(f"\ninterrupted: saved checkpoint {where}\nresume with: {resume_hint}", file=sys.stderr)
+        return 143 if getattr(trainer, "_stop_signal", None) == signal.SIGTERM else 130
+    except KeyboardInterrupt:
+        kept = list_checkpoints(run_dir)
+        print(f"\naborted: {'the last complete checkpoint is ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}"
+              f"; resume with: {resume_hint}", file=sys.stderr)
         return 130
     except TrainingDiverged as e:
+        print(f"error: {_divergence_message(str(e), run_dir)}", file=sys.stderr)
+        return 1
+    except SaveError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        kept = list_checkpoints(run_dir)
+        print(f"error: cannot write to {run_dir} ({e.strerror or e}"
+              f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}); "
+              + (f"the last complete checkpoint, {kept[-1].name}, is unchanged; free some space "
+                 f"and continue with: {resume_hint}" if kept else "nothing was saved"),
+              file=sys.stderr)
         return 1
     if cfg["plots"]:
         _draw_plots(run_dir, model, splits["test"], log)
@@ -310,6 +637,58 @@ def main(argv=None) -> int:
     log(f"resume: python -m nnx.train --resume {run_dir} --epochs N   "
         f"reload: nnx.load('{run_dir}')")
     return 0
+
+
+def _divergence_message(message: str, run_dir: Path) -> str:
+    """The trainer's divergence message with what is actually on disk: the last complete
+    checkpoint, or that there is none (a run that diverges in its first epoch)."""
+    from .checkpoint import list_checkpoints
+
+    kept = list_checkpoints(run_dir)
+    status = (f"the last good checkpoint, {kept[-1].name}, is kept" if kept
+              else "no checkpoint was written (it diverged before the end of its first epoch)")
+    claim = "the last good checkpoint is kept"
+    return message.replace(claim, status) if claim in message else f"{message} ({status})"
+
+
+def _explain_resume(cfg, trainer, schedule, steps_per_epoch, note) -> None:
+    """Say what a resume changes: a finished run needs more --epochs; a cosine schedule
+    stretched over more (or fewer) epochs continues at another learning rate."""
+    from .schedules import make_schedule
+
+    previous = cfg.get("_previous_epochs")
+    if trainer.epoch >= cfg["epochs"]:
+        note(f"this run already finished its {trainer.epoch} epochs; pass --epochs "
+             f"{trainer.epoch + 5} (say) to train longer")
+        return
+    if previous and previous != cfg["epochs"] and cfg["schedule"] == "cosine":
+        old = make_schedule("cosine", cfg["lr"], previous, steps_per_epoch,
+                            warmup_epochs=cfg["warmup_epochs"])
+        step = trainer.global_step
+        before, after = old(max(0, step - 1)), schedule(step)
+        note(f"--epochs {cfg['epochs']} (was {previous}) stretches the cosine schedule: the "
+             f"learning rate, {before:.3g} at the last step done, restarts at {after:.3g} and "
+             f"decays to 0 over the remaining {cfg['epochs'] - trainer.epoch} epoch(s)")
+
+
+def _remove_stale_evaluation(run_dir: Path, note) -> None:
+    """nnx.evaluate's files in the run folder describe the weights before this resume:
+    remove them (and the pictures they list) so nothing stale sits beside the new weights."""
+    files = [run_dir / name for name in EVALUATION_FILES if (run_dir / name).exists()]
+    try:
+        listed = json.loads((run_dir / "evaluation.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    for f in listed:
+        f = Path(f)
+        if f.suffix == ".png" and f.parent.resolve() == run_dir.resolve() and f.exists():
+            files.append(f)
+    if not files:
+        return
+    for f in files:
+        f.unlink()
+    note(f"removed {', '.join(f.name for f in files)}: they evaluated the weights from before "
+         f"this resume; run python -m nnx.evaluate {run_dir} again when it ends")
 
 
 def _draw_plots(run_dir, model, test_split, log) -> None:
