@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path("runs") / "bench"  # under the current folder; runs/ is git-ignored
 DEFAULT_BATCHES = (32, 128, 512, 2048, 8192)
 QUICK_BATCHES = (8, 64)
 
@@ -42,7 +42,7 @@ def build_parser():
     p.add_argument("--batch-sizes", help=f"MLP step batch sizes (default: "
                                          f"{','.join(map(str, DEFAULT_BATCHES))}; quick: "
                                          f"{','.join(map(str, QUICK_BATCHES))})")
-    p.add_argument("--cnn-batch-sizes", default="128", help="CNN step batch sizes (default: 128)")
+    p.add_argument("--cnn-batch-sizes", help="CNN step batch sizes (default: 128; quick: 8)")
     p.add_argument("--dtypes", default="float32", help="float32 and/or float64 (default: float32)")
     p.add_argument("--repeats", type=int, help="timed samples per case (default 7; quick 3)")
     p.add_argument("--warmup", type=int, help="untimed calls before each case (default 5; quick 1)")
@@ -66,51 +66,44 @@ def build_parser():
     p.add_argument("--skip-layers", action="store_true", help="skip the CNN single-layer cases")
     p.add_argument("--data-dir", help="MNIST folder (default: NNX_DATA_DIR, ~/.cache/nnx/mnist, "
                                       "../shared/data/mnist); never downloads")
-    p.add_argument("--out", help="results folder (default: benchmarks/results/<timestamp>/)")
+    p.add_argument("--out", help="results folder (default: runs/bench/<timestamp>/ under the "
+                                 "current folder)")
     p.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     return p
 
 
-class Config:
-    pass
+def _listed(parser, option, value, allowed):
+    items = _csv(value)
+    for v in items:
+        if v not in allowed:
+            parser.error(f"{option}: unknown {v!r} (use {', '.join(allowed)})")
+    return items
 
 
 def _resolve(args, parser):
-    cfg = Config()
-    cfg.quick = bool(args.quick)
-    cfg.models = _csv(args.models)
-    for m in cfg.models:
-        if m not in ("mlp", "cnn"):
-            parser.error(f"--models: unknown model {m!r} (use mlp, cnn)")
+    """The parsed options, checked, with the defaults that depend on ``--quick`` filled in."""
+    cfg, q = args, args.quick
+    cfg.models = _listed(parser, "--models", args.models, ("mlp", "cnn"))
+    cfg.dtypes = _listed(parser, "--dtypes", args.dtypes, ("float32", "float64"))
+    cfg.refs = ([] if args.refs.strip().lower() == "none"
+                else _listed(parser, "--refs", args.refs, ("torch", "numpy", "none")))
     try:
-        cfg.batch_sizes = [int(b) for b in _csv(args.batch_sizes)] if args.batch_sizes else \
-            list(QUICK_BATCHES if cfg.quick else DEFAULT_BATCHES)
-        cfg.cnn_batch_sizes = [int(b) for b in _csv(args.cnn_batch_sizes)]
-        if cfg.quick and args.cnn_batch_sizes == "128":
-            cfg.cnn_batch_sizes = [8]
+        cfg.batch_sizes = [int(b) for b in _csv(args.batch_sizes or ",".join(
+            map(str, QUICK_BATCHES if q else DEFAULT_BATCHES)))]
+        cfg.cnn_batch_sizes = [int(b) for b in _csv(args.cnn_batch_sizes or ("8" if q else "128"))]
     except ValueError:
         parser.error("batch sizes must be comma-separated integers")
     if min(cfg.batch_sizes + cfg.cnn_batch_sizes) <= 0:
         parser.error("batch sizes must be positive")
-    cfg.dtypes = _csv(args.dtypes)
-    for d in cfg.dtypes:
-        if d not in ("float32", "float64"):
-            parser.error(f"--dtypes: {d!r} is not float32 or float64")
-    cfg.repeats = args.repeats or (3 if cfg.quick else 7)
-    cfg.warmup = args.warmup if args.warmup is not None else (1 if cfg.quick else 5)
-    cfg.min_time = args.min_time if args.min_time is not None else (0.002 if cfg.quick else 0.05)
-    cfg.epoch_repeats = args.epoch_repeats or (1 if cfg.quick else 3)
+    cfg.repeats = args.repeats or (3 if q else 7)
+    cfg.warmup = (1 if q else 5) if args.warmup is None else args.warmup
+    cfg.min_time = (0.002 if q else 0.05) if args.min_time is None else args.min_time
+    cfg.epoch_repeats = args.epoch_repeats or (1 if q else 3)
     if cfg.repeats <= 0 or cfg.epoch_repeats <= 0 or cfg.warmup < 0 or cfg.min_time < 0:
         parser.error("--repeats/--epoch-repeats must be positive, --warmup/--min-time >= 0")
-    cfg.refs = [] if args.refs.strip().lower() == "none" else _csv(args.refs)
-    for r in cfg.refs:
-        if r not in ("torch", "numpy"):
-            parser.error(f"--refs: unknown peer {r!r} (use torch, numpy or none)")
-    cfg.threads = args.threads
-    cfg.input_grad = bool(args.with_input_grad)
-    cfg.skip_steps, cfg.skip_epoch = args.skip_steps, args.skip_epoch
-    cfg.skip_accuracy, cfg.skip_layers = args.skip_accuracy, args.skip_layers
-    cfg.data_dir = args.data_dir
+    if cfg.threads is not None and cfg.threads <= 0:
+        parser.error("--threads must be positive")
+    cfg.input_grad = args.with_input_grad
     cfg.backends = _csv(args.backends) if args.backends else None
     cfg.devices = _csv(args.devices) if args.devices else None
     return cfg
@@ -145,7 +138,7 @@ def _specs(cfg, model, log):
                                 "reason": str(e)})
                 log(f"skip nnx-{name} on {dev}: {e}")
                 continue
-            specs.append(Spec("nnx", name, bdev if name != "strict" else "CPU_DEVICE"))
+            specs.append(Spec("nnx", name, bdev))
         if "torch" in cfg.refs:
             try:
                 get_backend("torch", dev)
@@ -176,116 +169,95 @@ def _data(cfg, log):
     return data, name
 
 
-def _limit_threads(n, log):
-    """Limit BLAS/OpenMP pools (threadpoolctl) and torch to ``n`` threads; returns a keep-alive."""
-    keep = None
-    try:
-        from threadpoolctl import threadpool_limits
-
-        keep = threadpool_limits(limits=n)
-    except ImportError:
-        log("threadpoolctl is not installed: BLAS threads not limited (pip install threadpoolctl)")
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
-    return keep
-
-
 def _oversubscription(info, cfg, log) -> list[str]:
     """Warn when BLAS and OpenMP pools together want more threads than there are cores: with
     NumPy and torch in one process their idle threads spin against each other."""
-    if cfg.threads:
-        return []
-    pools = info["threads"].get("threadpools")
-    cores = info["cpu"]["usable_cores"]
-    if not isinstance(pools, list):
+    pools, cores = info["threads"].get("threadpools"), info["cpu"]["usable_cores"]
+    if cfg.threads or not isinstance(pools, list) or len(pools) < 2:
         return []
     total = sum(int(p.get("num_threads") or 0) for p in pools)
-    if len(pools) > 1 and total > cores:
-        msg = (f"{total} BLAS/OpenMP threads ({', '.join(str(p.get('internal_api')) + ':' + str(p.get('num_threads')) for p in pools)}) "
-               f"on {cores} cores in one process: their spinning threads slow each other down "
-               "(and any other job on the machine); consider --threads 1")
-        log("warning: " + msg)
-        return [msg]
-    return []
+    if total <= cores:
+        return []
+    each = ", ".join(f"{p.get('internal_api')}:{p.get('num_threads')}" for p in pools)
+    msg = (f"{total} BLAS/OpenMP threads ({each}) "
+           f"on {cores} cores in one process: their spinning threads slow each other down "
+           "(and any other job on the machine); consider --threads 1")
+    log("warning: " + msg)
+    return [msg]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = _resolve(args, parser)
-    log = print
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python -m benchmarks", *argv])
+    from .machine import _importable, thread_limit
 
+    if cfg.threads and not _importable("threadpoolctl"):
+        print("threadpoolctl is not installed: BLAS threads not limited (pip install threadpoolctl)")
+    with thread_limit(cfg.threads):
+        return _run(cfg, " ".join(["python -m benchmarks", *argv]), print)
+
+
+def _run(cfg, command, log) -> int:
     from . import cases, impls, machine, report
 
-    if cfg.threads:
-        cfg._threads_keep = _limit_threads(cfg.threads, log)
-    out = Path(args.out) if args.out else RESULTS_DIR / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else RESULTS_DIR / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
     load_start = machine.load_snapshot()
     info = machine.machine_info()
     warnings = _oversubscription(info, cfg, log)
-    cfg.theoretical_peak = info["cpu"]["theoretical_peak_fp32_flops"]
-    if cfg.threads and cfg.theoretical_peak:  # the cores this run may use
-        cores = info["cpu"]["usable_cores"]
-        cfg.theoretical_peak *= min(cfg.threads, cores) / cores
     data, data_name = _data(cfg, log)
     have_mnist = not data_name.startswith("synthetic")
 
     all_specs = {m: _specs(cfg, m, log) for m in cfg.models}
     devices = sorted({s.device if s.device != "CPU_DEVICE" else "cpu"
                       for specs, _ in all_specs.values() for s in specs})
+    th = info["threads"]
     log(f"nnx benchmarks -> {out}")
-    log(f"CPU: {info['cpu']['model']}, {info['cpu']['usable_cores']} cores; load "
-        f"{load_start['loadavg_1_5_15']}; {load_start['cpu_pressure']}")
-    log("measuring the matmul peak ...")
-    peaks = machine.measured_peaks(devices, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 7)
-    log(f"  CPU float32 matmul: {peaks['cpu']['best_flop_per_s'] / 1e9:.1f} GFLOP/s best")
+    log(f"CPU: {info['cpu']['model']}, {info['cpu']['usable_cores']} cores; threads: "
+        f"{cfg.threads or 'library defaults'} (BLAS {th.get('blas_threads', '?')}, torch "
+        f"{th.get('torch_num_threads', '-')}); load {load_start['loadavg_1_5_15']}; "
+        f"{load_start['cpu_pressure']}")
+    log("measuring the matmul peaks ...")
+    peaks = machine.measured_peaks(devices, cfg.dtypes, cfg.threads,
+                                   sizes=(256, 512) if cfg.quick else (1024, 2048),
+                                   repeats=3 if cfg.quick else 5)
+    for key, p in peaks["best"].items():
+        log(f"  {key}: {p['flop_per_s'] / 1e9:.1f} GFLOP/s ({p['source']})")
 
-    rows = []
+    rows = [row for _, skipped in all_specs.values() for row in skipped]
     flops_per_sample = {}
     t_start = time.perf_counter()
-    from nnx.backends import get_backend
-
     for dtype in cfg.dtypes:
         cfg.dtype = dtype
         for model in cfg.models:
-            specs, skipped = all_specs[model]
-            rows += skipped
-            m = impls.build_nnx(model, get_backend("numpy", "cpu"), dtype)
+            specs = all_specs[model][0]
+            m = impls.flops_model(model)
             flops_per_sample[model] = {"forward": impls.forward_flops(m, 1),
                                        "train_step": impls.train_step_flops(m, 1),
                                        "train_step_with_input_grad": impls.train_step_flops(m, 1, True)}
             log(f"[{model} {dtype}] implementations: {', '.join(f'{s.kind}:{s.backend}@{s.device}' for s in specs)}")
             if not cfg.skip_steps:
                 bss = cfg.batch_sizes if model == "mlp" else cfg.cnn_batch_sizes
-                rows += cases.step_cases(model, bss, specs, data, cfg, peaks, log)
+                rows += cases.step_cases(model, bss, specs, data, cfg, log)
             if model == "cnn" and not cfg.skip_layers:
-                rows += cases.layer_cases([s for s in specs if s.kind != "plain-numpy"], cfg,
-                                          batch=cfg.cnn_batch_sizes[0], peaks=peaks, log=log)
+                rows += cases.layer_cases(specs, cfg, batch=cfg.cnn_batch_sizes[0], log=log)
             if not cfg.skip_epoch:
                 if model == "cnn" and not cfg.quick:
                     log("  cnn epoch skipped: minutes per epoch on a CPU (use --quick to smoke-test it)")
                 else:
-                    rows += cases.epoch_cases(model, specs, data, cfg, peaks, log)
+                    rows += cases.epoch_cases(model, specs, data, cfg, log)
             if not cfg.skip_accuracy:
-                if not have_mnist:
-                    rows.append({"kind": "skipped", "model": model, "case": "accuracy",
-                                 "reason": "MNIST not found"})
-                elif model == "cnn":
-                    rows.append({"kind": "skipped", "model": model, "case": "accuracy",
-                                 "reason": "time-to-accuracy is measured for the MLP only"})
-                else:
-                    rows += cases.accuracy_cases(model, specs, data, cfg, peaks, log=log)
+                why = ("MNIST not found" if not have_mnist else "time-to-accuracy is measured for "
+                       "the MLP only" if model == "cnn" else None)
+                rows += ([{"kind": "skipped", "model": model, "case": "accuracy", "reason": why}]
+                         if why else cases.accuracy_cases(model, specs, data, cfg, log=log))
 
+    cases.apply_peaks(rows, peaks, log)
     results = {
-        "schema": 1,
+        "schema": 2,
         "command": command,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "duration_s": time.perf_counter() - t_start,
@@ -293,7 +265,6 @@ def main(argv=None) -> int:
                    "batch_sizes": cfg.batch_sizes, "cnn_batch_sizes": cfg.cnn_batch_sizes,
                    "repeats": cfg.repeats, "warmup": cfg.warmup, "min_time_s": cfg.min_time,
                    "epoch_repeats": cfg.epoch_repeats, "threads": cfg.threads,
-                   "theoretical_peak_used": cfg.theoretical_peak,
                    "refs": cfg.refs, "nnx_step_first_layer_input_grad": cfg.input_grad,
                    "nnx_epoch_first_layer_input_grad": False,
                    "backends": cfg.backends, "devices": cfg.devices,
@@ -311,7 +282,7 @@ def main(argv=None) -> int:
         "cases": rows,
         "warnings": warnings,
     }
-    results["charts"] = [] if args.no_charts else report.charts(results, out)
+    results["charts"] = [] if cfg.no_charts else report.charts(results, out)
     report.write_json(out / "results.json", results)
     report.write_markdown(results, out / "results.md")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}"

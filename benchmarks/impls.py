@@ -7,16 +7,17 @@
   (cycling through the loaded ones); ``infer()`` runs the forward pass only;
 * ``sync()`` waits for the device; ``gpu_reset()``/``gpu_bytes()`` probe GPU memory.
 
-``EpochRunner`` (the same, over a whole training split): ``train_epoch(epoch)`` and
+Epoch runners (the same, over a whole training split): ``train_epoch(epoch)`` and
 ``test_accuracy()``. nnx's runs through ``nnx.trainer.Trainer`` itself; the two references
-copy its loop step for step (same shuffling, same schedule, same on-device running loss and
-accuracy with a few host reads per epoch).
+copy its loop step for step (``MirrorEpochRunner``: same shuffling, same schedule, same
+running loss and accuracy with a few host reads per epoch).
 
 Every implementation starts from the SAME initial weights (nnx's ``state_dict`` copied in)
 and, for the references, sees the same batches as nnx on NumPy.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -132,6 +133,14 @@ def train_step_flops(model, batch: int, input_grad: bool = False) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=None)
+def flops_model(kind: str):
+    """The model FLOPs are counted on (NumPy; the counts depend on the shapes only)."""
+    from nnx.backends import get_backend
+
+    return build_nnx(kind, get_backend("numpy", "cpu"))
+
+
 def epoch_flops(model, n_train: int, batch: int = BATCH) -> int:
     """Training FLOPs of one epoch of ``n_train`` samples in batches of ``batch`` (the last
     one smaller)."""
@@ -196,6 +205,8 @@ def device_label(backend) -> str:
 
 
 class Runner:
+    """The common shape of every implementation (step runners and epoch runners alike)."""
+
     impl = "?"
     device = "cpu"
     backend_name = None
@@ -272,17 +283,17 @@ class NnxRunner(Runner):
         if self.backend.name == "cupy":
             import cupy
 
-            pool = cupy.get_default_memory_pool()
             return {"gpu_pool_used_bytes": self.backend.memory_pool_bytes(),
-                    "gpu_pool_total_bytes": pool.total_bytes()}
-        if self.backend.name == "torch" and self.device.startswith("cuda"):
-            import torch
+                    "gpu_pool_total_bytes": cupy.get_default_memory_pool().total_bytes()}
+        return _torch_cuda_bytes(self.backend.device) if self.device.startswith("cuda") else {}
 
-            d = self.backend.device
-            return {"gpu_allocated_bytes": torch.cuda.memory_allocated(d),
-                    "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(d),
-                    "gpu_reserved_bytes": torch.cuda.memory_reserved(d)}
-        return {}
+
+def _torch_cuda_bytes(device) -> dict:
+    import torch
+
+    return {"gpu_allocated_bytes": torch.cuda.memory_allocated(device),
+            "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "gpu_reserved_bytes": torch.cuda.memory_reserved(device)}
 
 
 class TorchRefRunner(Runner):
@@ -339,12 +350,7 @@ class TorchRefRunner(Runner):
             self.torch.cuda.reset_peak_memory_stats(self.dev)
 
     def gpu_bytes(self):
-        if self.dev.type != "cuda":
-            return {}
-        t = self.torch
-        return {"gpu_allocated_bytes": t.cuda.memory_allocated(self.dev),
-                "gpu_peak_allocated_bytes": t.cuda.max_memory_allocated(self.dev),
-                "gpu_reserved_bytes": t.cuda.memory_reserved(self.dev)}
+        return _torch_cuda_bytes(self.dev) if self.dev.type == "cuda" else {}
 
 
 class PlainNumpyMLP:
@@ -406,115 +412,6 @@ class PlainNumpyMLP:
         return acts[-1], loss
 
 
-class FloorNumpyMLP:
-    """The fastest NumPy MLP step we could write: a lower bound for ANY NumPy implementation,
-    not a peer built like nnx (``benchmarks.numpy_floor`` uses it; the main suite does not).
-
-    Beyond ``PlainNumpyMLP``: every intermediate, matmul outputs included, is written into a
-    buffer kept per batch size (``out=``); row sums and bias gradients are matmuls with ones;
-    and all parameters, gradients and velocities live in three flat arrays (the layers' W
-    and b are views into them), so the Nesterov update is 8 NumPy calls per step instead of
-    8 per parameter. The Array API has no ``out=`` and no way to ask for views, so nnx can
-    do none of this. Same arithmetic as nnx and torch-ref, up to float rounding order.
-    """
-
-    def __init__(self, state: dict, dtype="float32"):
-        n = len(MLP_SIZES) - 1
-        names = [f"{2 * i}.{k}" for i in range(n) for k in ("weight", "bias")]
-        shapes = [tuple(np.shape(state[k])) for k in names]
-        sizes = [math.prod(s) for s in shapes]
-        self.dtype = np.dtype(dtype)
-        self.p = np.concatenate([np.asarray(state[k], dtype=self.dtype).reshape(-1) for k in names])
-        self.g, self.v = np.zeros_like(self.p), np.zeros_like(self.p)
-        self.t = np.zeros_like(self.p)
-        offsets = np.cumsum([0] + sizes)
-
-        def views(flat):
-            return [flat[o:o + s].reshape(sh) for o, s, sh in zip(offsets, sizes, shapes)]
-
-        P, G = views(self.p), views(self.g)
-        self.W, self.b, self.gW, self.gb = P[0::2], P[1::2], G[0::2], G[1::2]
-        self._buffers = {}
-
-    def buffers(self, m: int) -> dict:
-        b = self._buffers.get(m)
-        if b is None:
-            dt, W = self.dtype, self.W
-            b = self._buffers[m] = {
-                "h": [np.empty((m, w.shape[0]), dt) for w in W],        # layer outputs, logits last
-                "zeros": [np.zeros((m, w.shape[0]), dt) for w in W[:-1]],
-                "mask": [np.empty((m, w.shape[0]), bool) for w in W[:-1]],
-                "d": [np.empty((m, w.shape[1]), dt) for w in W[1:]],    # grads of hidden outputs
-                "ones_row": np.ones((1, m), dt), "ones_col": np.ones((W[-1].shape[0], 1), dt),
-                "rowmax": np.empty((m, 1), dt), "rowsum": np.empty((m, 1), dt),
-                "rows": np.arange(m), "x": np.empty((m, W[0].shape[1]), dt)}
-        return b
-
-    def forward(self, x, b=None):
-        b = b if b is not None else self.buffers(x.shape[0])
-        h, last = x, len(self.W) - 1
-        for i, (w, bias) in enumerate(zip(self.W, self.b)):
-            out = b["h"][i]
-            np.matmul(h, w.T, out=out)
-            out += bias
-            if i < last:
-                np.maximum(out, b["zeros"][i], out=out)
-            h = out
-        return h
-
-    def step(self, x, y, lr=LR, mu=MOMENTUM, wd=WEIGHT_DECAY):
-        """One training step; returns (mean loss, number of correct predictions)."""
-        m = x.shape[0]
-        b = self.buffers(m)
-        z = self.forward(x, b)
-        correct = np.count_nonzero(z.argmax(axis=1) == y)
-        np.max(z, axis=1, keepdims=True, out=b["rowmax"])      # softmax, in place
-        z -= b["rowmax"]
-        np.exp(z, out=z)
-        np.matmul(z, b["ones_col"], out=b["rowsum"])
-        z /= b["rowsum"]
-        rows = b["rows"]
-        loss = -float(np.log(z[rows, y]).mean())
-        z[rows, y] -= 1.0                                       # dL/dlogits = (p − y) / N
-        z *= 1.0 / m
-        g = z
-        for i in range(len(self.W) - 1, -1, -1):
-            inp = x if i == 0 else b["h"][i - 1]
-            np.matmul(g.T, inp, out=self.gW[i])
-            np.matmul(b["ones_row"], g, out=self.gb[i][None])
-            if i > 0:                                           # no dx for the first layer
-                d = b["d"][i - 1]
-                np.matmul(g, self.W[i], out=d)
-                np.greater(inp, 0, out=b["mask"][i - 1])
-                d *= b["mask"][i - 1]
-                g = d
-        p, gr, v, t = self.p, self.g, self.v, self.t              # Nesterov + L2, torch's order
-        np.multiply(p, wd, out=t)
-        t += gr                                                 # d = g + wd·p
-        v *= mu
-        v += t                                                  # v = mu·v + d
-        np.multiply(v, mu, out=gr)
-        gr += t                                                 # d + mu·v (g is scratch now)
-        gr *= lr
-        p -= gr
-        return loss, correct
-
-    def matmuls_only(self, x, y=None):
-        """Only the step's matmuls, into the same buffers: what the BLAS alone needs."""
-        m = x.shape[0]
-        b = self.buffers(m)
-        h = x
-        for i, w in enumerate(self.W):
-            np.matmul(h, w.T, out=b["h"][i])
-            h = b["h"][i]
-        g = b["h"][-1]
-        for i in range(len(self.W) - 1, -1, -1):
-            np.matmul(g.T, x if i == 0 else b["h"][i - 1], out=self.gW[i])
-            if i > 0:
-                np.matmul(g, self.W[i], out=b["d"][i - 1])
-                g = b["d"][i - 1]
-
-
 class PlainNumpyRunner(Runner):
     backend_name = "numpy"
 
@@ -545,18 +442,7 @@ def _derived_perm(seed, epoch, n):
     return np.random.default_rng(derived_seed(seed, epoch, 1)).permutation(n).astype(np.int64)
 
 
-class EpochRunner:
-    """Common shape: ``train_epoch(epoch)`` (no evaluation inside), ``test_accuracy()``."""
-
-    impl = "?"
-    device = "cpu"
-    backend_name = "numpy"
-
-    def sync(self):
-        pass
-
-
-class NnxEpochRunner(EpochRunner):
+class NnxEpochRunner(Runner):
     """nnx.trainer.Trainer's own epoch (``_train_epoch``: gather, step, on-device running
     metrics, a few host reads) with progress=False; the CLI's default settings. The Trainer
     always skips the first layer's input gradient (``input_grad=False``), so epoch and
@@ -602,107 +488,93 @@ def _host_splits(data, kind, dtype):
                        seed=SEED, flatten=(kind == "mlp"))
 
 
-class TorchRefEpochRunner(EpochRunner):
-    """PyTorch eager over the same batches as nnx on NumPy, mirroring Trainer._train_epoch."""
+class MirrorEpochRunner(Runner):
+    """A peer's copy of ``Trainer._train_epoch``, step for step: the Trainer's shuffle on the
+    NumPy backend, the same cosine schedule, running loss and accuracy kept where the data is
+    with a few host reads per epoch. Subclasses set ``x, y, xt, yt`` (training and test
+    arrays on their device), ``to_device`` and ``step(xb, yb, lr) -> (loss, n correct)``."""
 
-    def __init__(self, device, kind, data, state, dtype="float32", epochs=EPOCHS):
-        import torch
+    def __init__(self, data, kind, dtype, epochs):
         from nnx.schedules import make_schedule
 
-        self.torch, self.impl, self.backend_name = torch, "torch-ref", "torch"
-        self.dev = torch.device(device)
-        self.device = str(self.dev)
         sp = _host_splits(data, kind, dtype)
-        self.x = torch.from_numpy(sp["train"].x).to(self.dev)
-        self.y = torch.from_numpy(sp["train"].y).to(self.dev)
-        self.xt = torch.from_numpy(sp["test"].x).to(self.dev)
-        self.yt = torch.from_numpy(sp["test"].y).to(self.dev)
-        self.n_train = int(self.y.shape[0])
-        self.ref = TorchRefRunner(device, kind, state, dtype)
+        self.x, self.y = self.to_device(sp["train"].x), self.to_device(sp["train"].y)
+        self.xt, self.yt = self.to_device(sp["test"].x), self.to_device(sp["test"].y)
+        self.n_train = len(sp["train"].y)
         self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
         self.global_step = 0
 
     def train_epoch(self, epoch):
-        t, ref = self.torch, self.ref
         n, bs = self.n_train, BATCH
         steps = math.ceil(n / bs)
-        perm = t.from_numpy(_derived_perm(SEED, epoch, n)).to(self.dev)
+        perm = self.to_device(_derived_perm(SEED, epoch, n))
         read_every = max(1, steps // 5)
-        loss_sum = t.zeros((), device=self.dev)
-        correct = t.zeros((), device=self.dev)
-        seen = 0
+        loss_sum = correct = 0.0
         for k in range(steps):
             idx = perm[k * bs:(k + 1) * bs]
-            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
-            for g in ref.opt.param_groups:
-                g["lr"] = self.schedule(self.global_step)
-            logits, loss = ref.step_on(xb, yb)
+            loss, c = self.step(self.x[idx], self.y[idx], self.schedule(self.global_step))
             self.global_step += 1
-            m = int(yb.shape[0])
-            seen += m
-            with t.no_grad():
-                loss_sum += loss.detach() * m
-                correct += (logits.argmax(dim=1) == yb).sum()
-            if (k + 1) % read_every == 0 or k + 1 == steps:
-                if not math.isfinite(float(loss_sum) / seen):
-                    raise RuntimeError("torch-ref diverged")
-        return float(loss_sum) / seen, float(correct) / seen
+            loss_sum, correct = loss_sum + loss * len(idx), correct + c
+            if ((k + 1) % read_every == 0 or k + 1 == steps) and not math.isfinite(float(loss_sum)):
+                raise RuntimeError(f"{self.impl} diverged")
+        return float(loss_sum) / n, float(correct) / n
 
     def test_accuracy(self):
-        t, net = self.torch, self.ref.net
+        n = len(self.yt)
+        return sum(int((self.predict(self.xt[s:s + 2048]).argmax(1) == self.yt[s:s + 2048]).sum())
+                   for s in range(0, n, 2048)) / n
+
+
+class TorchRefEpochRunner(MirrorEpochRunner):
+    """PyTorch eager over the same batches as nnx on NumPy."""
+
+    def __init__(self, device, kind, data, state, dtype="float32", epochs=EPOCHS):
+        import torch
+
+        self.torch, self.impl, self.backend_name = torch, "torch-ref", "torch"
+        self.ref = TorchRefRunner(device, kind, state, dtype)
+        self.dev, self.device = self.ref.dev, self.ref.device
+        super().__init__(data, kind, dtype, epochs)
+
+    def to_device(self, a):
+        return self.torch.from_numpy(a).to(self.dev)
+
+    def step(self, xb, yb, lr):
+        for g in self.ref.opt.param_groups:
+            g["lr"] = lr
+        logits, loss = self.ref.step_on(xb, yb)
+        with self.torch.no_grad():
+            return loss.detach(), (logits.argmax(dim=1) == yb).sum()
+
+    def predict(self, x):
+        net = self.ref.net
         net.eval()
-        correct = 0
-        with t.inference_mode():
-            for s in range(0, int(self.yt.shape[0]), 2048):
-                out = net(self.xt[s:s + 2048])
-                correct += int((out.argmax(dim=1) == self.yt[s:s + 2048]).sum())
+        with self.torch.inference_mode():
+            out = net(x)
         net.train()
-        return correct / int(self.yt.shape[0])
+        return out
 
     def sync(self):
         self.ref.sync()
 
 
-class PlainNumpyEpochRunner(EpochRunner):
-    """The plain NumPy MLP over the same batches as nnx on NumPy, mirroring the Trainer loop."""
+class PlainNumpyEpochRunner(MirrorEpochRunner):
+    """The plain NumPy MLP over the same batches as nnx on NumPy."""
+
+    impl, backend_name = "plain-numpy", "numpy"
 
     def __init__(self, kind, data, state, dtype="float32", epochs=EPOCHS):
-        from nnx.schedules import make_schedule
-
         if kind != "mlp":
             raise ValueError("the plain NumPy loop exists for the MLP only")
-        self.impl = "plain-numpy"
-        sp = _host_splits(data, kind, dtype)
-        self.x, self.y, self.xt, self.yt = sp["train"].x, sp["train"].y, sp["test"].x, sp["test"].y
-        self.n_train = len(self.y)
         self.net = PlainNumpyMLP(state, dtype)
-        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
-        self.global_step = 0
+        super().__init__(data, kind, dtype, epochs)
 
-    def train_epoch(self, epoch):
-        n, bs = self.n_train, BATCH
-        steps = math.ceil(n / bs)
-        perm = _derived_perm(SEED, epoch, n)
-        read_every = max(1, steps // 5)
-        loss_sum = correct = 0.0
-        seen = 0
-        for k in range(steps):
-            idx = perm[k * bs:(k + 1) * bs]
-            xb, yb = np.take(self.x, idx, axis=0), np.take(self.y, idx, axis=0)
-            logits, loss = self.net.step(xb, yb, lr=self.schedule(self.global_step))
-            self.global_step += 1
-            m = yb.shape[0]
-            seen += m
-            loss_sum += loss * m
-            correct += np.count_nonzero(logits.argmax(axis=1) == yb)
-            if (k + 1) % read_every == 0 or k + 1 == steps:
-                if not math.isfinite(loss_sum / seen):
-                    raise RuntimeError("plain-numpy diverged")
-        return loss_sum / seen, correct / seen
+    def to_device(self, a):
+        return a
 
-    def test_accuracy(self):
-        correct = 0
-        for s in range(0, len(self.yt), 2048):
-            out = self.net.forward(self.xt[s:s + 2048])[-1]
-            correct += int(np.count_nonzero(out.argmax(axis=1) == self.yt[s:s + 2048]))
-        return correct / len(self.yt)
+    def step(self, xb, yb, lr):
+        logits, loss = self.net.step(xb, yb, lr=lr)
+        return loss, np.count_nonzero(logits.argmax(axis=1) == yb)
+
+    def predict(self, x):
+        return self.net.forward(x)[-1]

@@ -1,20 +1,23 @@
 """What machine a result came from: CPU, memory, OS, load, environment, libraries, threads,
-GPUs, and the peak FLOP/s a result's "fraction of peak" is measured against.
+GPUs, and the peak FLOP/s a result's "% of peak" is measured against.
 
-CPU peak, two ways (both recorded):
+Peak, two ways (both recorded):
 
+* **measured** (the one "% peak" uses): the fastest single n × n matmul of NumPy and torch,
+  per dtype, at two sizes, with the run's thread setting and with one thread, in the same
+  process just before the cases (``measured_peaks``); on CUDA, CuPy and torch. A row that
+  runs faster than that (the matmuls ran during a burst of load, say) raises the peak to its
+  own rate (``cases.apply_peaks``), so no row is ever above 100%.
 * **theoretical**: cores × clock × fp32 FLOP per cycle per core, the last from the
   /proc/cpuinfo flags. Assumption: two SIMD FMA pipes per core, each doing a fused
   multiply-add (2 FLOP) on every lane — AVX-512: 2 × 16 lanes × 2 = 64; AVX2 + FMA:
-  2 × 8 × 2 = 32 (Haswell and later, AMD Zen 2 and later); AVX without FMA: 16; else 8.
-  Zen 1 and some Atom-class cores have one pipe (half that). The clock is /proc/cpuinfo's
-  "cpu MHz" (the current, not the boost, clock).
-* **measured** (the one fractions of peak use): a 2048 × 2048 float32 matmul in NumPy with
-  the run's thread settings; on CUDA, the same with CuPy and torch. That is the throughput a
-  BLAS actually reaches here, which a small training step can only approach.
+  2 × 8 × 2 = 32; AVX without FMA: 16; else 8. Zen 1 and some Atom-class cores have one
+  pipe (half that). The clock is /proc/cpuinfo's "cpu MHz" (current, not boost), so this can
+  be below what a core really reaches.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -156,9 +159,11 @@ def thread_info() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        out["threadpools"] = [{k: v for k, v in i.items() if k in (
+        pools = out["threadpools"] = [{k: v for k, v in i.items() if k in (
             "internal_api", "user_api", "num_threads", "version", "architecture", "threading_layer",
             "prefix")} for i in threadpool_info()]
+        out["blas_threads"] = max((p["num_threads"] for p in pools if p["user_api"] == "blas"),
+                                  default=None)
     except ImportError:
         out["threadpools"] = "threadpoolctl not installed (pip install threadpoolctl)"
     if "torch" in sys.modules or _importable("torch"):
@@ -208,69 +213,131 @@ def machine_info() -> dict:
 
 
 # --- measured peaks -----------------------------------------------------------------------
-def _matmul_peak(make, mm, sync, n, repeats) -> dict:
-    a, b = make(n)
-    mm(a, b)
-    sync()
-    samples = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
+def _matmul_rates(make, mm, sync, sizes, repeats) -> list[dict]:
+    """FLOP/s of ``repeats`` timed n × n matmuls at each size, after one untimed call."""
+    out = []
+    for n in sizes:
+        a, b = make(n)
         mm(a, b)
         sync()
-        samples.append(time.perf_counter() - t0)
-    s = summarize(samples)
-    flops = 2.0 * n ** 3
-    return {**s, "size": n, "dtype": "float32", "flops": flops, "samples": samples,
-            "median_flop_per_s": flops / s["median_s"], "best_flop_per_s": flops / s["min_s"]}
-
-
-def measured_peaks(devices, n: int = 2048, repeats: int = 7) -> dict:
-    """Achievable float32 matmul FLOP/s: NumPy on the CPU; CuPy and torch on each CUDA device."""
-    import numpy as np
-
-    out = {}
-    rng = np.random.default_rng(0)
-    out["cpu"] = _matmul_peak(lambda k: (rng.standard_normal((k, k), dtype=np.float32),
-                                         rng.standard_normal((k, k), dtype=np.float32)),
-                              lambda a, b: a @ b, lambda: None, n, repeats)
-    out["cpu"]["library"] = "numpy"
-    for dev in devices:
-        if not str(dev).startswith("cuda"):
-            continue
-        try:
-            import cupy
-
-            with cupy.cuda.Device(int(dev.split(":")[1]) if ":" in dev else 0):
-                r = _matmul_peak(lambda k: (cupy.random.standard_normal((k, k), dtype=cupy.float32),
-                                            cupy.random.standard_normal((k, k), dtype=cupy.float32)),
-                                 lambda a, b: a @ b, cupy.cuda.Device().synchronize, max(n, 4096),
-                                 repeats)
-            r["library"] = "cupy"
-            out[f"{dev}/cupy"] = r
-        except Exception:
-            pass
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                d = torch.device(dev)
-                r = _matmul_peak(lambda k: (torch.randn(k, k, device=d), torch.randn(k, k, device=d)),
-                                 lambda a, b: a @ b, lambda: torch.cuda.synchronize(d), max(n, 4096),
-                                 repeats)
-                r["library"] = "torch"
-                r["tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
-                out[f"{dev}/torch"] = r
-        except Exception:
-            pass
+        samples = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            mm(a, b)
+            sync()
+            samples.append(time.perf_counter() - t0)
+        s, flops = summarize(samples), 2.0 * n ** 3
+        out.append({"size": n, "samples": samples, "best_flop_per_s": flops / s["min_s"],
+                    "median_flop_per_s": flops / s["median_s"]})
     return out
 
 
-def peak_for(peaks: dict, device: str) -> float | None:
-    """The measured peak FLOP/s used for fractions on ``device`` (the best library there)."""
-    if not str(device).startswith("cuda"):
-        return peaks.get("cpu", {}).get("best_flop_per_s")
-    vals = [v["best_flop_per_s"] for k, v in peaks.items() if k.startswith(f"{device}/")]
-    if not vals and device == "cuda":
-        vals = [v["best_flop_per_s"] for k, v in peaks.items() if k.startswith("cuda")]
-    return max(vals) if vals else None
+@contextlib.contextmanager
+def thread_limit(k):
+    """At most ``k`` BLAS/OpenMP (threadpoolctl) and torch intra-op threads inside the block,
+    restored after it; ``k`` None: as the process is set."""
+    if not k:
+        yield
+        return
+    torch = __import__("torch") if "torch" in sys.modules or _importable("torch") else None
+    before = torch.get_num_threads() if torch else None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    limits = threadpool_limits(limits=k) if threadpool_limits else None
+    if torch:
+        torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        if limits:
+            limits.restore_original_limits()
+        if torch:
+            torch.set_num_threads(before)
+
+
+def _cpu_libraries(dtype):
+    """(name, make(n) -> (a, b), matmul) for NumPy and, when installed, torch."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    libs = [("numpy", lambda n: tuple(rng.standard_normal((2, n, n)).astype(dtype)), np.matmul)]
+    if "torch" in sys.modules or _importable("torch"):
+        import torch
+
+        libs.append(("torch", lambda n: tuple(torch.randn(2, n, n, dtype=getattr(torch, dtype))),
+                     torch.matmul))
+    return libs
+
+
+def measured_peaks(devices, dtypes=("float32",), threads=None, sizes=(1024, 2048),
+                   repeats: int = 5) -> dict:
+    """The matmul FLOP/s each (device, dtype) reaches here, measured in this process.
+
+    CPU: NumPy and (when installed) torch, each at every size in ``sizes``, with the run's
+    thread setting and with one thread (a busy machine can make a multi-threaded BLAS
+    collapse; one thread is always available to a run that has more). CUDA: CuPy and torch
+    at ``max(sizes[-1], 4096)``. ``best[f"{device}/{dtype}"]`` is the fastest single matmul
+    of all of them; ``measurements`` keeps every sample.
+    """
+    measurements = []
+    for dtype in dtypes:
+        for name, make, mm in _cpu_libraries(dtype):
+            for k in [None] if threads == 1 else [None, 1]:  # None: as this run is set
+                with thread_limit(k):
+                    info = thread_info()
+                    used = info.get("torch_num_threads" if name == "torch" else "blas_threads")
+                    measurements += [{"device": "cpu", "dtype": dtype, "library": name,
+                                      "threads": used, **m}
+                                     for m in _matmul_rates(make, mm, lambda: None, sizes, repeats)]
+        for dev in devices:
+            if str(dev).startswith("cuda"):
+                measurements += _cuda_rates(dev, dtype, max(sizes[-1], 4096), repeats)
+    best = {}
+    for m in measurements:
+        key = f"{m['device']}/{m['dtype']}"
+        if m["best_flop_per_s"] > best.get(key, {}).get("flop_per_s", 0):
+            best[key] = {"flop_per_s": m["best_flop_per_s"],
+                         "source": f"{m['library']} {m['size']}x{m['size']} matmul, "
+                                   f"{m['threads'] or '?'} thread(s), best of {repeats}"}
+    return {"best": best, "measurements": measurements}
+
+
+def _cuda_rates(dev, dtype, n, repeats) -> list[dict]:
+    out = []
+    try:
+        import cupy
+
+        with cupy.cuda.Device(int(dev.split(":")[1]) if ":" in dev else 0):
+            make = lambda k: (cupy.random.standard_normal((k, k), dtype=dtype),
+                              cupy.random.standard_normal((k, k), dtype=dtype))
+            out += [{"device": dev, "dtype": dtype, "library": "cupy", "threads": None, **m}
+                    for m in _matmul_rates(make, cupy.matmul, cupy.cuda.Device().synchronize,
+                                           (n,), repeats)]
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            d, tdt = torch.device(dev), getattr(torch, dtype)
+            make = lambda k: (torch.randn(k, k, device=d, dtype=tdt), torch.randn(k, k, device=d, dtype=tdt))
+            out += [{"device": dev, "dtype": dtype, "library": "torch", "threads": None,
+                     "tf32_allowed": bool(torch.backends.cuda.matmul.allow_tf32), **m}
+                    for m in _matmul_rates(make, torch.matmul, lambda: torch.cuda.synchronize(d),
+                                           (n,), repeats)]
+    except Exception:
+        pass
+    return out
+
+
+def peak_key(peaks: dict, device: str, dtype: str) -> str | None:
+    """The ``peaks["best"]`` entry for a row on ``device`` ("cuda" matches "cuda:0")."""
+    key = f"{'cpu' if not str(device).startswith('cuda') else device}/{dtype}"
+    if key in peaks["best"]:
+        return key
+    same = [k for k in peaks["best"] if k.startswith("cuda") and k.endswith(f"/{dtype}")
+            and str(device).startswith("cuda")]
+    return same[0] if same else None

@@ -41,6 +41,17 @@ def _model_desc(model):
             "CNN conv(1→32)-BN-ReLU-pool-conv(32→64)-BN-ReLU-pool-Dense(3136→128)-ReLU-Dense(128→10)")
 
 
+def _rate_cells(r) -> str:
+    """GFLOP/s and % of the measured peak, as two table cells."""
+    rate, frac = r.get("flop_per_s"), r.get("frac_measured_peak")
+    return f"{_fmt(rate / 1e9 if rate else None, '.2f')} | {_fmt(100 * frac if frac else None, '.1f')}"
+
+
+def _mem_cell(r) -> str:
+    mem = r.get("memory", {}).get("rss_peak_extra_bytes")
+    return _fmt(mem / MIB if mem is not None else None, ".1f")
+
+
 def machine_lines(results) -> list[str]:
     m = results["machine"]
     cpu = m["cpu"]
@@ -53,8 +64,6 @@ def machine_lines(results) -> list[str]:
     else:
         blas = str(pools)
     env = ", ".join(f"{k}={v}" for k, v in m["env"].items() if v is not None) or "none set"
-    peaks = results.get("peaks", {})
-    cpu_peak = peaks.get("cpu", {})
     lines = [
         f"- **Command**: `{results['command']}`",
         f"- **When**: {results['created']}; quick mode: {results['config']['quick']}; "
@@ -71,20 +80,15 @@ def machine_lines(results) -> list[str]:
         f"- **Environment**: {env}",
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
     ]
-    if cpu_peak:
-        lines.append(
-            f"- **Peak fp32**: measured {cpu_peak['size']}x{cpu_peak['size']} NumPy matmul "
-            f"{cpu_peak['best_flop_per_s'] / 1e9:.1f} GFLOP/s best, "
-            f"{cpu_peak['median_flop_per_s'] / 1e9:.1f} median (the '% peak' columns use the best); "
-            f"theoretical {_fmt((cpu['theoretical_peak_fp32_flops'] or 0) / 1e9, '.1f')} GFLOP/s = "
-            f"{cpu['theoretical_peak_assumption']}"
-            + (f"; with --threads {results['config']['threads']}: "
-               f"{results['config']['theoretical_peak_used'] / 1e9:.1f} GFLOP/s"
-               if results["config"].get("threads") and results["config"].get("theoretical_peak_used")
-               else ""))
-    for k, v in peaks.items():
-        if k != "cpu":
-            lines.append(f"- **Peak {k}**: {v['size']}² float32 matmul {v['best_flop_per_s'] / 1e12:.2f} TFLOP/s")
+    threads = results["config"].get("threads")
+    theory = cpu["theoretical_peak_fp32_flops"]
+    lines.append(f"- **Theoretical fp32 peak**: {_fmt((theory or 0) / 1e9, '.1f')} GFLOP/s = "
+                 f"{cpu['theoretical_peak_assumption']}"
+                 + (f"; {theory * min(threads, cpu['usable_cores']) / cpu['usable_cores'] / 1e9:.1f}"
+                    f" for --threads {threads}" if threads and theory else ""))
+    for key, p in results["peaks"]["best"].items():
+        lines.append(f"- **Measured peak {key}** (the '% peak' columns): "
+                     f"{p['flop_per_s'] / 1e9:.1f} GFLOP/s, {p['source']}")
     return lines
 
 
@@ -108,15 +112,10 @@ def step_table(results, kind, model) -> list[str]:
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ref = _ref(rows, r)
-        ratio = r["median_s"] / ref if ref else None
-        mem = r.get("memory", {}).get("rss_peak_extra_bytes")
-        frac = r.get("frac_measured_peak")
         out.append(f"| {r['device']} | {r['batch_size']} | {r['impl']} | {1e3 * r['median_s']:.3f} | "
                    f"{1e3 * r['iqr_s']:.3f} | {_fmt(1e3 * r['cpu_median_s'] if r.get('cpu_median_s') else None)} | "
-                   f"{r['samples_per_s']:,.0f} | "
-                   f"{_fmt(r['flop_per_s'] / 1e9 if r.get('flop_per_s') else None, '.2f')} | "
-                   f"{_fmt(100 * frac if frac else None, '.1f')} | {_fmt(ratio, '.2f')} | "
-                   f"{_fmt(mem / MIB if mem is not None else None, '.1f')} |")
+                   f"{r['samples_per_s']:,.0f} | {_rate_cells(r)} | "
+                   f"{_fmt(r['median_s'] / ref if ref else None, '.2f')} | {_mem_cell(r)} |")
     gpu = [r for r in rows if r.get("memory", {}).get("gpu_pool_used_bytes") is not None
            or r.get("memory", {}).get("gpu_peak_allocated_bytes") is not None]
     if gpu:
@@ -141,17 +140,11 @@ def epoch_table(results, model) -> list[str]:
            "| device | impl | median s | min–max s | CPU s | samples/s | GFLOP/s | % peak | × torch-ref | × plain-numpy | extra RSS MiB |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["device"], r["median_s"])):
-        ref = _ref(rows, r)
-        p = plain.get(r["device"])
-        mem = r.get("memory", {}).get("rss_peak_extra_bytes")
-        frac = r.get("frac_measured_peak")
+        ref, p = _ref(rows, r), plain.get(r["device"])
         out.append(f"| {r['device']} | {r['impl']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
-                   f"{_fmt(r.get('cpu_median_s'))} | "
-                   f"{r['samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:.2f} | "
-                   f"{_fmt(100 * frac if frac else None, '.1f')} | "
+                   f"{_fmt(r.get('cpu_median_s'))} | {r['samples_per_s']:,.0f} | {_rate_cells(r)} | "
                    f"{_fmt(r['median_s'] / ref if ref else None, '.2f')} | "
-                   f"{_fmt(r['median_s'] / p if p else None, '.2f')} | "
-                   f"{_fmt(mem / MIB if mem is not None else None, '.1f')} |")
+                   f"{_fmt(r['median_s'] / p if p else None, '.2f')} | {_mem_cell(r)} |")
     return out + [""]
 
 
@@ -173,11 +166,9 @@ def accuracy_table(results, model) -> list[str]:
         for t in ths:
             v = r["thresholds"][t]
             cells += [str(v["epochs"]) if v else "–", f"{v['train_s']:.2f}" if v else "–"]
-        rate, frac = r.get("flop_per_s"), r.get("frac_measured_peak")
         out.append(f"| {r['device']} | {r['impl']} | " + " | ".join(cells)
                    + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} | "
-                   f"{_fmt(r.get('samples_per_s'), ',.0f')} | {_fmt(rate / 1e9 if rate else None, '.2f')} | "
-                   f"{_fmt(100 * frac if frac else None, '.1f')} |")
+                   f"{_fmt(r.get('samples_per_s'), ',.0f')} | {_rate_cells(r)} |")
     return out + [""]
 
 
@@ -228,7 +219,7 @@ def flop_lines(results) -> list[str]:
 NOISY_IQR = 0.10
 
 
-def _row_name(r) -> str:
+def row_name(r) -> str:
     where = r.get("layer") and f"{r['layer']} {r['mode']}" or f"{r['kind']} batch {r.get('batch_size')}"
     return f"{r.get('model', '')} {where} {r['impl']}@{r['device']}".strip()
 
@@ -239,7 +230,7 @@ def noisy_rows(rows) -> list[dict]:
     out = []
     for r in rows:
         if r.get("median_s") and r.get("iqr_s") is not None and r["iqr_s"] > NOISY_IQR * r["median_s"]:
-            out.append({"row": _row_name(r), "iqr_over_median": r["iqr_s"] / r["median_s"]})
+            out.append({"row": row_name(r), "iqr_over_median": r["iqr_s"] / r["median_s"]})
     return out
 
 
@@ -297,19 +288,42 @@ def _style(impl, device):
     return dict(color=color, marker=marker, linestyle=ls)
 
 
-def _plain_ticks(ax, xs):
-    """Batch sizes as plain numbers on x, plain decimals (not 10^k) on a log y axis."""
+def _log_y(ax, fine=False):
+    """A log y axis labelled with plain decimals (not 10^k); ``fine``: every 1..9 step."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    lo, hi = ax.get_ylim()
-    # less than a decade on the axis (one batch size, say): label every 1..9 step, not 1-2-5
-    subs = (1.0, 2.0, 5.0) if lo > 0 and hi / lo >= 10 else tuple(float(k) for k in range(1, 10))
+    ax.set_yscale("log")
+    subs = tuple(float(k) for k in range(1, 10)) if fine else (1.0, 2.0, 5.0)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _batch_axes(ax, xs, ylabel, title):
+    """Log-log axes over batch sizes, labelled with the batch sizes themselves."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    _log_y(ax, fine=not (lo > 0 and hi / lo >= 10))  # under a decade: label every 1..9 step
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def accuracy_ylim(rows) -> tuple[float, float]:
+    """Test-accuracy axis (%) around the data, whatever range it covers (a quick run's 60-90%
+    as well as a full run's 96-98.5%), with a margin, never above 100."""
+    accs = [100 * h["test_acc"] for r in rows for h in r["history"]]
+    lo, hi = min(accs), max(accs)
+    pad = max(0.25, 0.08 * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
 
 
 def charts(results, out_dir) -> list[str]:
@@ -318,8 +332,7 @@ def charts(results, out_dir) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    written = []
+    out_dir, written = Path(out_dir), []
 
     def save(fig, name):
         """Write the chart atomically (temp file, then rename) and close it."""
@@ -331,69 +344,50 @@ def charts(results, out_dir) -> list[str]:
 
     for model in results["config"]["models"]:
         panels = [(k, _rows(results, k, model=model)) for k in ("train_step", "inference")]
-        if not any(rows for _, rows in panels):
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-        for ax, (kind, rows) in zip(axes, panels):
-            series = {}
-            for r in rows:
-                series.setdefault(_key(r), []).append((r["batch_size"], r["median_s"], r["q1_s"], r["q3_s"]))
-            for (impl, dev), pts in sorted(series.items()):
-                pts.sort()
-                xs = [p[0] for p in pts]
-                ys = [1e3 * p[1] for p in pts]
-                lo = [1e3 * (p[1] - p[2]) for p in pts]
-                hi = [1e3 * (p[3] - p[1]) for p in pts]
-                ax.errorbar(xs, ys, yerr=[lo, hi], label=_label(impl, dev), capsize=3,
-                            **_style(impl, dev))
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            _plain_ticks(ax, sorted({r["batch_size"] for r in rows}))
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("time per call (ms, median; bars: IQR)")
-            ax.set_title(("training step" if kind == "train_step" else "inference (forward)")
-                         + f" — {model}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{_model_desc(model)}, {results['config']['dtypes'][0]} — "
-                     f"{results['machine']['cpu']['model']}", fontsize=10)
-        save(fig, f"step_time_{model}.png")
+        if any(rows for _, rows in panels):
+            fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+            for ax, (kind, rows) in zip(axes, panels):
+                series = {}
+                for r in rows:
+                    series.setdefault(_key(r), []).append((r["batch_size"], r["median_s"], r["q1_s"], r["q3_s"]))
+                for (impl, dev), pts in sorted(series.items()):
+                    pts.sort()
+                    ax.errorbar([p[0] for p in pts], [1e3 * p[1] for p in pts], capsize=3,
+                                yerr=[[1e3 * (p[1] - p[2]) for p in pts], [1e3 * (p[3] - p[1]) for p in pts]],
+                                label=_label(impl, dev), **_style(impl, dev))
+                _batch_axes(ax, sorted({r["batch_size"] for r in rows}),
+                            "time per call (ms, median; bars: IQR)",
+                            ("training step" if kind == "train_step" else "inference (forward)")
+                            + f" — {model}")
+            fig.suptitle(f"{_model_desc(model)}, {results['config']['dtypes'][0]} — "
+                         f"{results['machine']['cpu']['model']}", fontsize=10)
+            save(fig, f"step_time_{model}.png")
 
         # GPU speed-up over the CPU (nnx-numpy on the CPU is the baseline)
         train = _rows(results, "train_step", model=model)
         base = {r["batch_size"]: r["median_s"] for r in train
                 if r["impl"] == "nnx-numpy" and r["device"] == "cpu"}
-        gpu = [r for r in train if str(r["device"]).startswith("cuda")]
-        if gpu and base:
+        series = {}
+        for r in train:
+            if str(r["device"]).startswith("cuda") and r["batch_size"] in base:
+                series.setdefault(_key(r), []).append((r["batch_size"], base[r["batch_size"]] / r["median_s"]))
+        if series:
             fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
-            series = {}
-            for r in gpu:
-                if r["batch_size"] in base:
-                    series.setdefault(_key(r), []).append((r["batch_size"], base[r["batch_size"]] / r["median_s"]))
             for (impl, dev), pts in sorted(series.items()):
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=_label(impl, dev),
                         **_style(impl, dev))
             ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            _plain_ticks(ax, sorted(base))
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("speed-up over nnx-numpy on the CPU (training step)")
-            ax.set_title(f"GPU speed-up — {model}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            _batch_axes(ax, sorted(base), "speed-up over nnx-numpy on the CPU (training step)",
+                        f"GPU speed-up — {model}")
             save(fig, f"gpu_speedup_{model}.png")
 
-        ep = _rows(results, "epoch", model=model)
+        ep = sorted(_rows(results, "epoch", model=model), key=lambda r: r["median_s"])
         if ep:
-            ep.sort(key=lambda r: r["median_s"])
             fig, ax = plt.subplots(figsize=(7, 0.9 + 0.5 * len(ep)), constrained_layout=True)
-            labels = [_label(r["impl"], r["device"]) for r in ep]
-            med = [r["median_s"] for r in ep]
-            err = [[r["median_s"] - r["min_s"] for r in ep], [r["max_s"] - r["median_s"] for r in ep]]
-            ax.barh(labels, med, xerr=err, capsize=4,
-                    color=[_style(r["impl"], r["device"])["color"] for r in ep])
+            ax.barh([_label(r["impl"], r["device"]) for r in ep], [r["median_s"] for r in ep],
+                    xerr=[[r["median_s"] - r["min_s"] for r in ep], [r["max_s"] - r["median_s"] for r in ep]],
+                    capsize=4, color=[_style(r["impl"], r["device"])["color"] for r in ep])
             for i, r in enumerate(ep):
                 ax.text(r["max_s"], i, f"  {r['median_s']:.2f} s", va="center", ha="left", fontsize=8)
             ax.set_xlim(0, max(r["max_s"] for r in ep) * 1.3)
@@ -409,26 +403,24 @@ def charts(results, out_dir) -> list[str]:
                 h = r["history"]
                 ax.plot([p["train_clock_s"] for p in h], [100 * p["test_acc"] for p in h],
                         label=_label(r["impl"], r["device"]), **_style(r["impl"], r["device"]))
-            for th in r["thresholds"]:
-                ax.axhline(100 * float(th), color="gray", linewidth=0.8, linestyle=":")
+            lo, hi = accuracy_ylim(acc)
+            for th in acc[0]["thresholds"]:
+                if lo <= 100 * float(th) <= hi:
+                    ax.axhline(100 * float(th), color="gray", linewidth=0.8, linestyle=":")
+            ax.set_ylim(lo, hi)
             ax.set_xlabel("training time (s, evaluation excluded)")
             ax.set_ylabel("test accuracy (%)")
-            ax.set_ylim(94, 99)
             ax.set_title(f"Test accuracy vs training time — {model}, CLI defaults", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
             save(fig, f"accuracy_vs_time_{model}.png")
 
-    layers = _rows(results, "layer")
-    if layers:
-        fb = [r for r in layers if r["mode"] == "fwd+bwd"]
-        names = []
-        for r in fb:
-            if r["layer"] not in names:
-                names.append(r["layer"])
+    fb = [r for r in _rows(results, "layer") if r["mode"] == "fwd+bwd"]
+    if fb:
+        names = list(dict.fromkeys(r["layer"] for r in fb))
         impls = sorted({_key(r) for r in fb})
         fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
-        width = 0.8 / max(1, len(impls))
+        width = 0.8 / len(impls)
         for j, k in enumerate(impls):
             vals = {r["layer"]: r["median_s"] for r in fb if _key(r) == k}
             ax.bar([i + j * width for i in range(len(names))],
@@ -436,19 +428,10 @@ def charts(results, out_dir) -> list[str]:
                    color=_style(*k)["color"])
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _log_y(ax)
         ax.set_ylabel("ms per forward+backward (median)")
         ax.set_title("CNN layers at batch 128, MNIST shapes")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, "cnn_layers.png")
     return written
-
-
-def load(path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -18,34 +18,25 @@ import time
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-# --- statistics ---------------------------------------------------------------------------
 def summarize(samples) -> dict:
-    """Median, quartiles (IQR), min, max and count of a list of per-call seconds."""
+    """Median, quartiles (IQR), min, max, mean and count of a list of per-call seconds."""
     xs = sorted(float(s) for s in samples)
     if not xs:
         return {"n": 0}
-    if len(xs) >= 2:
-        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    else:
-        q1 = q3 = xs[0]
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
     return {"n": len(xs), "median_s": statistics.median(xs), "q1_s": q1, "q3_s": q3,
             "iqr_s": q3 - q1, "min_s": xs[0], "max_s": xs[-1], "mean_s": statistics.fmean(xs)}
 
 
-# --- timing -------------------------------------------------------------------------------
 def _noop():
     pass
 
 
-def time_block(fn, sync=_noop, inner: int = 1) -> float:
-    """Seconds per call of ``fn`` over ``inner`` back-to-back calls, synchronised at both ends."""
-    return time_block_cpu(fn, sync, inner)[0]
-
-
-def time_block_cpu(fn, sync=_noop, inner: int = 1) -> tuple[float, float]:
-    """(wall, process CPU) seconds per call. On a shared machine CPU time is the steadier
-    of the two: time spent waiting for a core that another job holds is not counted (with
-    several threads it adds up every thread's time, spinning included)."""
+def time_block(fn, sync=_noop, inner: int = 1) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of ``fn`` over ``inner`` back-to-back calls,
+    synchronised at both ends. On a shared machine CPU time is the steadier of the two: time
+    spent waiting for a core that another job holds is not counted (with several threads it
+    adds up every thread's time, spinning included)."""
     sync()
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(inner):
@@ -57,12 +48,11 @@ def time_block_cpu(fn, sync=_noop, inner: int = 1) -> tuple[float, float]:
 
 def calibrate(fn, sync=_noop, min_time: float = 0.05, max_inner: int = 10_000) -> int:
     """How many back-to-back calls make one sample last about ``min_time`` seconds."""
-    t = time_block(fn, sync, 1)
+    t = time_block(fn, sync, 1)[0]
     if t >= min_time:
         return 1
-    inner = max(1, math.ceil(min_time / max(t, 1e-7)))
     # a second estimate over several calls: the first single call is noisy
-    t = time_block(fn, sync, min(inner, 8))
+    t = time_block(fn, sync, min(8, math.ceil(min_time / max(t, 1e-7))))[0]
     return int(min(max_inner, max(1, math.ceil(min_time / max(t, 1e-7)))))
 
 
@@ -84,14 +74,13 @@ def measure_interleaved(cases: dict, warmup: int = 3, repeats: int = 7, min_time
         if on_warm is not None:
             on_warm(key)
         inner[key] = calibrate(fn, sync, min_time)
-    samples = {key: [] for key in cases}
-    cpu = {key: [] for key in cases}
+    wall, cpu = {key: [] for key in cases}, {key: [] for key in cases}
     for _ in range(max(1, repeats)):
         for key, (fn, sync) in cases.items():
-            wall, c = time_block_cpu(fn, sync, inner[key])
-            samples[key].append(wall)
+            w, c = time_block(fn, sync, inner[key])
+            wall[key].append(w)
             cpu[key].append(c)
-    return {key: {"samples": samples[key], "inner": inner[key], **summarize(samples[key]),
+    return {key: {"samples": wall[key], "inner": inner[key], **summarize(wall[key]),
                   "cpu_samples": cpu[key], "cpu_median_s": statistics.median(cpu[key])}
             for key in cases}
 
@@ -128,24 +117,17 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def ru_maxrss_bytes() -> int:
-    """Peak RSS over the whole process life (getrusage; kilobytes on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 class MemoryProbe:
     """Host RSS (and GPU pool bytes, via ``gpu_bytes``) around one case.
 
     ``start()`` records the current RSS and resets the peak counter; ``stop()`` returns
     ``rss_before``, ``rss_after``, ``rss_peak`` (peak during the case, where the kernel
     supports resetting it), ``rss_peak_extra`` (peak − before: the case's working memory)
-    and ``ru_maxrss`` (process-lifetime peak).
+    and ``ru_maxrss`` (process-lifetime peak, getrusage).
     """
 
     def __init__(self, gpu_bytes=None):
-        self.gpu_bytes = gpu_bytes
-        self.before = None
-        self.resettable = False
+        self.gpu_bytes, self.before, self.resettable = gpu_bytes, None, False
 
     def start(self):
         self.before = rss_bytes()
@@ -154,8 +136,8 @@ class MemoryProbe:
 
     def stop(self) -> dict:
         after, peak = rss_bytes(), peak_rss_bytes() if self.resettable else None
-        out = {"rss_before_bytes": self.before, "rss_after_bytes": after,
-               "rss_peak_bytes": peak, "ru_maxrss_bytes": ru_maxrss_bytes()}
+        out = {"rss_before_bytes": self.before, "rss_after_bytes": after, "rss_peak_bytes": peak,
+               "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if peak is not None and self.before is not None:
             out["rss_peak_extra_bytes"] = max(0, peak - self.before)
         if self.gpu_bytes is not None:
