@@ -9,15 +9,18 @@ Only numpy, the standard library and tqdm are used, so this module can be
 imported on its own.
 """
 
-import gzip
 import hashlib
 import http.client
+import math
 import os
 import pathlib
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 
@@ -80,6 +83,17 @@ SYSTEM_DIRS = {
 
 #: Seconds to wait before retry n (times n), so a flaky link gets a breather.
 RETRY_BACKOFF = 1.0
+
+#: Seconds to wait for a mirror to accept the connection and answer the request, and then
+#: for each piece of data; a download as a whole gives up after DOWNLOAD_BUDGET seconds.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+DOWNLOAD_BUDGET = 300.0
+#: While waiting on the network, a line every HEARTBEAT seconds says for what.
+HEARTBEAT = 5.0
+
+#: The largest IDX file read when no shape is expected (a decompression bomb stops here).
+MAX_IDX_BYTES = 1 << 30
 
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -160,25 +174,96 @@ def cache_dir(dataset):
 # Reading and verifying one IDX file
 
 
-def _read_payload(path):
-    """The decompressed bytes; gzip is detected by its magic, not the name."""
+def _expected_length(header, expected_shape):
+    """Bytes a complete file has, from its first bytes (or the expected shape); None while
+    ``header`` is too short to tell."""
+    if expected_shape is not None:
+        return 4 + 4 * len(expected_shape) + math.prod(expected_shape)
+    if len(header) < 4:
+        return None
+    ndim, dtype = header[3], _IDX_DTYPES.get(header[2])
+    if dtype is None or header[:2] != b"\0\0":
+        return len(header)  # not IDX: _parse_header says so
+    if len(header) < 4 + 4 * ndim:
+        return None
+    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return 4 + 4 * ndim + math.prod(dims) * dtype.itemsize
+
+
+def _gunzip(path, f, expected_shape):
+    """Inflate a gzip stream (all members), stopping as soon as the output passes the size
+    the IDX header (or the expected shape) allows: a small file that inflates to gigabytes
+    (a decompression bomb) is refused after reading at most one chunk too many."""
+    out = bytearray()
+    limit = _expected_length(b"", expected_shape)
+    d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    pending, member_done = b"", False
+    while True:
+        if not pending:
+            pending = f.read(_CHUNK)
+            if not pending:
+                break
+        if member_done:  # another gzip member, or trailing zero padding
+            if not pending.strip(b"\0"):
+                pending = b""
+                continue
+            d, member_done = zlib.decompressobj(zlib.MAX_WBITS | 16), False
+        cap = (limit if limit is not None else MAX_IDX_BYTES) - len(out) + 1
+        out += d.decompress(pending, max(1, min(cap, 16 * _CHUNK)))
+        pending = d.unconsumed_tail
+        if d.eof:
+            pending, member_done = d.unused_data + pending, True
+        if limit is None:
+            limit = _expected_length(bytes(out[:1024]), None)
+        if len(out) > (limit if limit is not None else MAX_IDX_BYTES):
+            if expected_shape is not None:
+                _parse_header(path, bytes(out[:4 + 4 * len(expected_shape)]),
+                              expected_shape, header_only=True)
+            raise _bad_file(
+                path, f"decompresses to more than the {limit if limit is not None else MAX_IDX_BYTES} "
+                "bytes its IDX header (or the expected shape) allows; it is not an intact file "
+                "(possibly a decompression bomb)")
+    if not member_done:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+    return bytes(out)
+
+
+def _read_payload(path, expected_shape=None):
+    """The decompressed bytes; gzip is detected by its magic, not the name. Never reads or
+    inflates more than the file's own header (or ``expected_shape``) allows."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            magic = f.read(2)
+            if magic != _GZIP_MAGIC:
+                head = magic + f.read(1022)
+                limit = _expected_length(head, None)
+                size = os.fstat(f.fileno()).st_size
+                if limit is not None and size > max(limit, len(head)):
+                    _oversized(path, head, size)  # too long: say so without reading it all
+                return head + f.read()
+            f.seek(0)
+            try:
+                return _gunzip(path, f, expected_shape)
+            except EOFError as e:
+                raise _bad_file(path, "truncated gzip file (the download was cut short)") from e
+            except zlib.error as e:
+                raise _bad_file(path, f"corrupted gzip file ({e})") from e
     except OSError as e:
         raise DatasetError(f"{path}: cannot read file ({e.strerror or e})") from e
-    if data[:2] != _GZIP_MAGIC:
-        return data
-    try:
-        return gzip.decompress(data)
-    except EOFError as e:
-        raise _bad_file(path, "truncated gzip file (the download was cut short)") from e
-    except (OSError, zlib.error) as e:
-        raise _bad_file(path, f"corrupted gzip file ({e})") from e
 
 
-def _parse_header(path, data, expected_shape):
-    """Check magic and dimensions against the payload; return (dtype, dims, offset)."""
+def _oversized(path, head, size):
+    """A raw file longer than its header allows: report it like _parse_header would."""
+    ndim = head[3] if len(head) > 3 else 0
+    dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = _expected_length(head, None)
+    raise _bad_file(path, f"length mismatch: expected {expected} bytes for shape {dims}, got "
+                    f"{size} ({size - expected} extra)")
+
+
+def _parse_header(path, data, expected_shape, header_only=False):
+    """Check magic and dimensions against the payload; return (dtype, dims, offset).
+    ``header_only``: check magic and dims against ``expected_shape``, not the length."""
     if len(data) < 4:
         raise _bad_file(path, f"truncated: got only {len(data)} bytes, "
                         f"not even an IDX header")
@@ -198,8 +283,12 @@ def _parse_header(path, data, expected_shape):
         raise _bad_file(path, f"truncated: expected at least {offset} header bytes, "
                         f"got {len(data)}")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if header_only:
+        if dims != tuple(expected_shape):
+            raise _bad_file(path, f"shape {dims} in header, expected {tuple(expected_shape)}")
+        return None
     dtype = _IDX_DTYPES[code]
-    expected_len = offset + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected_len = offset + math.prod(dims) * dtype.itemsize  # Python ints: no overflow
     if len(data) < expected_len:
         raise _bad_file(
             path, f"truncated: expected {expected_len} bytes for shape {dims}, "
@@ -224,7 +313,7 @@ def read_idx(path, expected_sha256=None, expected_shape=None):
     Raises DatasetError naming the file on any problem.
     """
     path = pathlib.Path(path)
-    data = _read_payload(path)
+    data = _read_payload(path, expected_shape)
     dtype, dims, offset = _parse_header(path, data, expected_shape)
     if expected_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
@@ -267,6 +356,10 @@ def _load_folder(dataset, folder):
     """
     if not folder.is_dir():
         return None, "folder does not exist"
+    try:
+        os.listdir(folder)
+    except OSError as e:
+        return None, f"folder cannot be read ({e.strerror or e})"
     arrays = {}
     # Smallest first: another dataset's folder is rejected after reading 5 kB.
     order = sorted(FILES, key=lambda name: np.prod(SHAPES[name]))
@@ -308,10 +401,10 @@ def _search(dataset, data_dir):
         arrays, why = _load_folder(dataset, folder)
         if arrays is None:
             raise DatasetError(
-                f"data_dir={str(data_dir)!r} does not hold {dataset} ({why}). "
+                f"--data-dir {data_dir} does not hold {dataset} ({why}). "
                 f"Put {', '.join(n + '.gz' for n in FILES)} (or the "
-                f"uncompressed files) there, or leave data_dir unset to use "
-                f"${ENV_DATA_DIR} or download into {cache_dir(dataset)}."
+                f"uncompressed files) there, or leave --data-dir out (data_dir= in "
+                f"Python) to use ${ENV_DATA_DIR} or download into {cache_dir(dataset)}."
             )
         return folder, arrays
     searched = []
@@ -347,24 +440,110 @@ def _mirrors(dataset, mirrors):
     return [m if m.endswith("/") else m + "/" for m in mirrors]
 
 
-def _fetch(url, dest_dir, name, expected_sha256, timeout, progress):
+class _Heartbeat:
+    """While the download waits on the network, print every ``interval`` seconds what it is
+    waiting for and how long it has waited (a daemon thread; silent when ``enabled`` is false)."""
+
+    def __init__(self, enabled, interval=None):
+        self.enabled, self.interval = enabled, HEARTBEAT if interval is None else interval
+        self.what, self.since, self.limit = None, 0.0, None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.enabled and self.interval > 0:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="nnx-heartbeat")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        return False
+
+    def wait_for(self, what, limit=None):
+        """Start waiting for ``what`` (None: not waiting)."""
+        self.what, self.since, self.limit = what, time.monotonic(), limit
+
+    def _run(self):
+        last = None
+        while not self._stop.wait(min(0.25, self.interval)):
+            what, since = self.what, self.since
+            if what is None:
+                continue
+            waited = time.monotonic() - since
+            if waited >= self.interval and (last is None or last[0] != since
+                                            or waited - last[1] >= self.interval):
+                limit = f"; giving up after {self.limit:.0f} s" if self.limit else ""
+                print(f"nnx: waiting for {what} ({waited:.0f} s{limit})", file=sys.stderr,
+                      flush=True)
+                last = (since, waited)
+
+
+def _timeouts(timeout):
+    """(connect, read) seconds from a number (both) or a pair; None: the module defaults."""
+    if timeout is None:
+        return CONNECT_TIMEOUT, READ_TIMEOUT
+    if isinstance(timeout, (tuple, list)):
+        connect, read = timeout
+        return float(connect), float(read)
+    return float(timeout), float(timeout)
+
+
+class _BudgetSpent(Exception):
+    """The download's overall time budget ran out."""
+
+
+def _fetch(url, dest_dir, name, expected_sha256, timeout, progress, deadline=None,
+           heartbeat=None):
     """Download ``url`` to a temp file in ``dest_dir``, verify, move into place.
 
     The final name only ever appears through os.replace of a verified file,
-    so an interrupted or corrupt download leaves nothing behind.
+    so an interrupted or corrupt download leaves nothing behind. ``timeout`` is
+    (connect, read) seconds: the first bounds connecting and waiting for the answer,
+    the second each wait for more data; ``deadline`` (time.monotonic) bounds the whole.
     """
     from tqdm.auto import tqdm  # imported lazily: only downloads need it
+
+    connect, read = _timeouts(timeout)
+    heartbeat = heartbeat or _Heartbeat(False)
+    host = urllib.parse.urlsplit(url).netloc or url
+
+    def remaining(limit):
+        if deadline is None:
+            return limit
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _BudgetSpent()
+        return min(limit, left)
 
     request = urllib.request.Request(url, headers={"User-Agent": "nnx-datasets"})
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        wait = remaining(connect)
+        heartbeat.wait_for(f"{host} to answer the request for {name}.gz", wait)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=wait) as resp:
+            heartbeat.wait_for(None)
             total = int(resp.headers.get("Content-Length") or 0) or None
+            sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=f"{name}.gz", disable=None if progress else True,
                       leave=False) as bar:
                 received = 0
-                while chunk := resp.read(_CHUNK):
+                while True:
+                    wait = remaining(read)
+                    if sock is not None:
+                        try:
+                            sock.settimeout(wait)
+                        except OSError:  # already handed to the response: keep its timeout
+                            sock = None
+                    heartbeat.wait_for(f"data of {name}.gz from {host} "
+                                       f"({received:,} bytes so far)", wait)
+                    chunk = resp.read(_CHUNK)
+                    heartbeat.wait_for(None)
+                    if not chunk:
+                        break
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
@@ -382,6 +561,7 @@ def _fetch(url, dest_dir, name, expected_sha256, timeout, progress):
         os.replace(tmp, final)
         return final
     except BaseException:
+        heartbeat.wait_for(None)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
@@ -389,8 +569,17 @@ def _fetch(url, dest_dir, name, expected_sha256, timeout, progress):
         raise
 
 
+def _timed_out(error):
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        error = error.reason
+    return isinstance(error, (TimeoutError, socket.timeout))
+
+
 def _describe(error):
     """A one-line reason for a failed attempt."""
+    if _timed_out(error):
+        return "no answer before the timeout (the mirror accepted the connection but sent nothing)" \
+            if "read" not in str(error) else f"timed out ({error})"
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
@@ -399,14 +588,16 @@ def _describe(error):
 
 
 def _permanent(error):
-    """Errors that retrying the same URL cannot fix."""
-    if isinstance(error, (DatasetError, ValueError)):  # wrong content, bad URL
+    """Errors that retrying the same URL cannot fix (a mirror that never answers is not
+    asked again: each attempt would cost a whole timeout)."""
+    if isinstance(error, (DatasetError, ValueError)) or _timed_out(error):
         return True
     return isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 \
         and error.code not in (408, 429)
 
 
-def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progress):
+def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progress,
+               deadline=None, heartbeat=None):
     """Try every live mirror for one file; return (path or None, failures)."""
     failures = []
     for base in mirrors:
@@ -416,13 +607,21 @@ def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progres
         reasons = []
         for attempt in range(max(retries, 0) + 1):
             if attempt:
-                time.sleep(RETRY_BACKOFF * attempt)
+                pause = RETRY_BACKOFF * attempt
+                if deadline is not None:
+                    pause = min(pause, max(0.0, deadline - time.monotonic()))
+                time.sleep(pause)
             try:
                 return _fetch(url, dest_dir, name, CHECKSUMS[dataset][name],
-                              timeout, progress), failures
+                              timeout, progress, deadline, heartbeat), failures
+            except _BudgetSpent:
+                failures.append(f"{url}: not tried, the download's time budget is spent")
+                return None, failures
             except (OSError, http.client.HTTPException, ValueError, DatasetError) as e:
                 reasons.append(_describe(e))
                 if _permanent(e):
+                    if _timed_out(e):
+                        dead.add(base)
                     break
         else:
             # Every attempt failed without an answer: skip it for the other files.
@@ -432,12 +631,19 @@ def _fetch_any(dataset, name, dest_dir, mirrors, dead, timeout, retries, progres
     return None, failures
 
 
-def download(dataset, dest_dir, mirrors=None, timeout=30, retries=2, progress=True):
+def download(dataset, dest_dir, mirrors=None, timeout=None, retries=2, progress=True,
+             budget=None):
     """Fetch the four ``NAME.gz`` files into ``dest_dir`` and return it.
 
     Mirrors (``mirrors``, else $NNX_MNIST_MIRRORS / $NNX_FASHION_MNIST_MIRRORS,
     else MIRRORS) are tried in turn, each ``retries`` extra times on network
-    errors.  Files already present and valid are kept; a damaged one raises.
+    errors (not on timeouts: a mirror that does not answer is skipped).
+    ``timeout`` is seconds for connecting and the answer, and for each wait for
+    data: a number or a (connect, read) pair, default (CONNECT_TIMEOUT,
+    READ_TIMEOUT); ``budget`` bounds the whole download (default
+    DOWNLOAD_BUDGET seconds). With ``progress``, a line every HEARTBEAT seconds
+    says what a slow download is waiting for. Files already present and valid
+    are kept; a damaged one raises.
     """
     dataset = _dataset_name(dataset)
     dest_dir = pathlib.Path(dest_dir).expanduser()
@@ -450,19 +656,24 @@ def download(dataset, dest_dir, mirrors=None, timeout=30, retries=2, progress=Tr
         raise DatasetError(f"cannot write to {dest_dir}; set XDG_CACHE_HOME "
                            f"or pass a writable folder")
     mirrors = _mirrors(dataset, mirrors)
+    budget = DOWNLOAD_BUDGET if budget is None else float(budget)
+    deadline = time.monotonic() + budget
     dead = set()
-    for name in FILES:
-        existing = _file_in(dest_dir, name)
-        if existing is not None:
-            read_idx(existing, CHECKSUMS[dataset][name], SHAPES[name])
-            continue
-        path, failures = _fetch_any(dataset, name, dest_dir, mirrors, dead,
-                                    timeout, retries, progress)
-        if path is None:
-            raise DatasetError(
-                f"could not download {name}.gz for {dataset} from any mirror:\n  "
-                + "\n  ".join(failures or ["(no mirrors)"])
-            )
+    with _Heartbeat(progress) as heartbeat:
+        for name in FILES:
+            existing = _file_in(dest_dir, name)
+            if existing is not None:
+                read_idx(existing, CHECKSUMS[dataset][name], SHAPES[name])
+                continue
+            path, failures = _fetch_any(dataset, name, dest_dir, mirrors, dead,
+                                        timeout, retries, progress, deadline, heartbeat)
+            if path is None:
+                spent = " (gave up: the download's time budget of " \
+                    f"{budget:g} s is spent)" if time.monotonic() >= deadline else ""
+                raise DatasetError(
+                    f"could not download {name}.gz for {dataset} from any mirror{spent}:\n  "
+                    + "\n  ".join(failures or ["(no mirrors)"])
+                )
     return dest_dir
 
 
@@ -478,7 +689,8 @@ def _where_to_put(dataset):
         f"To use {dataset} offline, put {', '.join(n + '.gz' for n in FILES)} "
         f"(or the uncompressed files) in {cache_dir(dataset)}, or in a folder "
         f"named by the {ENV_DATA_DIR} environment variable (or its "
-        f"'{dataset}' subfolder), or pass data_dir=.  See docs/data.md."
+        f"'{dataset}' subfolder), or pass --data-dir DIR (data_dir= in Python). "
+        f"See docs/data.md."
     )
 
 
