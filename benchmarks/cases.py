@@ -2,6 +2,7 @@
 accuracy, and (for the CNN) single layers. Each returns a list of JSON-able result rows."""
 from __future__ import annotations
 
+import collections
 import gc
 import time
 
@@ -10,14 +11,8 @@ from .machine import load_snapshot, peak_key
 from .timing import MemoryProbe, measure_interleaved, summarize
 
 
-class Spec:
-    """One implementation to run: ``kind`` is "nnx", "torch-ref" or "plain-numpy"."""
-
-    def __init__(self, kind: str, backend: str, device: str):
-        self.kind, self.backend, self.device = kind, backend, device
-
-    def __repr__(self):
-        return f"Spec({self.kind}, {self.backend}, {self.device})"
+#: one implementation to run: ``kind`` is "nnx", "torch-ref" or "plain-numpy"
+Spec = collections.namedtuple("Spec", "kind backend device")
 
 
 def _nnx_backend(spec):
@@ -27,15 +22,13 @@ def _nnx_backend(spec):
 
 
 def make_runner(spec, model, state, dtype, input_grad=False):
-    """``input_grad`` (``--with-input-grad``) applies to nnx only: the peers never compute
-    the first layer's input gradient."""
+    """``input_grad`` (``--with-input-grad``) applies to nnx's step cases only: the peers and
+    the Trainer's epochs never compute the first layer's input gradient."""
     if spec.kind == "nnx":
         return impls.NnxRunner(_nnx_backend(spec), model, state, dtype, input_grad)
     if spec.kind == "torch-ref":
         return impls.TorchRefRunner(spec.device, model, state, dtype)
-    if spec.kind == "plain-numpy":
-        return impls.PlainNumpyRunner(model, state, dtype)
-    raise ValueError(spec.kind)
+    return impls.PlainNumpyRunner(model, state, dtype)
 
 
 def _key(r) -> str:
@@ -127,18 +120,6 @@ def step_cases(model, batch_sizes, specs, data, cfg, log=print) -> list[dict]:
     return rows
 
 
-def epoch_runner(spec, model, data, state, dtype, epochs):
-    """nnx's epoch is ``nnx.trainer.Trainer``'s, which always skips the first layer's input
-    gradient: ``--with-input-grad`` does not reach it."""
-    if spec.kind == "nnx":
-        return impls.NnxEpochRunner(_nnx_backend(spec), model, data, dtype, epochs)
-    if spec.kind == "torch-ref":
-        return impls.TorchRefEpochRunner(spec.device, model, data, state, dtype, epochs)
-    if spec.kind == "plain-numpy":
-        return impls.PlainNumpyEpochRunner(model, data, state, dtype, epochs)
-    raise ValueError(spec.kind)
-
-
 def _timed_epoch(r, epoch) -> tuple[float, float]:
     """(wall, process CPU) seconds of one training epoch, synchronised at both ends."""
     r.sync()
@@ -156,7 +137,7 @@ def epoch_cases(model, specs, data, cfg, log=print) -> list[dict]:
     for spec in specs:
         try:
             probe = MemoryProbe().start()
-            r = epoch_runner(spec, model, data, state, cfg.dtype, 1 + cfg.epoch_repeats)
+            r = make_runner(spec, model, state, cfg.dtype).load_data(data, 1 + cfg.epoch_repeats)
             log(f"  {model} epoch warm-up {r.impl:<18} {_timed_epoch(r, 0)[0]:8.3f} s")
             mems[_key(r)] = probe.stop()
             runners.append(r)
@@ -194,7 +175,7 @@ def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) 
         if spec.kind == "nnx" and spec.backend == "strict":
             continue  # correctness-only backend: minutes per epoch
         try:
-            r = epoch_runner(spec, model, data, state, cfg.dtype, impls.EPOCHS)
+            r = make_runner(spec, model, state, cfg.dtype).load_data(data, impls.EPOCHS)
         except Exception as e:
             rows.append({"kind": "skipped", "model": model, "spec": repr(spec), "case": "accuracy",
                          "reason": str(e)})

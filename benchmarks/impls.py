@@ -205,14 +205,17 @@ def device_label(backend) -> str:
 
 
 class Runner:
-    """The common shape of every implementation (step runners and epoch runners alike)."""
+    """One implementation of one model on one device, from the SAME initial weights.
 
-    impl = "?"
-    device = "cpu"
-    backend_name = None
+    Step cases: ``load_batches`` then ``train_step()`` / ``infer()``. Epoch cases:
+    ``load_data`` then ``train_epoch(epoch)`` / ``test_accuracy()``. Peers implement
+    ``to_device``, ``step(x, y, lr) -> (logits, loss)`` and ``predict(x)``; the epoch loop is
+    ``Trainer._train_epoch`` copied step for step: the Trainer's shuffle on the NumPy backend,
+    the same cosine schedule, running loss and accuracy kept where the data is, with a few
+    host reads per epoch.
+    """
 
-    def __init__(self):
-        self.batches, self.k = [], 0
+    impl, device, backend_name = "?", "cpu", None
 
     def sync(self):
         pass
@@ -223,52 +226,108 @@ class Runner:
     def gpu_bytes(self) -> dict:
         return {}
 
+    def load_batches(self, batches):
+        self.batches, self.k = [(self.to_device(x), self.to_device(y)) for x, y in batches], 0
+
     def next_batch(self):
-        b = self.batches[self.k % len(self.batches)]
         self.k += 1
-        return b
+        return self.batches[(self.k - 1) % len(self.batches)]
+
+    def train_step(self):
+        return self.step(*self.next_batch(), LR)[1]
+
+    def infer(self):
+        return self.predict(self.next_batch()[0])
+
+    def load_data(self, data, epochs=EPOCHS):
+        from nnx.schedules import make_schedule
+
+        sp = _host_splits(data, self.kind, self.dtype_name)
+        self.x, self.y = self.to_device(sp["train"].x), self.to_device(sp["train"].y)
+        self.xt, self.yt = self.to_device(sp["test"].x), self.to_device(sp["test"].y)
+        self.n_train = len(sp["train"].y)
+        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
+        self.global_step = 0
+        return self
+
+    def train_epoch(self, epoch):
+        n, bs = self.n_train, BATCH
+        steps = math.ceil(n / bs)
+        perm = self.to_device(_derived_perm(SEED, epoch, n))
+        read_every = max(1, steps // 5)
+        loss_sum = correct = 0.0
+        for k in range(steps):
+            idx = perm[k * bs:(k + 1) * bs]
+            yb = self.y[idx]
+            logits, loss = self.step(self.x[idx], yb, self.schedule(self.global_step))
+            self.global_step += 1
+            loss_sum, correct = loss_sum + loss * len(idx), correct + (logits.argmax(1) == yb).sum()
+            if ((k + 1) % read_every == 0 or k + 1 == steps) and not math.isfinite(float(loss_sum)):
+                raise RuntimeError(f"{self.impl} diverged")
+        return float(loss_sum) / n, float(correct) / n
+
+    def test_accuracy(self):
+        n = len(self.yt)
+        return sum(int((self.predict(self.xt[s:s + 2048]).argmax(1) == self.yt[s:s + 2048]).sum())
+                   for s in range(0, n, 2048)) / n
 
 
 class NnxRunner(Runner):
     """nnx's Sequential + SoftmaxCrossEntropy + Nesterov on one backend: the Trainer's step,
     ``model.backward(loss.backward(), input_grad=False)``. ``input_grad=True`` (the CLI's
     ``--with-input-grad``, impl ``nnx-<backend>+dx0``) also computes the first layer's input
-    gradient, as nnx's training did before ``Sequential.backward`` grew the flag."""
+    gradient, as nnx's training did before ``Sequential.backward`` grew the flag. Epochs are
+    ``nnx.trainer.Trainer``'s own (``_train_epoch``), which always skips it."""
 
     def __init__(self, backend, kind: str, state: dict, dtype: str = "float32",
                  input_grad: bool = False):
-        super().__init__()
         from nnx.losses import SoftmaxCrossEntropy
-        from nnx.optim import Nesterov
+        from nnx.optim import make_optimizer
 
-        self.backend, self.kind = backend, kind
+        self.backend, self.kind, self.dtype_name = backend, kind, dtype
         self.backend_name, self.device = backend.name, device_label(backend)
-        self.impl = f"nnx-{backend.name}"
+        self.input_grad = bool(input_grad)
+        self.impl = f"nnx-{backend.name}" + ("+dx0" if self.input_grad else "")
         self.model = build_nnx(kind, backend, dtype)
         self.model.load_state_dict(state)
-        self.input_grad = bool(input_grad)
-        if self.input_grad:
-            self.impl += "+dx0"
-        self.opt = Nesterov(self.model.named_parameters(), lr=LR, momentum=MOMENTUM,
-                            weight_decay=WEIGHT_DECAY)
+        self.opt = make_optimizer("nesterov", self.model.named_parameters(), LR,
+                                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         self.loss = SoftmaxCrossEntropy()
 
-    def load_batches(self, batches):
-        b = self.backend
-        self.batches = [(b.from_numpy(x, dtype=self.model.dtype), b.from_numpy(y)) for x, y in batches]
-        self.k = 0
+    def to_device(self, a):
+        return self.backend.from_numpy(a, dtype=self.model.dtype if a.dtype.kind == "f" else None)
 
-    def train_step(self):
-        x, y = self.next_batch()
+    def step(self, x, y, lr):
         logits = self.model.forward(x, train=True)
         loss = self.loss.forward(logits, y)
         self.model.backward(self.loss.backward(), input_grad=self.input_grad)
-        self.opt.step(LR)
-        return loss
+        self.opt.step(lr)
+        return logits, loss
 
-    def infer(self):
-        x, _ = self.next_batch()
+    def predict(self, x):
         return self.model.forward(x, train=False)
+
+    def load_data(self, data, epochs=EPOCHS):
+        from nnx.data import make_splits
+        from nnx.schedules import make_schedule
+        from nnx.trainer import Trainer
+
+        b = self.backend
+        self.splits = make_splits(data, b, b.dtype(self.dtype_name), val_size=VAL_SIZE, seed=SEED,
+                                  flatten=(self.kind == "mlp"))
+        self.n_train = len(self.splits["train"])
+        sched = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
+        self.trainer = Trainer(self.model, self.opt, sched, batch_size=BATCH, epochs=epochs,
+                               seed=SEED, progress=False, log=lambda *a, **k: None)
+        return self
+
+    def train_epoch(self, epoch):
+        out = self.trainer._train_epoch(self.splits["train"], epoch)
+        self.trainer.epoch = epoch + 1
+        return out
+
+    def test_accuracy(self):
+        return self.trainer.evaluate(self.splits["test"])[1]
 
     def sync(self):
         self.backend.synchronize()
@@ -299,42 +358,34 @@ def _torch_cuda_bytes(device) -> dict:
 class TorchRefRunner(Runner):
     """torch.nn.Sequential + autograd + torch.optim.SGD(nesterov=True): PyTorch eager."""
 
-    backend_name = "torch"
+    impl, backend_name = "torch-ref", "torch"
 
     def __init__(self, device: str, kind: str, state: dict, dtype: str = "float32"):
-        super().__init__()
         import torch
 
-        self.torch, self.kind = torch, kind
+        self.torch, self.kind, self.dtype_name = torch, kind, dtype
         self.dev = torch.device(device)
         self.device = str(self.dev)
-        self.impl = "torch-ref"
         self.net = load_torch_state(build_torch(kind, self.dev, dtype), state, self.dev, dtype)
         self.net.train()
         self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                    weight_decay=WEIGHT_DECAY)
-        self.dtype = getattr(torch, dtype)
 
-    def load_batches(self, batches):
-        t = self.torch
-        self.batches = [(t.from_numpy(x).to(self.dev, self.dtype), t.from_numpy(y).to(self.dev))
-                        for x, y in batches]
-        self.k = 0
+    def to_device(self, a):
+        t = self.torch.from_numpy(a).to(self.dev)
+        return t.to(getattr(self.torch, self.dtype_name)) if t.is_floating_point() else t
 
-    def step_on(self, x, y):
-        F = self.torch.nn.functional
+    def step(self, x, y, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.torch.nn.functional.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        return logits, loss
+        return logits.detach(), loss.detach()
 
-    def train_step(self):
-        return self.step_on(*self.next_batch())[1].detach()
-
-    def infer(self):
-        x, _ = self.next_batch()
+    def predict(self, x):
         self.net.eval()
         with self.torch.inference_mode():
             out = self.net(x)
@@ -413,71 +464,31 @@ class PlainNumpyMLP:
 
 
 class PlainNumpyRunner(Runner):
-    backend_name = "numpy"
+    """The plain NumPy MLP, on the same batches as nnx on NumPy."""
+
+    impl, backend_name = "plain-numpy", "numpy"
 
     def __init__(self, kind: str, state: dict, dtype: str = "float32"):
-        super().__init__()
         if kind != "mlp":
             raise ValueError("the plain NumPy loop exists for the MLP only")
-        self.impl, self.device = "plain-numpy", "cpu"
+        self.kind, self.dtype_name = kind, dtype
         self.net = PlainNumpyMLP(state, dtype)
 
-    def load_batches(self, batches):
-        self.batches = [(np.array(x), np.array(y)) for x, y in batches]
-        self.k = 0
+    def to_device(self, a):
+        return np.asarray(a)
 
-    def train_step(self):
-        return self.net.step(*self.next_batch())[1]
+    def step(self, x, y, lr):
+        return self.net.step(x, y, lr=lr)
 
-    def infer(self):
-        x, _ = self.next_batch()
+    def predict(self, x):
         return self.net.forward(x)[-1]
 
 
-# --- whole epochs ------------------------------------------------------------------------
 def _derived_perm(seed, epoch, n):
     """The shuffle nnx's Trainer uses on the NumPy backend for this epoch."""
     from nnx.trainer import derived_seed
 
     return np.random.default_rng(derived_seed(seed, epoch, 1)).permutation(n).astype(np.int64)
-
-
-class NnxEpochRunner(Runner):
-    """nnx.trainer.Trainer's own epoch (``_train_epoch``: gather, step, on-device running
-    metrics, a few host reads) with progress=False; the CLI's default settings. The Trainer
-    always skips the first layer's input gradient (``input_grad=False``), so epoch and
-    time-to-accuracy rows are the Trainer as it is, whatever ``--with-input-grad`` says."""
-
-    def __init__(self, backend, kind, data, dtype="float32", epochs=EPOCHS):
-        from nnx.data import make_splits
-        from nnx.optim import make_optimizer
-        from nnx.schedules import make_schedule
-        from nnx.trainer import Trainer
-
-        self.backend, self.impl, self.device = backend, f"nnx-{backend.name}", device_label(backend)
-        self.backend_name = backend.name
-        dt = backend.dtype(dtype)
-        self.splits = make_splits(data, backend, dt, val_size=VAL_SIZE, seed=SEED,
-                                  flatten=(kind == "mlp"))
-        self.model = build_nnx(kind, backend, dtype)
-        opt = make_optimizer("nesterov", self.model.named_parameters(), LR, momentum=MOMENTUM,
-                             weight_decay=WEIGHT_DECAY)
-        steps = -(-len(self.splits["train"]) // BATCH)
-        sched = make_schedule("cosine", LR, epochs, steps)
-        self.trainer = Trainer(self.model, opt, sched, batch_size=BATCH, epochs=epochs, seed=SEED,
-                               progress=False, log=lambda *a, **k: None)
-        self.n_train = len(self.splits["train"])
-
-    def train_epoch(self, epoch):
-        out = self.trainer._train_epoch(self.splits["train"], epoch)
-        self.trainer.epoch = epoch + 1
-        return out
-
-    def test_accuracy(self):
-        return self.trainer.evaluate(self.splits["test"])[1]
-
-    def sync(self):
-        self.backend.synchronize()
 
 
 def _host_splits(data, kind, dtype):
@@ -486,95 +497,3 @@ def _host_splits(data, kind, dtype):
 
     return make_splits(data, get_backend("numpy", "cpu"), np.dtype(dtype), val_size=VAL_SIZE,
                        seed=SEED, flatten=(kind == "mlp"))
-
-
-class MirrorEpochRunner(Runner):
-    """A peer's copy of ``Trainer._train_epoch``, step for step: the Trainer's shuffle on the
-    NumPy backend, the same cosine schedule, running loss and accuracy kept where the data is
-    with a few host reads per epoch. Subclasses set ``x, y, xt, yt`` (training and test
-    arrays on their device), ``to_device`` and ``step(xb, yb, lr) -> (loss, n correct)``."""
-
-    def __init__(self, data, kind, dtype, epochs):
-        from nnx.schedules import make_schedule
-
-        sp = _host_splits(data, kind, dtype)
-        self.x, self.y = self.to_device(sp["train"].x), self.to_device(sp["train"].y)
-        self.xt, self.yt = self.to_device(sp["test"].x), self.to_device(sp["test"].y)
-        self.n_train = len(sp["train"].y)
-        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
-        self.global_step = 0
-
-    def train_epoch(self, epoch):
-        n, bs = self.n_train, BATCH
-        steps = math.ceil(n / bs)
-        perm = self.to_device(_derived_perm(SEED, epoch, n))
-        read_every = max(1, steps // 5)
-        loss_sum = correct = 0.0
-        for k in range(steps):
-            idx = perm[k * bs:(k + 1) * bs]
-            loss, c = self.step(self.x[idx], self.y[idx], self.schedule(self.global_step))
-            self.global_step += 1
-            loss_sum, correct = loss_sum + loss * len(idx), correct + c
-            if ((k + 1) % read_every == 0 or k + 1 == steps) and not math.isfinite(float(loss_sum)):
-                raise RuntimeError(f"{self.impl} diverged")
-        return float(loss_sum) / n, float(correct) / n
-
-    def test_accuracy(self):
-        n = len(self.yt)
-        return sum(int((self.predict(self.xt[s:s + 2048]).argmax(1) == self.yt[s:s + 2048]).sum())
-                   for s in range(0, n, 2048)) / n
-
-
-class TorchRefEpochRunner(MirrorEpochRunner):
-    """PyTorch eager over the same batches as nnx on NumPy."""
-
-    def __init__(self, device, kind, data, state, dtype="float32", epochs=EPOCHS):
-        import torch
-
-        self.torch, self.impl, self.backend_name = torch, "torch-ref", "torch"
-        self.ref = TorchRefRunner(device, kind, state, dtype)
-        self.dev, self.device = self.ref.dev, self.ref.device
-        super().__init__(data, kind, dtype, epochs)
-
-    def to_device(self, a):
-        return self.torch.from_numpy(a).to(self.dev)
-
-    def step(self, xb, yb, lr):
-        for g in self.ref.opt.param_groups:
-            g["lr"] = lr
-        logits, loss = self.ref.step_on(xb, yb)
-        with self.torch.no_grad():
-            return loss.detach(), (logits.argmax(dim=1) == yb).sum()
-
-    def predict(self, x):
-        net = self.ref.net
-        net.eval()
-        with self.torch.inference_mode():
-            out = net(x)
-        net.train()
-        return out
-
-    def sync(self):
-        self.ref.sync()
-
-
-class PlainNumpyEpochRunner(MirrorEpochRunner):
-    """The plain NumPy MLP over the same batches as nnx on NumPy."""
-
-    impl, backend_name = "plain-numpy", "numpy"
-
-    def __init__(self, kind, data, state, dtype="float32", epochs=EPOCHS):
-        if kind != "mlp":
-            raise ValueError("the plain NumPy loop exists for the MLP only")
-        self.net = PlainNumpyMLP(state, dtype)
-        super().__init__(data, kind, dtype, epochs)
-
-    def to_device(self, a):
-        return a
-
-    def step(self, xb, yb, lr):
-        logits, loss = self.net.step(xb, yb, lr=lr)
-        return loss, np.count_nonzero(logits.argmax(axis=1) == yb)
-
-    def predict(self, x):
-        return self.net.forward(x)[-1]

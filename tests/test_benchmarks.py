@@ -311,10 +311,10 @@ def test_epoch_runners_share_batches_and_learn():
             "test": (rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
                      rng.integers(0, 10, 64).astype(np.uint8))}
     state = impls.reference_state("mlp", "float64")
-    nnx_e = impls.NnxEpochRunner(get_backend("numpy", "cpu"), "mlp", data, "float64", epochs=2)
-    peers = [impls.PlainNumpyEpochRunner("mlp", data, state, "float64", epochs=2)]
+    nnx_e = impls.NnxRunner(get_backend("numpy", "cpu"), "mlp", state, "float64").load_data(data, 2)
+    peers = [impls.PlainNumpyRunner("mlp", state, "float64").load_data(data, 2)]
     if importlib.util.find_spec("torch"):
-        peers.append(impls.TorchRefEpochRunner("cpu", "mlp", data, state, "float64", epochs=2))
+        peers.append(impls.TorchRefRunner("cpu", "mlp", state, "float64").load_data(data, 2))
     loss, acc = nnx_e.train_epoch(0)
     after = nnx_e.model.state_dict()
     # test accuracy, computed here from nnx's weights
@@ -324,7 +324,7 @@ def test_epoch_runners_share_batches_and_learn():
     for peer in peers:
         loss_p, acc_p = peer.train_epoch(0)
         assert math.isclose(loss, loss_p, rel_tol=1e-9) and math.isclose(acc, acc_p, rel_tol=1e-12)
-        w = peer.net.W[0] if peer.impl == "plain-numpy" else peer.ref.net[0].weight.detach().numpy()
+        w = peer.net.W[0] if peer.impl == "plain-numpy" else peer.net[0].weight.detach().numpy()
         np.testing.assert_allclose(w, after["0.weight"], rtol=1e-8, atol=1e-10, err_msg=peer.impl)
         assert peer.test_accuracy() == expected, peer.impl
 
