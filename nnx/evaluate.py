@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from . import plots as _plots
+from .errors import cli_main as _cli_main
+from . import runs as _runs
 
 
 class EvaluateError(ValueError):
@@ -119,7 +121,7 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
         weights = resolve_weights(source)
         model = load(source, backend=backend, device=device)
         root = _run_root(source)
-        settings = _plots.run_settings(root) if root else {}
+        settings = _runs.run_settings(root) if root else {}
         if out_dir is None:
             out_dir = source if source.is_dir() else source.parent
     else:
@@ -129,12 +131,12 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
 
     dataset = dataset or settings.get("dataset") or "mnist"
     if data_dir is None and settings.get("dataset", dataset) == dataset:
-        data_dir = _plots._settings_data_dir(settings, root)
+        data_dir = _runs.settings_data_dir(settings, root)
     in_shape = tuple(model.input_shape)
     if math.prod(in_shape) != 28 * 28:
         raise EvaluateError(f"the model takes inputs of shape {in_shape}; {dataset} images are "
                             "28x28 (784 values)")
-    images, labels = _plots.load_test_images(dataset, data_dir, download=download)
+    images, labels = _runs.load_test_images(dataset, data_dir, download=download)
     probs = _plots.predict_proba(model, images.reshape(len(images), *in_shape), batch_size)
     classes = probs.shape[1]
     if classes < int(labels.max()) + 1:
@@ -171,10 +173,10 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
         if plots:
             final = root is not None and weights is not None and \
                 Path(weights).resolve() == (root / "model.safetensors").resolve()
-            metrics = _plots.read_metrics(root) if final else None
+            metrics = _runs.read_metrics(root) if final else None
             written = _plots.write_plots(out_dir, model, images, labels, probs, metrics=metrics,
                                          test_result={"test_loss": loss, "test_acc": accuracy},
-                                         log=log)
+                                         class_names=_plots.class_names(dataset), log=log)
         result["files"] = [str(p) for p in written]
         from .checkpoint import atomic_write_bytes, atomic_write_json
 
@@ -292,9 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="no PNGs (report.md and evaluation.json are still written)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also: NNX_DEBUG=1)")
     return p
 
 
+@_cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .threads import set_threads
@@ -310,7 +315,8 @@ def main(argv=None) -> int:
         result = evaluate(args.model, dataset=args.dataset, data_dir=args.data_dir,
                           backend=args.backend, device=args.device, out_dir=args.out,
                           plots=args.plots, download=args.download, log=notes)
-    except (CheckpointError, DatasetError, EvaluateError, BackendError, ShapeError, OSError) as e:
+    except (CheckpointError, DatasetError, EvaluateError, BackendError, ShapeError, OSError,
+            ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     if args.json:

@@ -7,14 +7,14 @@ Each plotting function (``loss_curves``, ``first_layer_weights``, ``plot_confusi
 with the object API on the Agg canvas and never touch pyplot's global state, so this works
 without a display.
 ``plot_run(run_dir)`` draws them all into a run folder; ``python -m nnx.train`` calls it at
-the end of training and ``python -m nnx.evaluate`` when evaluating a checkpoint.
+the end of training and ``python -m nnx.evaluate`` when evaluating a checkpoint. Reading run
+folders (metrics, settings, the test images) is ``nnx.runs``'s job.
 
 The model is only ever run through ``predict_proba`` and read back with ``backend.to_numpy``;
 everything drawn is NumPy on the host.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from . import runs
+
 #: file names plot_run writes, in order
 FILES = {"loss_curves": "loss_curves.png", "first_layer_weights": "first_layer_weights.png",
          "confusion_matrix": "confusion_matrix.png", "confident_mistakes": "confident_mistakes.png",
@@ -30,6 +32,15 @@ FILES = {"loss_curves": "loss_curves.png", "first_layer_weights": "first_layer_w
 DPI = 100
 TRAIN_COLOR, VAL_COLOR, TEST_COLOR = "#1f77b4", "#ff7f0e", "#d62728"
 RIGHT_COLOR, WRONG_COLOR = "#2ca02c", "#d62728"
+#: class names drawn for a data set whose classes are not simply its label numbers
+CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")}
+
+
+def class_names(dataset: str | None) -> list[str] | None:
+    """The names to draw for ``dataset``'s classes; None (label numbers) for MNIST's digits."""
+    names = CLASS_NAMES.get(str(dataset or "").lower().replace("_", "-"))
+    return list(names) if names else None
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -254,7 +265,10 @@ def plot_confusion(counts, class_names=None) -> Figure:
                         fontsize=9 if c < 1000 else 8,
                         color="white" if dark else ("#8b0000" if t != p else "black"),
                         fontweight="bold" if t == p else "normal")
-    ax.set_xticks(range(k), names)
+    long_names = max(map(len, names)) > 3
+    ax.set_xticks(range(k), names, rotation=40 if long_names else 0,
+                  ha="right" if long_names else "center",
+                  rotation_mode="anchor" if long_names else "default")
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -283,10 +297,11 @@ def confident_mistakes(images, y_true, probs, k: int = 16, class_names=None) -> 
     wrong = np.flatnonzero(pred != y)
     order = wrong[np.argsort(-conf[wrong], kind="stable")][:k]
     names = [str(c) for c in (class_names or range(probs.shape[1]))]
+    long_names = max(map(len, names)) > 3
     n = len(order)
     cols = min(8, max(n, 4))
     rows = max(1, math.ceil(n / cols))
-    fig = _figure(cols * 1.45, rows * 1.75 + 0.6)
+    fig = _figure(cols * 1.45, rows * (1.95 if long_names else 1.75) + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
@@ -294,9 +309,13 @@ def confident_mistakes(images, y_true, probs, k: int = 16, class_names=None) -> 
         img = images.image(i) if hasattr(images, "image") else images[i]
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=max(1.0, float(img.max())),
                   interpolation="nearest")
-        ax.set_title(f"true {names[y[i]]} → {names[pred[i]]}\n"
-                     f"{100 * conf[i]:.1f}% (true {100 * probs[i, y[i]]:.1f}%)",
-                     fontsize=8)
+        if long_names:  # e.g. "T-shirt/top → Pullover" would overlap its neighbours
+            title = (f"{names[y[i]]}\n→ {names[pred[i]]} {100 * conf[i]:.1f}%\n"
+                     f"(true {100 * probs[i, y[i]]:.1f}%)")
+        else:
+            title = (f"true {names[y[i]]} → {names[pred[i]]}\n"
+                     f"{100 * conf[i]:.1f}% (true {100 * probs[i, y[i]]:.1f}%)")
+        ax.set_title(title, fontsize=8)
     if n == 0:
         axes[0].text(0.5, 0.5, "no mistakes", ha="center", va="center",
                      transform=axes[0].transAxes)
@@ -338,70 +357,6 @@ def confidence_histogram(probs, y_true, bins: int = 40) -> Figure:
 
 
 # --- a whole run ---------------------------------------------------------------------------
-def read_metrics(run_dir) -> list[dict]:
-    """The per-epoch rows of ``metrics.jsonl`` ([] when absent); unreadable lines are skipped
-    and an epoch logged twice keeps its newest row."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "epoch" in row:
-                # a restarted or re-used folder: the newer rows replace those of the same
-                # and later epochs
-                rows = [r for r in rows if r["epoch"] < row["epoch"]]
-                rows.append(row)
-    return rows
-
-
-def _read_json(path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def run_settings(run_dir) -> dict:
-    """``config.json``'s settings ({} when the folder has none)."""
-    return _read_json(Path(run_dir) / "config.json").get("settings", {}) or {}
-
-
-def load_test_images(dataset: str = "mnist", data_dir=None, download: bool = True,
-                     limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The test split on the host: float32 (N, 28, 28) in [0, 1] and int64 labels."""
-    from . import datasets
-
-    data = datasets.load(dataset, data_dir=data_dir, download=download, progress=False)
-    x, y = data["test"]
-    if limit:
-        n = max(1, int(limit) // 6)  # what nnx.data.make_splits keeps with --limit
-        x, y = x[:n], y[:n]
-    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int64)
-
-
-def _settings_data_dir(settings: dict, run_dir=None):
-    """The run's --data-dir if it still holds the test images. config.json records it as
-    typed, so a relative path is tried from here, then from beside the run's ``runs/``
-    folder and the run folder; None falls back to the usual search ($NNX_DATA_DIR...)."""
-    d = settings.get("data_dir")
-    if not d:
-        return None
-    d = Path(d).expanduser()
-    bases = [Path.cwd()]
-    if run_dir is not None and not d.is_absolute():
-        run_dir = Path(run_dir).resolve()
-        bases += [run_dir.parent.parent, run_dir.parent, run_dir]
-    for base in bases:
-        folder = base / d
-        if any((folder / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
-            return folder
-    return None
-
-
 def _as_model_input(model, images: np.ndarray) -> np.ndarray:
     shape = tuple(model.input_shape)
     if math.prod(shape) != math.prod(images.shape[1:]):
@@ -448,16 +403,16 @@ def plot_run(run_dir, model=None, test=None, out_dir=None) -> list[Path]:
     with ``nnx.datasets`` from config.json's dataset and data_dir.
     """
     run_dir = Path(run_dir)
-    settings = run_settings(run_dir)
+    settings = runs.run_settings(run_dir)
     if model is None:
         from .checkpoint import load
 
         model = load(run_dir)
     if test is None:
-        images, labels = load_test_images(settings.get("dataset", "mnist"),
-                                          _settings_data_dir(settings, run_dir),
-                                          download=bool(settings.get("download", True)),
-                                          limit=settings.get("limit"))
+        images, labels = runs.load_test_images(settings.get("dataset", "mnist"),
+                                               runs.settings_data_dir(settings, run_dir),
+                                               download=bool(settings.get("download", True)),
+                                               limit=settings.get("limit"))
         probs = None
     elif isinstance(test, tuple):
         images, labels = np.asarray(test[0]), np.asarray(test[1]).astype(np.int64)
@@ -469,5 +424,6 @@ def plot_run(run_dir, model=None, test=None, out_dir=None) -> list[Path]:
         labels = np.asarray(model.backend.to_numpy(test.y)).astype(np.int64)
         images = _DeviceImages(test.x, model.backend)
     return write_plots(out_dir or run_dir, model, images, labels, probs,
-                       metrics=read_metrics(run_dir),
-                       test_result=_read_json(run_dir / "results.json"))
+                       metrics=runs.read_metrics(run_dir),
+                       test_result=runs.read_json(run_dir / "results.json"),
+                       class_names=class_names(settings.get("dataset")))

@@ -11,6 +11,7 @@ from PIL import Image
 
 import nnx
 import nnx.plots as plots
+import nnx.runs as runs
 from nnx.checkpoint import save_weights
 from nnx.data import to_split
 
@@ -195,5 +196,57 @@ def test_read_metrics_keeps_the_newest_rows(tmp_path):
             {"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}]
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    assert plots.read_metrics(tmp_path) == rows[2:]
-    assert plots.read_metrics(tmp_path / "missing") == []
+    assert runs.read_metrics(tmp_path) == rows[2:]
+    assert runs.read_metrics(tmp_path / "missing") == []
+
+
+def test_run_settings_and_results_of_a_folder(tmp_path):
+    model = nnx.mlp((784, 16, 10), seed=0)
+    run = _fake_run(tmp_path / "run", model)
+    assert runs.run_settings(run) == {"dataset": "mnist"}
+    assert runs.read_json(run / "results.json") == {"test_loss": 0.3, "test_acc": 0.9}
+    assert runs.run_settings(tmp_path / "missing") == {} and runs.read_json(tmp_path) == {}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    assert runs.settings_data_dir({"data_dir": str(data)}, run) == data
+    assert runs.settings_data_dir({"data_dir": "data"}, run) == run.parent / "data"  # beside runs/
+    assert runs.settings_data_dir({"data_dir": str(tmp_path / "gone")}, run) is None
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot"]
+
+
+def test_class_names_name_fashion_mnist_and_leave_digits_as_numbers():
+    assert plots.class_names("fashion-mnist") == FASHION
+    assert plots.class_names("fashion_mnist") == FASHION
+    assert plots.class_names("mnist") is None and plots.class_names(None) is None
+
+
+def test_plot_run_of_a_fashion_mnist_run_names_its_classes(tmp_path, fake_test, monkeypatch):
+    drawn = _record_saves(monkeypatch)
+    images, labels, _ = fake_test
+    model = nnx.mlp((784, 16, 10), seed=0)
+    run = _fake_run(tmp_path / "run", model)
+    (run / "config.json").write_text(json.dumps({"settings": {"dataset": "fashion-mnist"}}))
+    plots.plot_run(run, test=(images, labels))
+    ax = drawn[run / "confusion_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == FASHION
+    assert [t.get_text() for t in ax.get_yticklabels()] == FASHION
+    titles = [a.get_title() for a in drawn[run / "confident_mistakes.png"].axes if a.images]
+    assert titles and all(any(name in t for name in FASHION) for t in titles)
+    # an MNIST run keeps the digits
+    (run / "config.json").write_text(json.dumps({"settings": {"dataset": "mnist"}}))
+    plots.plot_run(run, test=(images, labels))
+    ax = drawn[run / "confusion_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(d) for d in range(10)]
+
+
+def test_fashion_names_render(tmp_path, fake_test):
+    images, labels, probs = fake_test
+    fig = plots.confident_mistakes(images, labels, probs, 16, class_names=FASHION)
+    assert_png(plots.save(fig, tmp_path / "m.png"), fig)
+    counts = plots.confusion_matrix(labels, probs.argmax(axis=1))
+    fig = plots.plot_confusion(counts, FASHION)
+    assert_png(plots.save(fig, tmp_path / "c.png"), fig)
