@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .errors import ShapeError
+from .flat import FlatStore, supports_views
 from .layers import ACTIVATIONS, Dense, Dropout
 from .layers.chain import Chain
 from .layers.softmax import softmax
@@ -15,9 +16,14 @@ class Sequential(Chain):
     A chain of layers (``nnx.layers.chain``) built at once on ``backend`` from one seed (the
     same seed gives the same weights on every backend). ``named_parameters()`` names them
     ``"{index}.{name}"`` — the names a ``torch.nn.Sequential`` of the same layers uses.
+
+    ``flat=True`` (default) keeps all parameters in one array and all gradients in another
+    (``self.flat``, a ``nnx.flat.FlatStore``) where the library supports views; otherwise,
+    or with ``flat=False``, each parameter is its own array (``self.flat`` is None).
     """
 
-    def __init__(self, layers, input_shape, backend=None, dtype="float32", seed: int = 0):
+    def __init__(self, layers, input_shape, backend=None, dtype="float32", seed: int = 0,
+                 flat: bool = True):
         from .backends import get_backend
 
         super().__init__(layers)
@@ -28,6 +34,9 @@ class Sequential(Chain):
         self.rng = backend.device_rng(self.seed + 1)  # dropout masks
         self.build(backend, backend.dtype(dtype), backend.host_rng(self.seed), self.input_shape)
         self.output_shape = self.shapes[-1] if self.shapes else self.input_shape
+        params = self.parameters()
+        self.flat = (FlatStore(params, self.xp, backend.device)
+                     if flat and params and supports_views(self.xp, backend.device) else None)
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train: bool = False):
@@ -88,11 +97,7 @@ class Sequential(Chain):
                 raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} != model shape "
                                  f"{tuple(current.shape)}")
         for k, p in params.items():
-            value = self.backend.from_numpy(state[k], dtype=self.dtype)
-            if p.value is value or getattr(self, "flat", None) is None:
-                p.value = value
-            else:  # flat storage: write into the view, so the flat buffer stays the storage
-                p.value[...] = value
+            p.value = self.backend.from_numpy(state[k], dtype=self.dtype)  # copies into flat storage
             p.grad = None
         for k, b in buffers.items():
             self.load_buffer(k, self.backend.from_numpy(state[k], dtype=b.dtype))

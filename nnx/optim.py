@@ -1,7 +1,6 @@
-"""Optimizers: in-place Array-API updates of ``Parameter.value`` from ``Parameter.grad``.
+"""Optimizers: in-place Array-API updates of the parameters from their gradients.
 
-Hyperparameters are Python floats (they keep float32 arrays float32 and never touch the
-device). Conventions follow ``torch.optim`` so results can be compared step for step:
+Conventions follow ``torch.optim`` so results can be compared step for step:
 
 - SGD:        p ← p − lr·g
 - momentum:   v ← μv + g;            p ← p − lr·v
@@ -10,7 +9,15 @@ device). Conventions follow ``torch.optim`` so results can be compared step for 
 - AdamW:      p ← p·(1 − lr·λ) first (decoupled decay), then the Adam step
 
 ``weight_decay`` on SGD/momentum/Nesterov/Adam is L2: g ← g + λp (applied to every
-parameter, biases included, as torch does).
+parameter, biases included, as torch does). ``clip_norm`` C scales all gradients by
+min(1, C / (‖g‖ + 1e-6)) first, ‖g‖ the global L2 norm — ``torch.nn.utils.clip_grad_norm_``.
+
+Multi-tensor: when the parameters live in one flat array (``nnx.flat``), each update is ONE
+short chain of operations over the flat value, gradient and slot arrays, whatever the number
+of parameters; otherwise the same ``update`` runs once per parameter. Per-step values (the
+learning rate, Adam's bias corrections) come in as ``hyper``: Python floats from ``step``,
+or 0-D device arrays from a table (``hyper_table``), so that a compiled training step sees
+arrays, not constants that change every step.
 """
 from __future__ import annotations
 
@@ -22,13 +29,18 @@ class Optimizer:
     slot_names: tuple = ()
 
     def __init__(self, params, lr: float = 0.01, weight_decay: float = 0.0,
-                 clip_norm: float | None = None):
-        """``params``: a model's ``named_parameters()`` dict (or a list of Parameters)."""
+                 clip_norm: float | None = None, xp=None):
+        """``params``: a model's ``named_parameters()`` dict (or a list of Parameters);
+        ``xp``: their namespace (``model.xp``; looked up from the first parameter if omitted)."""
         if not isinstance(params, dict):
             params = {str(i): p for i, p in enumerate(params)}
         if not params:
             raise ValueError("optimizer got no parameters")
-        if lr <= 0 or not math.isfinite(lr):
+        for what, v in (("learning rate", lr), ("weight decay", weight_decay),
+                        ("clip norm", clip_norm)):
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{what} must be a finite number, got {v}")
+        if lr <= 0:
             raise ValueError(f"learning rate must be a positive number, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
@@ -37,73 +49,119 @@ class Optimizer:
         self.params = params
         self.lr, self.weight_decay, self.clip_norm = float(lr), float(weight_decay), clip_norm
         self.steps = 0
-        first = next(iter(params.values())).value
-        import array_api_compat
+        plist = list(params.values())
+        if xp is None:
+            import array_api_compat
 
-        self.xp = array_api_compat.array_namespace(first)
-        self.slots = {name: {k: self.xp.zeros_like(p.value) for k, p in params.items()}
-                      for name in self.slot_names}
+            xp = array_api_compat.array_namespace(plist[0].value)
+        self.xp = xp
+        store = plist[0].store
+        #: the FlatStore when it holds exactly these parameters in order: one update chain
+        self.store = store if store is not None and store.params == plist else None
+        self.slots = {}
+        for name in self.slot_names:
+            if self.store is not None:
+                self.slots[name] = [self.xp.zeros_like(self.store.value)]
+            else:
+                self.slots[name] = [self.xp.zeros_like(p.value) for p in plist]
 
+    # --- per-step values ----------------------------------------------------------------
+    def hyper(self, t: int, lr: float) -> tuple:
+        """The per-step values the update of step ``t`` (1-based) reads, as Python floats."""
+        return (float(lr),)
+
+    def hyper_table(self, first_step: int, lrs, backend, dtype) -> tuple:
+        """``hyper`` for steps first_step+1, first_step+2, ... with learning rates ``lrs``,
+        one device array per value (index it with the step's position): made once per
+        epoch, so steps neither copy from the host nor see changing Python constants."""
+        import numpy as np
+
+        rows = [self.hyper(first_step + 1 + i, lr) for i, lr in enumerate(lrs)]
+        cols = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1).T
+        return tuple(backend.from_numpy(np.ascontiguousarray(c), dtype=dtype) for c in cols)
+
+    # --- the update ---------------------------------------------------------------------
     def step(self, lr: float | None = None) -> None:
         """Apply one update with ``lr`` (the schedule's value) or the base learning rate."""
-        lr = self.lr if lr is None else float(lr)
         missing = [key for key, p in self.params.items() if p.grad is None]
         if missing:
             raise RuntimeError(f"parameters {missing} have no gradient: call backward() before step()")
         self.steps += 1
-        if self.clip_norm is not None:
-            clip_grad_norm(self.params.values(), self.clip_norm, self.xp)
-        for key, p in self.params.items():
-            self.update(key, p, p.grad, lr)
+        self.apply(self.hyper(self.steps, self.lr if lr is None else lr))
 
-    def update(self, key, p, g, lr):
+    def apply(self, hyper) -> None:
+        """One update from the current gradients with per-step values ``hyper`` (does not
+        count the step: ``step`` does, or the caller that made the hyper table)."""
+        if self.store is not None:
+            values, grads = [self.store.value], [self.store.grad]
+        else:
+            plist = list(self.params.values())
+            values, grads = [p.value for p in plist], [p.grad for p in plist]
+        if self.clip_norm is not None:
+            grads = clip_grad_norm(grads, self.clip_norm, self.xp)
+        for i, (p, g) in enumerate(zip(values, grads)):
+            self.update(p, g, [self.slots[name][i] for name in self.slot_names], hyper)
+
+    def update(self, p, g, slots, hyper):
+        """Update ``p`` in place from ``g`` and the state arrays ``slots``."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    # --- checkpoints --------------------------------------------------------------------
+    def _slot_arrays(self, name) -> list:
+        """Per-parameter arrays of one slot (views into the flat slot in flat mode)."""
+        slot = self.slots[name]
+        return self.store.views(slot[0]) if self.store is not None else slot
+
+    def state_dict(self) -> tuple:
         """``(scalars, arrays)``: JSON-able scalars and ``{"slot/param": array}`` for safetensors."""
-        arrays = {f"{slot}/{k}": a for slot, per in self.slots.items() for k, a in per.items()}
+        arrays = {f"{name}/{k}": a for name in self.slot_names
+                  for k, a in zip(self.params, self._slot_arrays(name))}
         return {"type": type(self).__name__, "steps": self.steps}, arrays
 
     def load_state_dict(self, scalars: dict, arrays: dict, backend, dtype) -> None:
         if scalars.get("type") != type(self).__name__:
             raise ValueError(f"checkpoint optimizer is {scalars.get('type')}, not {type(self).__name__}")
         self.steps = int(scalars["steps"])
-        for slot, per in self.slots.items():
-            for k in per:
-                per[k] = backend.from_numpy(arrays[f"{slot}/{k}"], dtype=dtype)
+        for name in self.slot_names:
+            targets = self._slot_arrays(name)
+            for i, k in enumerate(self.params):
+                value = backend.from_numpy(arrays[f"{name}/{k}"], dtype=dtype)
+                if tuple(value.shape) != tuple(targets[i].shape):
+                    raise ValueError(f"optimizer state {name}/{k} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(targets[i].shape)}")
+                if self.store is not None:
+                    targets[i][...] = value
+                else:
+                    self.slots[name][i] = value
 
 
-def clip_grad_norm(params, max_norm: float, xp):
-    """Scale all gradients so their global L2 norm is at most ``max_norm``.
-
-    The scale stays a 0-D device array (no host synchronisation): max_norm / max(norm, max_norm).
-    Returns the norm before clipping (a 0-D array).
-    """
-    params = list(params)
-    total = xp.sqrt(sum(xp.sum(p.grad * p.grad) for p in params))
-    scale = max_norm / xp.maximum(total, xp.asarray(max_norm, dtype=total.dtype, device=total.device))
-    for p in params:
-        p.grad = p.grad * scale
-    return total
+def clip_grad_norm(grads, max_norm: float, xp) -> list:
+    """``grads`` scaled by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ their global L2 norm, as
+    ``torch.nn.utils.clip_grad_norm_`` does. The scale stays a 0-D device array (no host
+    synchronisation); the gradients given are not modified."""
+    total = xp.sqrt(sum(xp.sum(g * g) for g in grads))
+    scale = xp.clip(max_norm / (total + 1e-6), max=1.0)
+    return [g * scale for g in grads]
 
 
 def _decayed(g, p, weight_decay):
-    """g + λ·p as a NEW array (``p.grad`` itself is never modified), or ``g`` when λ = 0."""
+    """g + λ·p as a NEW array (the gradient itself is never modified), or ``g`` when λ = 0."""
     if not weight_decay:
         return g
-    d = p.value * weight_decay
+    d = p * weight_decay
     d += g
     return d
 
 
 class SGD(Optimizer):
-    def update(self, key, p, g, lr):
+    def update(self, p, g, slots, hyper):
+        lr = hyper[0]
         d = _decayed(g, p, self.weight_decay)
         if d is g:
             d = g * lr
         else:
             d *= lr
-        p.value -= d
+        p -= d
 
 
 class Momentum(Optimizer):
@@ -115,11 +173,11 @@ class Momentum(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
-    def update(self, key, p, g, lr):
+    def update(self, p, g, slots, hyper):
         # the same arithmetic, in the same order, as lr·(g + μv): one temporary array, the rest
-        # in place (each temporary of a 784x128 weight is another pass over 400 KB)
+        # in place
+        lr, (v,) = hyper[0], slots
         d = _decayed(g, p, self.weight_decay)
-        v = self.slots["velocity"][key]
         v *= self.momentum
         v += d
         if self.nesterov:  # p ← p − lr·(d + μv)
@@ -128,7 +186,7 @@ class Momentum(Optimizer):
             t *= lr
         else:              # p ← p − lr·v
             t = v * lr
-        p.value -= t
+        p -= t
 
 
 class Nesterov(Momentum):
@@ -143,41 +201,35 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kw):
         super().__init__(params, lr, **kw)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self._one_minus_b1, self._one_minus_b2 = 1.0 - self.beta1, 1.0 - self.beta2
 
-    def step(self, lr=None):
-        # bias corrections depend only on the step count: compute them once per step, as the
-        # two Python floats the per-parameter updates use
-        t = self.steps + 1
-        self._c1 = 1.0 - self.beta1 ** t
-        self._c2 = 1.0 - self.beta2 ** t
-        self._inv_sqrt_c2 = 1.0 / math.sqrt(self._c2)
-        lr_value = self.lr if lr is None else float(lr)
-        self._step_size = lr_value / self._c1
-        super().step(lr)
+    def hyper(self, t, lr):
+        """(lr, lr / (1 − β₁ᵗ), 1 / √(1 − β₂ᵗ)): the bias corrections depend only on t."""
+        lr = float(lr)
+        return (lr, lr / (1.0 - self.beta1 ** t), 1.0 / math.sqrt(1.0 - self.beta2 ** t))
 
-    def update(self, key, p, g, lr):
+    def update(self, p, g, slots, hyper):
         # same arithmetic and order as m̂/(√v̂ + ε) written out, with in-place updates and the
         # fewest temporaries
+        lr, step_size, inv_sqrt_c2 = hyper[:3]
+        m, v = slots
         if self.weight_decay:
             if self.decoupled:
-                p.value *= 1.0 - lr * self.weight_decay
+                p *= hyper[3]
             else:
                 g = _decayed(g, p, self.weight_decay)
-        m, v = self.slots["m"][key], self.slots["v"][key]
-        t = g * self._one_minus_b1
+        t = g * (1.0 - self.beta1)
         m *= self.beta1
         m += t
         t = g * g
-        t *= self._one_minus_b2
+        t *= 1.0 - self.beta2
         v *= self.beta2
         v += t
         denom = self.xp.sqrt(v)
-        denom *= self._inv_sqrt_c2
+        denom *= inv_sqrt_c2
         denom += self.eps
         u = m / denom
-        u *= self._step_size
-        p.value -= u
+        u *= step_size
+        p -= u
 
 
 class AdamW(Adam):
@@ -186,18 +238,23 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, weight_decay=0.01, **kw):
         super().__init__(params, lr, weight_decay=weight_decay, **kw)
 
+    def hyper(self, t, lr):
+        """Adam's values and the decoupled decay factor 1 − lr·λ."""
+        return (*super().hyper(t, lr), 1.0 - float(lr) * self.weight_decay)
+
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adam": Adam, "adamw": AdamW}
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0, clip_norm: float | None = None) -> Optimizer:
+                   weight_decay: float = 0.0, clip_norm: float | None = None,
+                   xp=None) -> Optimizer:
     """Build an optimizer by its CLI name."""
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
-    kw = {"weight_decay": weight_decay, "clip_norm": clip_norm}
+    kw = {"weight_decay": weight_decay, "clip_norm": clip_norm, "xp": xp}
     if cls in (Momentum, Nesterov):
         kw["momentum"] = momentum
     return cls(params, lr=lr, **kw)

@@ -19,6 +19,10 @@ def host(backend, x):
     return backend.to_numpy(x)
 
 
+def host_arr(backend, values):
+    return backend.from_numpy(np.asarray(values, dtype=np.float64), dtype=backend.float64)
+
+
 W0, G = [1.0, -2.0, 0.5], [0.1, 0.2, -0.4]
 
 
@@ -66,14 +70,15 @@ def test_adamw_decays_weights_decoupled(backend):
 
 
 def test_clip_grad_norm(backend):
-    p1, p2 = one_param(backend, [0, 0], [3.0, 0.0]), one_param(backend, [0], [4.0])
-    norm = clip_grad_norm([p1, p2], 1.0, backend.xp)
-    assert float(norm) == pytest.approx(5.0)
-    np.testing.assert_allclose(host(backend, p1.grad), [0.6, 0.0])
-    np.testing.assert_allclose(host(backend, p2.grad), [0.8])
-    small = one_param(backend, [0], [0.5])
-    clip_grad_norm([small], 1.0, backend.xp)  # under the limit: unchanged
-    np.testing.assert_allclose(host(backend, small.grad), [0.5])
+    """torch's convention: scale by min(1, C / (‖g‖ + 1e-6)); the inputs stay as they were."""
+    g1, g2 = host_arr(backend, [3.0, 0.0]), host_arr(backend, [4.0])
+    c1, c2 = clip_grad_norm([g1, g2], 1.0, backend.xp)
+    scale = 1.0 / (5.0 + 1e-6)
+    np.testing.assert_allclose(host(backend, c1), [3.0 * scale, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(host(backend, c2), [4.0 * scale], rtol=1e-12)
+    np.testing.assert_array_equal(host(backend, g1), [3.0, 0.0])
+    (small,) = clip_grad_norm([host_arr(backend, [0.5])], 1.0, backend.xp)  # under the limit
+    np.testing.assert_array_equal(host(backend, small), [0.5])
 
 
 def test_float32_stays_float32(backend):
@@ -83,13 +88,14 @@ def test_float32_stays_float32(backend):
         assert p.value.dtype == backend.float32
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw"])
-def test_matches_torch_optim_over_steps(name, rng):
+def test_matches_torch_optim_over_steps(name, clip, rng):
     torch = pytest.importorskip("torch")
     w0 = rng.standard_normal((4, 3))
     grads = [rng.standard_normal((4, 3)) for _ in range(5)]
     p = Parameter("w", w0.copy())
-    opt = make_optimizer(name, [p], lr=0.05, momentum=0.8, weight_decay=0.01)
+    opt = make_optimizer(name, [p], lr=0.05, momentum=0.8, weight_decay=0.01, clip_norm=clip)
     t = torch.tensor(w0.copy(), requires_grad=True)
     kw = {"lr": 0.05, "weight_decay": 0.01}
     topt = {"sgd": lambda: torch.optim.SGD([t], **kw),
@@ -101,6 +107,8 @@ def test_matches_torch_optim_over_steps(name, rng):
         p.grad = g.copy()
         opt.step()
         t.grad = torch.tensor(g)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([t], clip)
         topt.step()
     np.testing.assert_allclose(p.value, t.detach().numpy(), rtol=1e-10, atol=1e-12)
 

@@ -13,19 +13,41 @@ from ..errors import ShapeError
 class Parameter:
     """A trainable array and its gradient, side by side (the optimizer updates ``value`` in place).
 
-    When the model keeps its parameters in flat buffers (``nnx.flat``), ``value`` is a view of
-    its part of the flat value buffer, and ``grad`` of the flat gradient buffer: assigning
-    ``p.grad = g`` then copies g into that view, so the optimizer finds every gradient in one
-    array. Layers write ``p.grad = ...`` either way and never know which storage is in use.
+    When the model keeps its parameters in flat storage (``nnx.flat``), ``value`` and ``grad``
+    are views of this parameter's slices of one value array and one gradient array, and
+    assigning either copies into the view: layers write ``p.grad = ...`` and
+    ``p.value = ...`` the same way whichever storage is in use.
     """
 
-    __slots__ = ("name", "value", "_grad", "_grad_view")
+    __slots__ = ("name", "_value", "_grad", "_flat")
 
     def __init__(self, name: str, value):
         self.name = name
-        self.value = value
+        self._value = value
         self._grad = None
-        self._grad_view = None  # set by nnx.flat: this parameter's part of the flat gradient
+        self._flat = None  # (value view, gradient view, FlatStore) once in flat storage
+
+    def attach(self, value_view, grad_view, store) -> None:
+        """Move into flat storage: from now on value and gradient live in these views."""
+        self._value, self._flat = value_view, (value_view, grad_view, store)
+
+    @property
+    def store(self):
+        """The ``nnx.flat.FlatStore`` holding this parameter, or None."""
+        return None if self._flat is None else self._flat[2]
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        if self._flat is None:
+            self._value = v
+        else:
+            if tuple(v.shape) != self.shape:
+                raise ValueError(f"parameter {self.name}: shape {tuple(v.shape)} != {self.shape}")
+            self._value[...] = v
 
     @property
     def grad(self):
@@ -33,16 +55,16 @@ class Parameter:
 
     @grad.setter
     def grad(self, g):
-        view = self._grad_view
-        if view is None or g is None:
+        if self._flat is None or g is None:
             self._grad = g
         else:
+            view = self._flat[1]
             view[...] = g
             self._grad = view
 
     @property
     def shape(self):
-        return tuple(self.value.shape)
+        return tuple(self._value.shape)
 
     def __repr__(self):
         return f"Parameter({self.name}, shape={self.shape})"
