@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import cli_main as _cli_main
 from .imageprep import ImageError, load_input, save_png
 
 SIZE = 28
@@ -67,11 +68,16 @@ def _load_model(model_or_path, backend, device):
     return model_or_path
 
 
-def preview_path(file, show_dir=None) -> Path:
+#: how much ``--show``'s second picture enlarges the 28x28 input (280x280, sharp pixels)
+PREVIEW_SCALE = 10
+
+
+def preview_path(file, show_dir=None, large: bool = False) -> Path:
     """Where ``--show`` writes the preprocessed 28x28: ``<name>.nnx28.png`` beside the input
-    (or in ``show_dir``)."""
+    (or in ``show_dir``); ``large``: the enlarged copy, ``<name>.nnx28-large.png``."""
     file = Path(file)
-    return Path(show_dir or file.parent) / f"{file.stem}.nnx28.png"
+    suffix = ".nnx28-large.png" if large else ".nnx28.png"
+    return Path(show_dir or file.parent) / f"{file.stem}{suffix}"
 
 
 def predict(model_or_path, files, backend=None, device: str | None = None, top: int = 3,
@@ -79,7 +85,8 @@ def predict(model_or_path, files, backend=None, device: str | None = None, top: 
     """Classify each file. Returns one dict per file, in order:
 
     * ``{"file", "prediction", "probability", "top": [(digit, prob), ...]}`` (``top`` best
-      classes, most likely first), plus ``"preview"`` (the 28x28 PNG) with ``show``;
+      classes, most likely first), plus ``"preview"`` (the 28x28 PNG) and
+      ``"preview_large"`` (the same enlarged to 280x280, to look at) with ``show``;
     * ``{"file", "error"}`` when the file cannot be used (unreadable, no ink, wrong-size
       .npy) — the other files are still classified.
 
@@ -108,6 +115,8 @@ def predict(model_or_path, files, backend=None, device: str | None = None, top: 
                     dest = preview_path(f, show_dir)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     entry["preview"] = str(save_png(a, dest))
+                    entry["preview_large"] = str(save_png(a, preview_path(f, show_dir, large=True),
+                                                          scale=PREVIEW_SCALE))
                 except OSError as e:
                     entry["preview_error"] = f"cannot write preview ({e.strerror or e})"
             images.append(a)
@@ -134,7 +143,8 @@ def format_result(r) -> str:
     best = ", ".join(f"{d} ({_percent(p)})" for d, p in r["top"])
     line = f"{r['file']}: {best}"
     if "preview" in r:
-        line += f"   [28x28: {r['preview']}]"
+        line += f"   [28x28: {r['preview']}"
+        line += f", enlarged: {r['preview_large']}]" if "preview_large" in r else "]"
     return line
 
 
@@ -150,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "scaled to 20 px and centred by centre of mass in 28x28 (docs/evaluate.md).",
         epilog="examples:\n"
                "  python -m nnx.predict runs/20260101-120000 seven.jpg three.png\n"
-               "  python -m nnx.predict model.safetensors photo.jpg --show   # writes photo.nnx28.png\n"
+               "  python -m nnx.predict model.safetensors photo.jpg --show   # photo.nnx28.png, photo.nnx28-large.png\n"
                "  python -m nnx.predict runs/20260101-120000 digits/*.png --json\n"
                "exit code: 0 if every file was classified, 1 if any failed",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,15 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="how many classes to list (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--show", action="store_true",
-                   help="save what the model sees (the preprocessed 28x28) as <name>.nnx28.png")
+                   help="save what the model sees (the preprocessed 28x28) as <name>.nnx28.png, "
+                        "and enlarged 10x (280x280) as <name>.nnx28-large.png")
     p.add_argument("--show-dir", default=None,
                    help="folder for the --show pictures (default: beside each input)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: auto")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     add_threads_option(p)
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also: NNX_DEBUG=1)")
     return p
 
 
+@_cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -184,7 +198,7 @@ def main(argv=None) -> int:
         results = predict(args.checkpoint, args.files, backend=args.backend, device=args.device,
                           top=args.top, show=args.show or bool(args.show_dir),
                           show_dir=args.show_dir)
-    except (CheckpointError, PredictError, BackendError) as e:
+    except (CheckpointError, PredictError, BackendError, ValueError, OSError) as e:
         msg = " ".join(str(e).split())
         if args.json:
             print(json.dumps({"error": msg}))
