@@ -1,24 +1,11 @@
-"""nnx benchmark suite (issue #5): ``python -m benchmarks --help``.
+"""nnx benchmark suite: ``python -m benchmarks --help``; docs/benchmarks.md explains it.
 
-Measures, per implementation, device and batch size, after warm-up and with
-``backend.synchronize()`` at both ends of every timed region:
-
-* one training step (forward, loss, backward, Nesterov update) and forward-only inference;
-* a full MNIST training epoch (55,000 samples, batch 128, the CLI's default network);
-* the time to reach 97% and 98% test accuracy with the CLI's default settings;
-* host RSS and GPU memory-pool bytes around each case.
-
-Implementations ("impls") compared in one run:
-
-* ``nnx-<backend>``: nnx's hand-written layers on each Array API backend
-  (numpy, torch, strict on the CPU; cupy and torch on CUDA);
-* ``torch-ref``: the same network as ``torch.nn.Sequential`` with autograd and
-  ``torch.optim.SGD(nesterov=True)``, the same initial weights and the same batches;
-* ``plain-numpy``: a hand-written NumPy loop with no Array API layer (MLP only), to show
-  what the abstraction costs.
-
-Results go to ``benchmarks/results/<timestamp>/`` (results.json, results.md, PNG charts);
-docs/benchmarks.md explains the method and shows measured numbers.
+nnx on each Array API backend (``nnx-<backend>``) against PyTorch eager (``torch-ref``: the
+same network, weights and batches with autograd and ``torch.optim``) and a hand-written
+NumPy loop (``plain-numpy``), in one process: training step and inference per batch size, a
+full MNIST epoch, time to 97%/98% test accuracy, CNN layers, memory, FLOP/s against peaks
+measured in the same run. Results (results.json, results.md, PNG charts) go to
+``runs/bench/<timestamp>/`` under the current folder, or ``--out``.
 """
 
 __all__ = ["main"]

@@ -228,14 +228,6 @@ def _cnn_layer_table():
     ]
 
 
-def _layer_forward_flops(layer, shape, batch):
-    """Forward FLOPs of a fresh nnx layer, built on NumPy to learn its output shape."""
-    from nnx.backends import get_backend
-
-    b = get_backend("numpy", "cpu")
-    return impls.layer_flops(layer, layer.build(b, b.float32, b.host_rng(0), shape), batch)
-
-
 def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
     """Single CNN layers at MNIST shapes: forward+backward (training mode) and forward
     (inference), nnx on each CPU/GPU backend vs the torch layer with autograd."""
@@ -245,12 +237,14 @@ def layer_cases(specs, cfg, batch=128, log=print) -> list[dict]:
         import torch
     except ImportError:
         return [{"kind": "skipped", "case": "cnn layers", "reason": "torch not installed"}]
-    rows = []
-    rng = np.random.default_rng(0)
+    from nnx.backends import get_backend
+
+    rows, rng, host = [], np.random.default_rng(0), get_backend("numpy", "cpu")
     for name, shape, make_nnx, make_torch in _cnn_layer_table():
         x_np = rng.standard_normal((batch, *shape)).astype(cfg.dtype)
         cases = {}
-        flops_fwd = _layer_forward_flops(make_nnx(), shape, batch)
+        layer = make_nnx()  # built on NumPy to learn its output shape
+        flops_fwd = impls.layer_flops(layer, layer.build(host, host.float32, host.host_rng(0), shape), batch)
         for spec in specs:
             if spec.kind == "plain-numpy":
                 continue

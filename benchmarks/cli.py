@@ -111,8 +111,7 @@ def _resolve(args, parser):
 
 def _specs(cfg, model, log):
     """Which implementations run: nnx on each (backend, device), then the peers per device."""
-    from nnx.backends import BackendError, get_backend
-    from nnx.backends import available_backends
+    from nnx.backends import BackendError, available_backends, get_backend
 
     from .cases import Spec
 
@@ -162,9 +161,7 @@ def _data(cfg, log):
         log("MNIST not found (use --data-dir or NNX_DATA_DIR): synthetic data, accuracy skipped")
     elif cfg.quick:
         # 5000 validation images are held out like the CLI does, leaving 1024 to train on
-        x, y = data["train"]
-        xt, yt = data["test"]
-        data = {"train": (x[:6024], y[:6024]), "test": (xt[:512], yt[:512])}
+        data = {k: tuple(a[:n] for a in data[k]) for k, n in (("train", 6024), ("test", 512))}
         name = "MNIST subset (quick: 1,024 train / 512 test)"
     return data, name
 

@@ -38,10 +38,6 @@ def cnn_layers():
             Flatten(), Dense(3136, 128), ReLU(), Dense(128, 10)]
 
 
-def input_shape(kind: str) -> tuple:
-    return (784,) if kind == "mlp" else (1, 28, 28)
-
-
 def build_nnx(kind: str, backend, dtype="float32", seed: int = SEED):
     from nnx.model import Sequential, mlp
 
@@ -59,12 +55,8 @@ def build_torch(kind: str, device, dtype: str = "float32"):
     import torch.nn as nn
 
     if kind == "mlp":
-        mods = []
-        for i, (a, b) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:])):
-            mods.append(nn.Linear(a, b))
-            if i < len(MLP_SIZES) - 2:
-                mods.append(nn.ReLU())
-        net = nn.Sequential(*mods)
+        mods = [m for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+        net = nn.Sequential(*mods[:-1])  # no ReLU after the last layer
     elif kind == "cnn":
         net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                             nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64),
@@ -127,10 +119,8 @@ def train_step_flops(model, batch: int, input_grad: bool = False) -> int:
     input_grad=False)``), autograd and the plain loop all skip the first parameterised
     layer's dx, so by default that layer's forward FLOPs (the size of its dx) are taken off.
     ``input_grad=True``: the count for ``--with-input-grad``."""
-    total = 3 * forward_flops(model, batch)
-    if not input_grad:
-        total -= _first_layer_flops(model, batch)
-    return total
+    per_layer = [layer_flops(la, out, batch) for la, out in zip(model.layers, model.shapes)]
+    return 3 * sum(per_layer) - (0 if input_grad else next(f for f in per_layer if f))
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,15 +138,6 @@ def epoch_flops(model, n_train: int, batch: int = BATCH) -> int:
     return sum(train_step_flops(model, min(batch, n_train - k * batch)) for k in range(steps))
 
 
-def _first_layer_flops(model, batch: int) -> int:
-    """Forward FLOPs of the first Dense/Conv2D (= those of its input gradient)."""
-    for layer, out in zip(model.layers, model.shapes):
-        f = layer_flops(layer, out, batch)
-        if f:
-            return f
-    return 0
-
-
 # --- data --------------------------------------------------------------------------------
 def load_mnist(data_dir=None):
     """nnx.datasets.load("mnist") without downloading; None when the files are not there."""
@@ -164,10 +145,8 @@ def load_mnist(data_dir=None):
 
     from nnx import datasets
 
-    candidates = [data_dir]
-    if data_dir is None:  # the project's shared data folder beside the repository
-        candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
-    for d in candidates:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"  # beside the repo
+    for d in [data_dir] if data_dir else [None, shared]:
         try:
             return datasets.load("mnist", data_dir=d, download=False, progress=False)
         except Exception:
@@ -187,8 +166,7 @@ def step_batches(data: dict, kind: str, batch: int, count: int, dtype: str = "fl
     """``count`` distinct host batches (x float in [0, 1], y int64) from the training images."""
     x, y = data["train"]
     need = batch * count
-    reps = -(-need // len(y))
-    idx = np.arange(need) % len(y) if reps > 1 else np.arange(need)
+    idx = np.arange(need) % len(y)  # wraps around when the data has fewer images
     xs = x[idx].astype(dtype) * (1.0 / 255.0)
     xs = xs.reshape(need, 784) if kind == "mlp" else xs.reshape(need, 1, 28, 28)
     ys = y[idx].astype(np.int64)

@@ -31,40 +31,29 @@ ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OM
             "NNX_DATA_DIR")
 
 
-def _cpuinfo() -> dict:
-    info = {}
+def _proc(path) -> str:
+    """A /proc file's text, or "" where there is none (not Linux, no permission)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if ":" not in line:
-                    if info:
-                        break  # the first processor block is enough
-                    continue
-                k, v = (s.strip() for s in line.split(":", 1))
-                info.setdefault(k, v)
+        with open(path) as f:
+            return f.read()
     except OSError:
-        pass
-    return info
+        return ""
+
+
+def _cpuinfo() -> dict:
+    """The first processor block of /proc/cpuinfo."""
+    lines = _proc("/proc/cpuinfo").strip().split("\n\n")[0].splitlines()
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
 
 
 def _meminfo_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+    total = [line.split()[1] for line in _proc("/proc/meminfo").splitlines() if line.startswith("MemTotal:")]
+    return int(total[0]) * 1024 if total else None
 
 
 def cpu_pressure() -> str | None:
     """/proc/pressure/cpu's "some" line: % of time runnable tasks waited for a CPU."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return f.readline().strip()
-    except OSError:
-        return None
+    return _proc("/proc/pressure/cpu").split("\n")[0].strip() or None
 
 
 def load_snapshot() -> dict:
@@ -127,28 +116,22 @@ def library_versions() -> dict:
 
 def nnx_commit() -> str | None:
     """The git commit nnx runs from ("<sha>", "+dirty" when tracked files outside
-    benchmarks/results differ), or None outside a git checkout: results then name the exact
-    code they measured."""
+    benchmarks/results differ), or None outside a git checkout of nnx: results then name the
+    exact code they measured."""
     import subprocess
     from pathlib import Path
 
     import nnx
 
     repo = Path(nnx.__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=10)
     try:
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "nnx/__init__.py"], cwd=repo,
-                                 capture_output=True, text=True, timeout=10)
-        if tracked.returncode != 0:  # not a checkout of nnx (an installed copy, say)
-            return None
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
         # results folders are rewritten by the runs themselves: they do not make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=repo,
-                               capture_output=True, text=True, timeout=10)
+        sha, dirty = git("rev-parse", "--short=12", "HEAD"), git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
+        return None
+    if not (repo / ".git").exists() or sha.returncode != 0:  # an installed copy, say
         return None
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 

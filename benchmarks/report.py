@@ -27,12 +27,12 @@ def _rows(results, kind, **match):
             and all(r.get(k) == v for k, v in match.items())]
 
 
-def _ref(rows, row, field="median_s"):
+def _ref(rows, row):
     """The torch-ref row for the same case on the same device (or None)."""
     for r in rows:
         if (r["impl"] == "torch-ref" and r["device"] == row["device"]
                 and r.get("batch_size") == row.get("batch_size") and r.get("model") == row.get("model")):
-            return r.get(field)
+            return r["median_s"]
     return None
 
 
@@ -57,12 +57,9 @@ def machine_lines(results) -> list[str]:
     cpu = m["cpu"]
     th = m["threads"]
     pools = th.get("threadpools")
-    if isinstance(pools, list):
-        blas = ", ".join(f"{p.get('internal_api')} {p.get('version') or ''} "
-                         f"{p.get('architecture') or ''} ({p.get('num_threads')} threads)".replace("  ", " ")
-                         for p in pools)
-    else:
-        blas = str(pools)
+    blas = ", ".join(f"{p.get('internal_api')} {p.get('version') or ''} "
+                     f"{p.get('architecture') or ''} ({p.get('num_threads')} threads)".replace("  ", " ")
+                     for p in pools) if isinstance(pools, list) else str(pools)
     env = ", ".join(f"{k}={v}" for k, v in m["env"].items() if v is not None) or "none set"
     lines = [
         f"- **Command**: `{results['command']}`",
@@ -162,10 +159,8 @@ def accuracy_table(results, model) -> list[str]:
            head + " | final test acc | epochs run | samples/s | GFLOP/s | % peak |",
            "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = []
-        for t in ths:
-            v = r["thresholds"][t]
-            cells += [str(v["epochs"]) if v else "–", f"{v['train_s']:.2f}" if v else "–"]
+        cells = [f"{v['epochs']} | {v['train_s']:.2f}" if v else "– | –"
+                 for v in (r["thresholds"][t] for t in ths)]
         out.append(f"| {r['device']} | {r['impl']} | " + " | ".join(cells)
                    + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} | "
                    f"{_fmt(r.get('samples_per_s'), ',.0f')} | {_rate_cells(r)} |")
@@ -184,11 +179,7 @@ def layer_table(results) -> list[str]:
            "count 2 FLOP per multiply-add, fwd+bwd = 3 × fwd; the element-wise layers count 0).", "",
            "| layer | mode | " + " | ".join(_label(*k) for k in impls) + " | nnx-numpy / torch-ref |",
            "|---|---|" + "---:|" * len(impls) + "---:|"]
-    seen = []
-    for r in rows:
-        if (r["layer"], r["mode"]) not in seen:
-            seen.append((r["layer"], r["mode"]))
-    for layer, mode in seen:
+    for layer, mode in dict.fromkeys((r["layer"], r["mode"]) for r in rows):
         cell = {(r["impl"], r["device"]): r["median_s"] for r in rows
                 if r["layer"] == layer and r["mode"] == mode}
         a, b = cell.get(("nnx-numpy", "cpu")), cell.get(("torch-ref", "cpu"))
@@ -227,11 +218,8 @@ def row_name(r) -> str:
 def noisy_rows(rows) -> list[dict]:
     """Timed rows (steps, inference, epochs, layers) whose IQR is above ``NOISY_IQR`` of the
     median: their ratios can move that much between runs on this machine."""
-    out = []
-    for r in rows:
-        if r.get("median_s") and r.get("iqr_s") is not None and r["iqr_s"] > NOISY_IQR * r["median_s"]:
-            out.append({"row": row_name(r), "iqr_over_median": r["iqr_s"] / r["median_s"]})
-    return out
+    return [{"row": row_name(r), "iqr_over_median": r["iqr_s"] / r["median_s"]} for r in rows
+            if r.get("median_s") and r.get("iqr_s") is not None and r["iqr_s"] > NOISY_IQR * r["median_s"]]
 
 
 def noise_lines(results) -> list[str]:

@@ -28,7 +28,7 @@ def summarize(samples) -> dict:
             "iqr_s": q3 - q1, "min_s": xs[0], "max_s": xs[-1], "mean_s": statistics.fmean(xs)}
 
 
-def _noop():
+def _noop():  # the sync of a CPU library
     pass
 
 
