@@ -12,12 +12,24 @@ def layer_to_spec(layer) -> dict:
 
 
 def layer_from_spec(spec: dict):
+    """The layer a spec describes; a spec that is not a dict, names an unknown type or
+    passes arguments the layer does not take is a ValueError saying so."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a layer spec must be a dict with a 'type', got {spec!r}")
     spec = dict(spec)
     kind = spec.pop("type")
     try:
         cls = LAYER_TYPES[kind]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown layer type {kind!r} in architecture; known: {sorted(LAYER_TYPES)}") from None
     if isinstance(spec.get("layers"), list):  # composite (Residual): children first
         spec["layers"] = [layer_from_spec(s) if isinstance(s, dict) else s for s in spec["layers"]]
+    import inspect
+
+    try:
+        inspect.signature(cls).bind(**spec)
+    except TypeError as e:
+        accepted = list(inspect.signature(cls).parameters)
+        raise ValueError(f"{kind} does not take the arguments {sorted(spec)} ({e}); it takes "
+                         f"{accepted or 'no arguments'}") from None
     return cls(**spec)
