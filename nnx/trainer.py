@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_json, save_checkpoint, save_weights
 from .losses import SoftmaxCrossEntropy
+from .step import TrainStep, compile_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,7 +49,7 @@ class Trainer:
 
     def __init__(self, model, optimizer, schedule, batch_size: int = 128, epochs: int = 10,
                  seed: int = 0, early_stopping: int = 0, run_dir=None, progress: bool = True,
-                 log=print, loss=None):
+                 log=print, loss=None, compile: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         if epochs <= 0:
@@ -62,6 +63,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress, self.log = progress, log
         self.xp, self.backend = model.xp, model.backend
+        #: forward, loss, backward and update as one function (nnx.step); ``compile=True``
+        #: runs full batches through torch.compile, a smaller last batch eagerly
+        self.step = TrainStep(model, self.loss, optimizer)
+        self.compiled_step = compile_step(self.step, self.backend) if compile else None
+        self._targets_of = {}  # id(split) -> (split, one-hot targets on the device)
         # position, restored by resume()
         self.epoch = 0            # completed epochs
         self.step_in_epoch = 0    # steps done inside the current epoch (after an interrupt)
@@ -87,8 +93,19 @@ class Trainer:
         return float(loss_sum) / n, float(correct) / n
 
     # --- one epoch ----------------------------------------------------------------------
+    def targets(self, split):
+        """The split's labels as a one-hot matrix in the model's dtype, made once per split."""
+        cached = self._targets_of.get(id(split))
+        if cached is None or cached[0] is not split:
+            xp, y = self.xp, split.y
+            classes = xp.arange(self.model.output_shape[-1], dtype=y.dtype, device=y.device)
+            onehot = xp.astype(xp.reshape(y, (-1, 1)) == xp.reshape(classes, (1, -1)),
+                               self.model.dtype)
+            cached = self._targets_of[id(split)] = (split, onehot)
+        return cached[1]
+
     def _train_epoch(self, split, epoch: int):
-        xp, model, loss_fn, opt = self.xp, self.model, self.loss, self.optimizer
+        xp, model, opt = self.xp, self.model, self.optimizer
         n, bs = len(split), self.batch_size
         steps = math.ceil(n / bs)
         perm = self.backend.device_rng(derived_seed(self.seed, epoch, 1)).permutation(n)
@@ -96,27 +113,30 @@ class Trainer:
         model.rng.reseed(derived_seed(self.seed, epoch, 2, 0))
         if start:  # resumed mid-epoch: replay the dropout draws of the steps already done
             model.skip_random(start, bs)
-        loss_sum = self.partial["loss_sum"]
+        # the epoch's order, gathered once: every batch is then a slice (no per-step gather)
+        x_epoch = xp.take(split.x, perm, axis=0)
+        t_epoch = xp.take(self.targets(split), perm, axis=0)
+        # per-step values for the whole epoch, one host-to-device copy (no per-step copies)
+        hyper = opt.hyper_table(opt.steps, [self.schedule(self.global_step + i)
+                                            for i in range(steps - start)],
+                                self.backend, model.dtype)
+        picked = -self.partial["loss_sum"]  # Σ log p(target); the loss sum is its negative
         correct = self.partial["correct"]
         seen = self.partial["seen"]
         read_every = max(1, steps // self.READS_PER_EPOCH)
         bar = self._bar(steps, epoch, start)
         try:
             for k in range(start, steps):
-                idx = perm[k * bs:min((k + 1) * bs, n)]
-                xb = xp.take(split.x, idx, axis=0)
-                yb = xp.take(split.y, idx, axis=0)
-                logits = model.forward(xb, train=True)
-                loss = loss_fn.forward(logits, yb)
-                model.backward(loss_fn.backward(), input_grad=False)
-                opt.step(self.schedule(self.global_step))
+                lo, hi = k * bs, min((k + 1) * bs, n)
+                step = self.compiled_step if self.compiled_step and hi - lo == bs else self.step
+                p, c = step(x_epoch[lo:hi, ...], t_epoch[lo:hi, ...],
+                            tuple(col[k - start] for col in hyper))
+                opt.steps += 1
                 self.global_step += 1
-                m = yb.shape[0]
-                seen += m
-                loss_sum = loss_sum + loss * m
-                correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, logits.dtype))
+                seen += hi - lo
+                picked, correct = picked + p, correct + c
                 if (k + 1) % read_every == 0 or k + 1 == steps:
-                    mean = float(loss_sum) / seen  # the only host read: a few per epoch
+                    mean = -float(picked) / seen  # the only host read: a few per epoch
                     if not math.isfinite(mean):
                         raise TrainingDiverged(
                             f"loss became {mean} in epoch {epoch + 1} by step {k + 1} "
@@ -126,13 +146,13 @@ class Trainer:
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule(self.global_step - 1):.2e}")
                         bar.update(k + 1 - bar.n)
                 if self._stop_requested and k + 1 < steps:  # Ctrl-C: stop between two steps
-                    raise _Interrupt(epoch, k + 1, loss_sum, correct, seen)
+                    raise _Interrupt(epoch, k + 1, -picked, correct, seen)
         finally:
             if bar is not None:
                 bar.close()
         self.step_in_epoch = 0
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
-        return float(loss_sum) / seen, float(correct) / seen
+        return -float(picked) / seen, float(correct) / seen
 
     def _bar(self, steps, epoch, start):
         if not self.progress:

@@ -95,16 +95,16 @@ def test_run_folder_contents_and_torch_loadable_weights(tmp_path):
 
 
 def _interrupt_at(trainer, global_step):
-    """Wrap the schedule so a real SIGINT arrives while step ``global_step`` runs."""
-    base, fired = trainer.schedule, []
+    """Wrap the training step so a real SIGINT arrives while step ``global_step`` runs."""
+    base, fired = trainer.step, []
 
-    def schedule(step):
-        if step == global_step and not fired:
-            fired.append(step)
+    def step(*args):
+        if trainer.global_step == global_step and not fired:
+            fired.append(global_step)
             os.kill(os.getpid(), signal.SIGINT)
-        return base(step)
+        return base(*args)
 
-    trainer.schedule = schedule
+    trainer.step = step
 
 
 @pytest.mark.parametrize("stop_step, dropout", [(15, 0.0), (15, 0.3), (7, 0.0), (19, 0.0),
