@@ -6,11 +6,26 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
 
 import nnx.checkpoint as ck  # noqa: E402
 import nnx.datasets as ds  # noqa: E402
-from test_training import synthetic_digits  # noqa: E402
+
+
+def synthetic_digits(n_train, n_test, seed=0):
+    """tests/test_training.py's synthetic digits (copied: importing it would load torch)."""
+    g = np.random.default_rng(seed)
+
+    def make(n):
+        y = g.integers(0, 10, n).astype(np.uint8)
+        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for c in range(10):
+            r, col = 7 * (c // 4), 7 * (c % 4)
+            x[y == c, r:r + 7, col:col + 7] = 255
+        return x, y
+
+    return {"train": make(n_train), "test": make(n_test)}
+
 
 _data = synthetic_digits(n_train=600, n_test=120)
 ds.load = lambda *a, **k: _data
@@ -23,7 +38,7 @@ if os.environ.get("NNX_TEST_SLOW_WRITES"):
         path = Path(path)
         path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[:len(data) // 2])
         print(f"WRITE {path}", flush=True)
-        time.sleep(float(os.environ.get("NNX_TEST_WRITE_PAUSE", "0.3")))
+        time.sleep(float(os.environ.get("NNX_TEST_WRITE_PAUSE", "0.15")))
         return _write(path, data)
 
     ck.atomic_write_bytes = slow_write
