@@ -483,16 +483,17 @@ def test_divergence_in_epoch_one_does_not_claim_a_checkpoint(tmp_path, synthetic
 
 
 def _signal_at(trainer, global_step, signals):
-    base, fired = trainer.schedule, []
+    """Wrap the training step so the signals arrive while step ``global_step`` runs."""
+    base, fired = trainer.step, []
 
-    def schedule(step):
-        if step == global_step and not fired:
-            fired.append(step)
+    def step(*args):
+        if trainer.global_step == global_step and not fired:
+            fired.append(global_step)
             for sig in signals:
                 os.kill(os.getpid(), sig)
-        return base(step)
+        return base(*args)
 
-    trainer.schedule = schedule
+    trainer.step = step
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):
