@@ -55,20 +55,56 @@ CONV_CASES = [  # (C, O, k, s, p, H, W)
     (2, 2, 1, 1, 0, 3, 4),
     (1, 2, 5, 2, 2, 5, 7),
 ]
+#: 3x3 stride-1 cases for Winograd: even and odd output sizes, padding 0, 1 and 2
+WINO_CASES = [(2, 3, 3, 1, 1, 5, 5), (2, 2, 3, 1, 0, 7, 6), (1, 2, 3, 1, 2, 4, 5),
+              (3, 2, 3, 1, 1, 6, 7)]
+#: (method, case): every path on every case it implements (Winograd falls back to "fast")
+CONV_METHOD_CASES = ([(m, c) for m in ("im2col", "fast") for c in CONV_CASES]
+                     + [("winograd", c) for c in WINO_CASES])
+conv_id = lambda mc: "{}-C{}O{}k{}s{}p{}_{}x{}".format(mc[0], *mc[1])
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
-def test_conv_gradcheck(backend, case):
-    c, o, k, s, p, h, w = case
-    m = model_of(backend, [Conv2D(c, o, k, stride=s, padding=p)], (c, h, w))
+@pytest.mark.parametrize("mc", CONV_METHOD_CASES, ids=conv_id)
+def test_conv_gradcheck(backend, mc):
+    method, (c, o, k, s, p, h, w) = mc
+    m = model_of(backend, [Conv2D(c, o, k, stride=s, padding=p, method=method)], (c, h, w))
     m.layers[0].bias.value = backend.from_numpy(host((o,), 7), dtype=m.dtype)  # non-zero bias
     assert_gradcheck(m, backend.from_numpy(host((2, c, h, w))))
 
 
-def test_conv_without_bias(backend):
-    m = model_of(backend, [Conv2D(2, 2, 3, padding=1, bias=False)], (2, 4, 5))
+@pytest.mark.parametrize("method", ["im2col", "fast", "winograd"])
+def test_conv_without_bias(backend, method):
+    m = model_of(backend, [Conv2D(2, 2, 3, padding=1, bias=False, method=method)], (2, 4, 5))
     assert list(m.named_parameters()) == ["0.weight"]
     assert_gradcheck(m, backend.from_numpy(host((2, 2, 4, 5))))
+
+
+@pytest.mark.parametrize("method", ["fast", "winograd"])
+@pytest.mark.parametrize("case", CONV_CASES + WINO_CASES[1:] + [(3, 4, 3, 1, 1, 8, 8)],
+                         ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
+def test_conv_methods_match_the_reference(backend, method, case):
+    """Each fast path gives the im2col reference's output and gradients (input, weight,
+    bias) on the same weights, also for a channel-major input (what a conv before it
+    hands on) and for a first layer that skips its input gradient."""
+    c, o, k, s, p, h, w = case
+    x = host((3, c, h, w), 11)
+    xcm = np.ascontiguousarray(np.transpose(x, (1, 0, 2, 3)))  # channel-major memory
+    results = []
+    for meth in ("im2col", method):
+        conv = Conv2D(c, o, k, stride=s, padding=p, method=meth)
+        m = model_of(backend, [conv], (c, h, w), seed=3)
+        conv.bias.value = backend.from_numpy(host((o,), 12), dtype=m.dtype)
+        xb = backend.xp.permute_dims(backend.from_numpy(xcm), (1, 0, 2, 3))
+        y = m.forward(xb, train=True)
+        g = backend.from_numpy(host(tuple(y.shape), 13))
+        dx = m.backward(g)
+        dw, db = conv.weight.grad, conv.bias.grad
+        m.forward(xb, train=True)
+        assert m.backward(g, input_grad=False) is None
+        assert_close(backend.to_numpy(conv.weight.grad), backend.to_numpy(dw))
+        results.append([backend.to_numpy(a) for a in (y, dx, dw, db)])
+    for ref, got in zip(*results):
+        assert_close(got, ref)
 
 
 POOL_CASES = [  # (k, stride, padding, H, W)
@@ -148,12 +184,12 @@ def run_layer(backend, layer, x, g, train=False):
     return m, backend.to_numpy(y), (None if dx is None else backend.to_numpy(dx))
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
-def test_conv_matches_torch(backend, case):
+@pytest.mark.parametrize("mc", CONV_METHOD_CASES, ids=conv_id)
+def test_conv_matches_torch(backend, mc):
     torch = pytest.importorskip("torch")
-    c, o, k, s, p, h, w = case
+    method, (c, o, k, s, p, h, w) = mc
     x = host((3, c, h, w), 1)
-    conv = Conv2D(c, o, k, stride=s, padding=p)
+    conv = Conv2D(c, o, k, stride=s, padding=p, method=method)
     m = model_of(backend, [conv], (c, h, w))
     conv.bias.value = backend.from_numpy(host((o,), 2), dtype=m.dtype)
     y = backend.to_numpy(m.forward(backend.from_numpy(x)))
@@ -322,6 +358,8 @@ def test_bad_arguments():
         Conv2D(1, 2, 0)
     with pytest.raises(ValueError):
         Conv2D(1, 2, 3, stride=0)
+    with pytest.raises(ValueError, match="method"):
+        Conv2D(1, 2, 3, method="fft")
     with pytest.raises(ValueError):
         MaxPool2D(2, padding=2)  # more than half the kernel, as torch refuses
     with pytest.raises(ValueError):
@@ -405,7 +443,7 @@ def test_residual_buffers_and_spec_round_trip(backend):
 
 
 def test_describe_and_config_round_trip():
-    layers = [Conv2D(1, 32, 3, padding=1), MaxPool2D(3, 2, 1), AvgPool2D(2), GlobalAvgPool(),
+    layers = [Conv2D(1, 32, 3, padding=1, method="winograd"), MaxPool2D(3, 2, 1), AvgPool2D(2), GlobalAvgPool(),
               BatchNorm(8, eps=1e-3, momentum=None), Residual([Conv2D(4, 4, 1), nnx.ReLU()])]
     assert layers[0].describe() == "Conv2D(1→32, k=3, s=1, p=1)"
     assert layers[1].describe() == "MaxPool2D(k=3, s=2, p=1)"
@@ -415,6 +453,7 @@ def test_describe_and_config_round_trip():
     for layer in layers:
         spec = json.loads(json.dumps(layer_to_spec(layer)))
         assert layer_to_spec(layer_from_spec(spec)) == spec
+    assert layer_from_spec(layer_to_spec(layers[0])).method == "winograd"
 
 
 # --- training -----------------------------------------------------------------------------

@@ -75,6 +75,69 @@ def set_window(buf, i: int, j: int, s: int, ho: int, wo: int, value) -> None:
     buf[..., i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] = value
 
 
+def valid(i: int, s: int, p: int, size: int, count: int):
+    """For kernel offset ``i``: the outputs a in [a0, a1) whose input row a·s + i − p lies
+    inside 0 … size−1 (the others read padding), and the first such input row."""
+    a0 = -((i - p) // s) if i < p else 0  # ceil((p − i) / s)
+    a1 = max(a0, min(count, (size - 1 + p - i) // s + 1))
+    return a0, a1, a0 * s + i - p
+
+
+def gather(xp, x, k: int, s: int, p: int, ho: int, wo: int):
+    """im2col straight from the unpadded ``x`` (..., H, W): (k·k, ..., ho, wo) with
+    out[i·k + j][..., a, b] = x[..., a·s + i − p, b·s + j − p], 0 where that is padding.
+
+    Same values as stacking the windows of ``pad2d(x, p)``, without building the padded
+    copy: each offset's block is one strided assignment, plus zeros on its border strips.
+    ``ho``/``wo`` may exceed the swept size (Winograd's tiles read past the last row)."""
+    *lead, h, w = x.shape
+    out = xp.empty((k * k, *lead, ho, wo), dtype=x.dtype, device=x.device)
+    for i in range(k):
+        a0, a1, r0 = valid(i, s, p, h, ho)
+        for j in range(k):
+            b0, b1, c0 = valid(j, s, p, w, wo)
+            o = out[i * k + j, ...]
+            if a1 > a0 and b1 > b0:
+                o[..., a0:a1, b0:b1] = x[..., r0:r0 + s * (a1 - a0 - 1) + 1:s,
+                                         c0:c0 + s * (b1 - b0 - 1) + 1:s]
+            else:
+                a0 = a1 = 0
+            if a0 > 0:
+                o[..., :a0, :] = 0
+            if a1 < ho:
+                o[..., a1:, :] = 0
+            if b0 > 0:
+                o[..., a0:a1, :b0] = 0
+            if b1 < wo:
+                o[..., a0:a1, b1:] = 0
+    return out
+
+
+def scatter(xp, cols, k: int, s: int, p: int, h: int, w: int):
+    """col2im into the unpadded input: the transpose of ``gather``. ``cols`` (k·k, ..., ho, wo)
+    → (..., h, w), each element the sum of the entries of ``cols`` that ``gather`` copied it
+    to (gradients that fell on padding are dropped, never stored).
+
+    When one offset covers the whole input (stride 1, "same" padding: the centre offset),
+    its block IS the start of the sum: the others are added into it in place (``cols`` is
+    the caller's scratch), so the result needs no zero fill and no extra pass."""
+    ho, wo = cols.shape[-2], cols.shape[-1]
+    spans = [(valid(i, s, p, h, ho), valid(j, s, p, w, wo)) for i in range(k) for j in range(k)]
+    full = next((q for q, ((a0, a1, r0), (b0, b1, c0)) in enumerate(spans)
+                 if s == 1 and r0 == 0 and c0 == 0 and a1 - a0 == h and b1 - b0 == w), None)
+    if full is None:
+        dx = xp.zeros((*cols.shape[1:-2], h, w), dtype=cols.dtype, device=cols.device)
+    else:
+        a0, b0 = spans[full][0][0], spans[full][1][0]
+        dx = cols[full, ..., a0:a0 + h, b0:b0 + w]
+    for q, ((a0, a1, r0), (b0, b1, c0)) in enumerate(spans):
+        if q == full or a1 <= a0 or b1 <= b0:
+            continue
+        dx[..., r0:r0 + s * (a1 - a0 - 1) + 1:s, c0:c0 + s * (b1 - b0 - 1) + 1:s] += \
+            cols[q, ..., a0:a1, b0:b1]
+    return dx
+
+
 def crop2d(x, p: int):
     """Undo ``pad2d``: drop ``p`` rows/columns from each side of the last two axes."""
     if p == 0:
@@ -82,28 +145,60 @@ def crop2d(x, p: int):
     return x[..., p:x.shape[-2] - p, p:x.shape[-1] - p]
 
 
+#: Winograd F(2×2, 3×3) transforms (Lavin & Gray 2016): input Bᵀ, filter G, output Aᵀ.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _kron(P, Q):
+    """P ⊗ Q as nested tuples: row (r, s), column (i, j) holds P[r][i]·Q[s][j]."""
+    return [[P[r][i] * Q[t][j] for i in range(len(P[0])) for j in range(len(Q[0]))]
+            for r in range(len(P)) for t in range(len(Q))]
+
+
+#: Conv2D's ways to compute the same convolution (docs/cnn.md, "Where the time goes")
+METHODS = ("fast", "im2col", "winograd")
+
+
 class Conv2D(Layer):
     """``Conv2D(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-    init="he_normal")`` — cross-correlation like ``torch.nn.Conv2d`` (square kernels).
+    init="he_normal", method="fast")`` — cross-correlation like ``torch.nn.Conv2d`` (square
+    kernels).
 
     Shapes: x (N, C, H, W), weight (O, C, k, k), bias (O,), y (N, O, Ho, Wo) with
     Ho = ⌊(H + 2p − k)/s⌋ + 1 (and likewise Wo).
 
-    Internally the input is taken channel-major, x → (C, N, Hp, Wp), so the k·k stacked
+    Internally the input is taken channel-major, x → (C, N, H, W), so the k·k stacked
     slices form cols (k·k·C, N·Ho·Wo) directly and the whole layer is ONE 2-D matmul with
     the weight reordered to (O, k·k·C): y = W₂ @ cols. Backward:
-    dW₂ = g₂ @ colsᵀ, db = Σ g, dcols = W₂ᵀ @ g₂, then col2im.
+    dW₂ = g₂ @ colsᵀ, db = Σ g, dcols = W₂ᵀ @ g₂, then col2im. The output is a
+    channel-major (O, N, Ho, Wo) array seen as NCHW, which the layers after it keep.
+
+    ``method`` picks how (all give the same result up to float rounding):
+
+    * ``"im2col"`` — the reference: pad with concatenations, stack the k·k window slices,
+      col2im into a zero-filled padded buffer;
+    * ``"fast"`` (default, fastest measured on NumPy) — the same matmuls, with im2col
+      written straight from the unpadded input (no padded copy) and col2im accumulating into
+      the centre offset's block of dcols (no zero fill, no crop);
+    * ``"winograd"`` — F(2×2, 3×3) for 3×3 stride-1 kernels: 16 products of (O×C)·(C×tiles)
+      instead of one of (O×9C)·(9C×N·L), 2.25× fewer multiplies, with the transforms as
+      small matrix products. Other kernels fall back to ``"fast"``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = True, init: str = "he_normal"):
+                 padding: int = 0, bias: bool = True, init: str = "he_normal",
+                 method: str = "fast"):
         super().__init__()
         self.in_channels = _as_int(in_channels, "Conv2D in_channels", 1)
         self.out_channels = _as_int(out_channels, "Conv2D out_channels", 1)
         self.kernel_size = _as_int(kernel_size, "Conv2D kernel_size", 1)
         self.stride = _as_int(stride, "Conv2D stride", 1)
         self.padding = _as_int(padding, "Conv2D padding", 0)
-        self.use_bias, self.init = bool(bias), init
+        if method not in METHODS:
+            raise ValueError(f"Conv2D method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.use_bias, self.init, self.method = bool(bias), init, method
 
     # --- life cycle ---------------------------------------------------------------------
     def build(self, backend, dtype, rng, input_shape):
@@ -116,12 +211,18 @@ class Conv2D(Layer):
             b = self.xp.zeros((o,), dtype=dtype, device=backend.device)
             self.bias = self.add_param("bias", b)
         self.in_shape = tuple(input_shape)
+        const = lambda m: self.xp.asarray(m, dtype=dtype, device=backend.device)
+        self._BB, self._GG, self._AA = (const(_kron(_BT, _BT)), const(_kron(_G, _G)),
+                                        const(_kron(_AT, _AT)))
         return self.output_shape(input_shape)
 
     def output_shape(self, input_shape):
         ho, wo = swept_shape(self.name or "Conv2D", input_shape, self.kernel_size, self.stride,
                              self.padding, channels=self.in_channels)
         return (self.out_channels, ho, wo)
+
+    def _winograd(self):
+        return self.method == "winograd" and self.kernel_size == 3 and self.stride == 1
 
     # --- passes -------------------------------------------------------------------------
     def forward(self, x, train=False):
@@ -131,44 +232,107 @@ class Conv2D(Layer):
         n, c, h, w = x.shape
         k, s, p, o = self.kernel_size, self.stride, self.padding, self.out_channels
         ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
-        xc = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p)          # (C, N, Hp, Wp)
-        slices = [window(xc, i, j, s, ho, wo) for i in range(k) for j in range(k)]
-        cols = xp.reshape(xp.stack(slices, axis=0), (k * k * c, n * ho * wo))  # (kkC, N·L)
-        w2 = xp.reshape(xp.permute_dims(self.weight.value, (0, 2, 3, 1)), (o, k * k * c))
-        y = w2 @ cols                                                  # (O, N·L)
-        if self.use_bias:
-            y += xp.reshape(self.bias.value, (o, 1))  # in place: y is the matmul's fresh output
-        if self.keeps(train):
-            self.cols, self.w2, self.xshape = cols, w2, (n, c, h, w)
-        return xp.permute_dims(xp.reshape(y, (o, n, ho, wo)), (1, 0, 2, 3))
+        self.xshape = (n, c, h, w)
+        if self._winograd():
+            y = self._winograd_forward(x, train)
+        else:
+            if self.method == "im2col":
+                xc = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p)       # (C, N, Hp, Wp)
+                cols = xp.stack([window(xc, i, j, s, ho, wo)
+                                 for i in range(k) for j in range(k)], axis=0)
+            else:
+                cols = gather(xp, xp.permute_dims(x, (1, 0, 2, 3)), k, s, p, ho, wo)
+            cols = xp.reshape(cols, (k * k * c, n * ho * wo))              # (kkC, N·L)
+            w2 = xp.reshape(xp.permute_dims(self.weight.value, (0, 2, 3, 1)), (o, k * k * c))
+            y = w2 @ cols                                                  # (O, N·L)
+            if self.use_bias:
+                y += xp.reshape(self.bias.value, (o, 1))  # in place: y is the matmul's output
+            if self.keeps(train):
+                self.cols, self.w2 = cols, w2
+            y = xp.reshape(y, (o, n, ho, wo))
+        return xp.permute_dims(y, (1, 0, 2, 3))
 
     def backward(self, grad, input_grad=True):
         xp = self.xp
         n, c, h, w = self.xshape
         k, s, p, o = self.kernel_size, self.stride, self.padding, self.out_channels
         ho, wo = grad.shape[2], grad.shape[3]
+        if self._winograd():
+            return self._winograd_backward(grad, input_grad)
         g2 = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n * ho * wo))
-        dw2 = g2 @ self.cols.T                                         # (O, kkC)
-        self.weight.grad = xp.permute_dims(xp.reshape(dw2, (o, k, k, c)), (0, 3, 1, 2))
         if self.use_bias:
             self.bias.grad = xp.sum(g2, axis=1)
+        dw2 = g2 @ self.cols.T                                         # (O, kkC)
+        self.weight.grad = xp.permute_dims(xp.reshape(dw2, (o, k, k, c)), (0, 3, 1, 2))
+        self.cols = None  # free the im2col buffer (the largest array of the layer)
         if not input_grad:  # first layer of a model: skip the matmul and col2im
-            self.cols = None
             return None
         dcols = xp.reshape(self.w2.T @ g2, (k * k, c, n, ho, wo))
+        if self.method != "im2col":
+            return xp.permute_dims(scatter(xp, dcols, k, s, p, h, w), (1, 0, 2, 3))
         dxc = xp.zeros((c, n, h + 2 * p, w + 2 * p), dtype=grad.dtype, device=grad.device)
         put = set_window if s >= k else add_window  # disjoint windows need no accumulation
         for i in range(k):
             for j in range(k):
                 put(dxc, i, j, s, ho, wo, dcols[i * k + j, ...])
-        self.cols = None  # free the im2col buffer (the largest array of the layer)
         return xp.permute_dims(crop2d(dxc, p), (1, 0, 2, 3))
+
+    # --- Winograd F(2×2, 3×3) (docs/cnn.md derives it) ------------------------------------
+    def _winograd_forward(self, x, train):
+        """Output tiles of 2×2 from input tiles of 4×4 at stride 2: with d a tile, g a
+        filter, Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A. Flattening the 4×4 (resp. 2×2, 3×3) tiles,
+        Bᵀ·B, G·Gᵀ and Aᵀ·A become the Kronecker products BB (16×16), GG (16×9),
+        AA (4×16), so every transform is one small matmul over all tiles at once."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        o, p = self.out_channels, self.padding
+        ho, wo = h + 2 * p - 2, w + 2 * p - 2
+        th, tw = (ho + 1) // 2, (wo + 1) // 2                 # tiles per column / row
+        t = n * th * tw
+        d = gather(xp, xp.permute_dims(x, (1, 0, 2, 3)), 4, 2, p, th, tw)  # (16, C, N, th, tw)
+        v = xp.reshape(self._BB @ xp.reshape(d, (16, c * t)), (16, c, t))    # Bᵀ d B
+        wk = xp.reshape(xp.permute_dims(self.weight.value, (2, 3, 0, 1)), (9, o * c))
+        u = xp.reshape(self._GG @ wk, (16, o, c))                            # G g Gᵀ
+        m = u @ v                                                            # (16, O, T)
+        if self.use_bias:  # AA's column (1, 1) is all ones: a bias there reaches every output
+            m[5, ...] += xp.reshape(self.bias.value, (o, 1))
+        y = xp.reshape(self._AA @ xp.reshape(m, (16, o * t)), (2, 2, o, n, th, tw))
+        y = xp.reshape(xp.permute_dims(y, (2, 3, 4, 0, 5, 1)), (o, n, 2 * th, 2 * tw))
+        if self.keeps(train):
+            self.v, self.u = v, u
+        return y[..., :ho, :wo]
+
+    def _winograd_backward(self, grad, input_grad):
+        xp = self.xp
+        n, c, h, w = self.xshape
+        o, p = self.out_channels, self.padding
+        ho, wo = grad.shape[2], grad.shape[3]
+        th, tw = (ho + 1) // 2, (wo + 1) // 2
+        t = n * th * tw
+        gc = xp.permute_dims(grad, (1, 0, 2, 3))                             # (O, N, Ho, Wo)
+        if ho != 2 * th or wo != 2 * tw:  # odd output: the last tile row/column half used
+            gz = xp.zeros((o, n, 2 * th, 2 * tw), dtype=grad.dtype, device=grad.device)
+            gz[..., :ho, :wo] = gc
+            gc = gz
+        if self.use_bias:
+            self.bias.grad = xp.sum(xp.reshape(gc, (o, n * 4 * th * tw)), axis=1)
+        gy = xp.permute_dims(xp.reshape(gc, (o, n, th, 2, tw, 2)), (3, 5, 0, 1, 2, 4))
+        dm = xp.reshape(self._AA.T @ xp.reshape(gy, (4, o * t)), (16, o, t))  # (AA)ᵀ g
+        du = dm @ xp.permute_dims(self.v, (0, 2, 1))                         # (16, O, C)
+        dwk = self._GG.T @ xp.reshape(du, (16, o * c))                       # (9, O·C)
+        self.weight.grad = xp.permute_dims(xp.reshape(dwk, (3, 3, o, c)), (2, 3, 0, 1))
+        self.v = None
+        if not input_grad:
+            return None
+        dv = xp.permute_dims(self.u, (0, 2, 1)) @ dm                         # (16, C, T)
+        dd = xp.reshape(self._BB.T @ xp.reshape(dv, (16, c * t)), (16, c, n, th, tw))
+        return xp.permute_dims(scatter(xp, dd, 4, 2, p, h, w), (1, 0, 2, 3))
 
     # --- description --------------------------------------------------------------------
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                "bias": self.use_bias, "init": self.init}
+                "bias": self.use_bias, "init": self.init, "method": self.method}
 
     def describe(self):
         return (f"Conv2D({self.in_channels}→{self.out_channels}, k={self.kernel_size}, "

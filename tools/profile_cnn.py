@@ -1,0 +1,234 @@
+"""Where the time of a CNN training step goes: nnx on NumPy against the same layers in
+PyTorch eager, layer by layer, forward and backward, on one thread.
+
+    python tools/profile_cnn.py                       # the --model cnn preset, batch 128
+    python tools/profile_cnn.py --arch cnn-fast --repeats 30
+    python tools/profile_cnn.py --conv-method im2col  # the reference convolution
+
+Every layer gets the input the previous layer really produces (so memory layouts are the
+ones a training step sees) and a random upstream gradient. Each repeat runs, for every
+layer, nnx's training forward, backward and inference forward and then torch's — so the two
+columns are interleaved and share the machine's noise; the table shows medians in ms.
+torch's backward is ``autograd.backward`` of that one module's output. The first layer's
+backward skips the input gradient (as a training step does) on both sides.
+
+``--passes`` adds the memory passes inside nnx's Conv2D, BatchNorm and MaxPool2D (each
+stage timed on its own, mirroring what the layer code does) so that the cost of the
+layout changes, im2col/col2im copies and reductions can be read off.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def torch_module(layer, nn):
+    """The torch.nn module matching one nnx layer (weights copied)."""
+    import torch
+
+    from nnx import layers as L
+
+    name = type(layer).__name__
+    if name == "Conv2D":
+        m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                      layer.padding, bias=layer.use_bias)
+    elif name == "BatchNorm":
+        m = (nn.BatchNorm1d if len(layer.in_shape) == 1 else nn.BatchNorm2d)(layer.num_features)
+    elif name == "MaxPool2D":
+        m = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+    elif name == "Dense":
+        m = nn.Linear(layer.weight.shape[1], layer.weight.shape[0])
+    elif name == "Flatten":
+        m = nn.Flatten()
+    elif name == "Dropout":
+        m = nn.Dropout(layer.p)
+    elif isinstance(layer, L.ACTIVATIONS.get("relu", ())):
+        m = nn.ReLU()
+    else:
+        raise SystemExit(f"no torch twin for {layer.describe()}")
+    with torch.no_grad():
+        for p in layer.params:
+            getattr(m, p.name).copy_(torch.from_numpy(layer.backend.to_numpy(p.value)))
+    return m
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="cnn", help="a preset name or a layer spec (default: cnn)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--conv-method", default=None, help="Conv2D method to use (default: the layer's)")
+    ap.add_argument("--passes", action="store_true", help="also time the passes inside the layers")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from nnx.threads import set_threads
+
+    set_threads(1)  # threadpoolctl for NumPy's BLAS, torch.set_num_threads(1)
+    from nnx import Sequential
+    from nnx.architectures import PRESETS, build_layers
+    from nnx.backends import get_backend
+
+    spec = PRESETS.get(args.arch, args.arch)
+    model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28), backend=get_backend("numpy"),
+                       dtype="float32", seed=0)
+    if args.conv_method:
+        for layer in model.layers:
+            if type(layer).__name__ == "Conv2D":
+                layer.method = args.conv_method
+    tmods = [torch_module(layer, torch.nn) for layer in model.layers]
+    for m in tmods:
+        m.train()
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, 1, 28, 28), dtype=np.float32)
+
+    # the inputs each layer really sees, and a random upstream gradient per layer
+    ins_n, ins_t, grads = [], [], []
+    h, ht = x, torch.from_numpy(x)
+    for layer, m in zip(model.layers, tmods):
+        ins_n.append(h)
+        ins_t.append(ht)
+        h = layer.forward(h, train=True)
+        with torch.no_grad():
+            ht = m(ht)
+        grads.append(rng.standard_normal(h.shape, dtype=np.float32))
+    names = [layer.describe() for layer in model.layers]
+    cols = ("fwd", "bwd", "inf")
+    res = {(i, side, c): [] for i in range(len(names)) for side in "nt" for c in cols}
+
+    def run_nnx(i):
+        layer = model.layers[i]
+        t, _ = timed(lambda: layer.forward(ins_n[i], train=True))
+        res[i, "n", "fwd"].append(t)
+        t, _ = timed(lambda: layer.backward(grads[i], i > 0))
+        res[i, "n", "bwd"].append(t)
+        t, _ = timed(lambda: layer.forward(ins_n[i], train=False))
+        res[i, "n", "inf"].append(t)
+
+    def run_torch(i):
+        m, xin = tmods[i], ins_t[i].detach().requires_grad_(i > 0)
+        g = torch.from_numpy(grads[i])
+        t, out = timed(lambda: m(xin))
+        res[i, "t", "fwd"].append(t)
+        t, _ = timed(lambda: torch.autograd.backward(out, g))
+        res[i, "t", "bwd"].append(t)
+        m.eval()
+        with torch.inference_mode():
+            t, _ = timed(lambda: m(ins_t[i]))
+        m.train()
+        res[i, "t", "inf"].append(t)
+
+    for r in range(args.repeats + 2):  # two warm-up rounds, dropped
+        for i in range(len(names)):
+            (run_nnx if r % 2 == 0 else run_torch)(i)
+            (run_torch if r % 2 == 0 else run_nnx)(i)
+    med = {k: statistics.median(v[2:]) for k, v in res.items()}
+
+    print(f"# {args.arch}, batch {args.batch}, float32, 1 thread, median of {args.repeats} "
+          f"interleaved repeats, ms")
+    print("| layer | nnx fwd | torch fwd | nnx bwd | torch bwd | nnx fwd+bwd | torch fwd+bwd "
+          "| ratio | nnx infer | torch infer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    tot = dict.fromkeys(("nf", "tf", "nb", "tb", "ni", "ti"), 0.0)
+    for i, name in enumerate(names):
+        v = [med[i, s, c] for c, s in (("fwd", "n"), ("fwd", "t"), ("bwd", "n"), ("bwd", "t"),
+                                       ("inf", "n"), ("inf", "t"))]
+        for key, val in zip(tot, v):
+            tot[key] += val
+        print(f"| {i} {name} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.2f} | "
+              f"{v[0] + v[2]:.2f} | {v[1] + v[3]:.2f} | {(v[0] + v[2]) / (v[1] + v[3]):.2f} | "
+              f"{v[4]:.2f} | {v[5]:.2f} |")
+    n_tr, t_tr = tot["nf"] + tot["nb"], tot["tf"] + tot["tb"]
+    print(f"| **sum** | {tot['nf']:.1f} | {tot['tf']:.1f} | {tot['nb']:.1f} | {tot['tb']:.1f} | "
+          f"{n_tr:.1f} | {t_tr:.1f} | {n_tr / t_tr:.2f} | {tot['ni']:.1f} | {tot['ti']:.1f} |")
+    if args.passes:
+        print()
+        passes(model, ins_n, grads, args.repeats)
+
+
+def passes(model, ins, grads, repeats):
+    """Time the stages of nnx's Conv2D / BatchNorm / MaxPool2D one by one (NumPy)."""
+    import numpy as np
+
+    from nnx.layers.conv import crop2d, out_size, pad2d, set_window, add_window, window
+
+    xp = model.xp
+    stages: dict[str, list] = {}
+
+    def stage(label, fn):
+        t, out = timed(fn)
+        stages.setdefault(label, []).append(t)
+        return out
+
+    for _ in range(repeats):
+        for i, layer in enumerate(model.layers):
+            kind, x, g, tag = type(layer).__name__, ins[i], grads[i], f"{i} {layer.describe()}"
+            if kind == "Conv2D" and getattr(layer, "method", "im2col") == "im2col":
+                n, c, hh, ww = x.shape
+                k, s, p, o = layer.kernel_size, layer.stride, layer.padding, layer.out_channels
+                ho, wo = out_size(hh, k, s, p), out_size(ww, k, s, p)
+                xc = stage(f"{tag}: permute to CNHW + pad (concat)",
+                           lambda: pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p))
+                cols = stage(f"{tag}: im2col (stack k·k slices)", lambda: xp.reshape(xp.stack(
+                    [window(xc, a, b, s, ho, wo) for a in range(k) for b in range(k)]),
+                    (k * k * c, n * ho * wo)))
+                w2 = xp.reshape(xp.permute_dims(layer.weight.value, (0, 2, 3, 1)), (o, k * k * c))
+                stage(f"{tag}: matmul W·cols", lambda: w2 @ cols)
+                g2 = stage(f"{tag}: grad to (O, N·L) (copy)", lambda: xp.reshape(
+                    xp.permute_dims(g, (1, 0, 2, 3)), (o, n * ho * wo)))
+                stage(f"{tag}: matmul dW = g·colsᵀ", lambda: g2 @ cols.T)
+                if i == 0:
+                    continue
+                dcols = stage(f"{tag}: matmul dcols = Wᵀ·g", lambda: xp.reshape(
+                    w2.T @ g2, (k * k, c, n, ho, wo)))
+
+                def col2im():
+                    d = xp.zeros((c, n, hh + 2 * p, ww + 2 * p), dtype=g.dtype)
+                    for a in range(k):
+                        for b in range(k):
+                            (set_window if s >= k else add_window)(d, a, b, s, ho, wo,
+                                                                   dcols[a * k + b])
+                    return d
+                d = stage(f"{tag}: col2im (k·k strided +=)", col2im)
+                stage(f"{tag}: crop (view) + NCHW copy by the next layer",
+                      lambda: np.ascontiguousarray(xp.permute_dims(crop2d(d, p), (1, 0, 2, 3))))
+            elif kind == "BatchNorm":
+                axes = layer.axes
+                mean = stage(f"{tag}: mean (reduction)", lambda: xp.mean(x, axis=axes, keepdims=True))
+                xc = stage(f"{tag}: x − μ", lambda: x - mean)
+                stage(f"{tag}: var (square + reduction)",
+                      lambda: xp.mean(xc * xc, axis=axes, keepdims=True))
+                stage(f"{tag}: scale and shift (2 passes)", lambda: xc * mean + mean)
+                stage(f"{tag}: backward Σg (reduction)", lambda: xp.sum(g, axis=axes))
+                stage(f"{tag}: backward Σg·xc (product + reduction)",
+                      lambda: xp.sum(g * xc, axis=axes))
+                stage(f"{tag}: backward dx (3 passes)", lambda: (g * mean - xc * mean) - mean)
+            elif kind == "MaxPool2D":
+                k, s = layer.kernel_size, layer.stride
+                ho, wo = g.shape[2], g.shape[3]
+                out = stage(f"{tag}: forward ({k * k - 1} maximum)", lambda: layer.forward(x))
+                stage(f"{tag}: one mask (== and astype)",
+                      lambda: xp.astype(window(x, 0, 0, s, ho, wo) == out, g.dtype))
+                stage(f"{tag}: one strided assignment into dx",
+                      lambda: set_window(xp.empty_like(x), 0, 0, s, ho, wo, g))
+    print("| nnx pass (NumPy) | median ms |")
+    print("|---|---:|")
+    for label, ts in stages.items():
+        print(f"| {label} | {statistics.median(ts):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
