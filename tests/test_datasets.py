@@ -19,8 +19,6 @@ import pytest
 from nnx import datasets as ds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
-REAL_ENV_DATA_DIR = os.environ.get("NNX_DATA_DIR")  # read before any monkeypatch
 
 SHAPES = {
     "train-images-idx3-ubyte": (6, 28, 28),
@@ -429,14 +427,14 @@ def test_no_download(tmp_path):
 
 
 def real_mnist_dir(monkeypatch):
-    if REAL_ENV_DATA_DIR:
-        monkeypatch.setenv("NNX_DATA_DIR", REAL_ENV_DATA_DIR)
-        folder = ds.find_data_dir("mnist")
-        if folder is not None:
-            return folder
-    if SHARED_MNIST.is_dir():
-        return SHARED_MNIST
-    pytest.skip("no real MNIST: set NNX_DATA_DIR or put the files in ../shared/data/mnist")
+    """Where the CLI finds MNIST ($NNX_DATA_DIR, the cache, the system folder), else the
+    shared folder (tests/mnist_location.py); called after monkeypatch.undo()."""
+    from mnist_location import SKIP_REASON, mnist_dir
+
+    folder = mnist_dir()
+    if folder is None:
+        pytest.skip(SKIP_REASON)
+    return folder
 
 
 def test_real_mnist(monkeypatch):

@@ -11,7 +11,7 @@ from PIL import Image
 import nnx
 from nnx.evaluate import class_report, evaluate, main, most_confused
 
-from conftest import shared_mnist_dir
+from mnist_location import SKIP_REASON, mnist_dir
 
 PLOTS = ["loss_curves.png", "first_layer_weights.png", "confusion_matrix.png",
          "confident_mistakes.png", "confidence_histogram.png"]
@@ -57,9 +57,9 @@ def test_cli_error_for_a_model_that_is_not_for_28x28(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder made by the library: default MLP, 3 epochs on 10k MNIST images."""
-    folder = shared_mnist_dir()
+    folder = mnist_dir()
     if folder is None:
-        pytest.skip("MNIST not found: set NNX_DATA_DIR or put it in ../shared/data/mnist")
+        pytest.skip(SKIP_REASON)
     from nnx import datasets
     from nnx.data import make_splits
     from nnx.optim import make_optimizer

@@ -15,9 +15,9 @@ import nnx
 from nnx.checkpoint import save_weights
 from nnx.imageprep import (EmptyImageError, ImageError, centre_of_mass, load_array, preprocess,
                            stroke_width)
-from nnx.predict import PredictError, main, predict
+from nnx.predict import format_result, PredictError, main, predict
 
-from conftest import shared_mnist_dir
+from mnist_location import SKIP_REASON, mnist_dir
 
 
 def draw_seven(size=(400, 300), box=(230, 40, 380, 280), width=18, ink=40, paper=215,
@@ -167,6 +167,14 @@ def test_predict_supports_cnn_inputs_and_rejects_other_sizes(files, tmp_path):
 def test_show_writes_the_28x28_the_model_sees(files, mlp_file, tmp_path):
     (r,) = predict(mlp_file, [files / "seven.jpg"], show=True, show_dir=tmp_path)
     assert Path(r["preview"]) == tmp_path / "seven.nnx28.png"
+    from PIL import Image
+
+    large = Image.open(r["preview_large"])  # enlarged copy to look at, same pixels
+    assert Path(r["preview_large"]) == tmp_path / "seven.nnx28-large.png"
+    assert large.size == (280, 280)
+    small = np.asarray(Image.open(r["preview"]))
+    np.testing.assert_array_equal(np.asarray(large)[::10, ::10], small)
+    assert "enlarged: " in format_result(r)
     with Image.open(r["preview"]) as im:
         assert im.size == (28, 28) and im.mode == "L"
 
@@ -220,9 +228,9 @@ def _train_small_mlp(data):
 
 @pytest.fixture(scope="module")
 def mnist():
-    folder = shared_mnist_dir()
+    folder = mnist_dir()
     if folder is None:
-        pytest.skip("MNIST not found: set NNX_DATA_DIR or put it in ../shared/data/mnist")
+        pytest.skip(SKIP_REASON)
     from nnx import datasets
 
     return datasets.load("mnist", data_dir=folder, download=False, progress=False)

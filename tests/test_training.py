@@ -15,7 +15,7 @@ from nnx.optim import make_optimizer
 from nnx.schedules import make_schedule
 from nnx.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-from conftest import shared_mnist_dir
+from mnist_location import SKIP_REASON, mnist_dir
 
 
 def synthetic_digits(n_train=1200, n_test=300, seed=0):
@@ -236,14 +236,14 @@ def test_cli_unusable_gpu_is_one_clear_error(capsys):
     assert "pip install 'nnx[cuda12]'" in err or "CUDA device(s) visible" in err
 
 
-needs_mnist = pytest.mark.skipif(shared_mnist_dir() is None,
-                                 reason="MNIST not found in NNX_DATA_DIR or ../shared/data/mnist")
+needs_mnist = pytest.mark.skipif(mnist_dir() is None,
+                                 reason=SKIP_REASON)
 
 
 @needs_mnist
 def test_cli_small_run_then_resume(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["--data-dir", str(shared_mnist_dir()), "--limit", "3000", "--val-size", "500",
+    args = ["--data-dir", str(mnist_dir()), "--limit", "3000", "--val-size", "500",
             "--epochs", "1", "--out", str(run), "--quiet", "--no-plots", "--seed", "3"]
     assert run_cli(args) == 0
     config = json.loads((run / "config.json").read_text())
@@ -266,7 +266,7 @@ def test_full_mnist_two_epochs_reaches_97_percent(tmp_path):
     from nnx import datasets
 
     b = nnx.get_backend("numpy")
-    data = datasets.load("mnist", data_dir=shared_mnist_dir(), progress=False)
+    data = datasets.load("mnist", data_dir=mnist_dir(), progress=False)
     splits = make_splits(data, b, b.float32, val_size=5000, seed=0)
     model = nnx.mlp([784, 128, 64, 10], backend=b, seed=0)
     opt = make_optimizer("nesterov", model.named_parameters(), 0.1, weight_decay=5e-4)
