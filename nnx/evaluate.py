@@ -301,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_cli_main
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder for the report and plots")
     from .threads import set_threads
 
     set_threads(args.threads)

@@ -174,6 +174,10 @@ def validate(cfg: dict, parser) -> None:
     for key in STR_SETTINGS:
         if not isinstance(cfg[key], str):
             bad(f"{opt(key)} must be a string, got {cfg[key]!r}")
+    for action in parser._actions:  # choices again: a resumed run's config.json may hold anything
+        key = action.dest
+        if action.choices and key in STR_SETTINGS and cfg[key] not in action.choices:
+            bad(f"{opt(key)} must be one of {', '.join(map(str, action.choices))}, got {cfg[key]!r}")
     if cfg["limit"] is not None and (isinstance(cfg["limit"], bool) or not isinstance(cfg["limit"], int)
                                      or cfg["limit"] <= 0):
         bad(f"--limit must be a positive integer, got {cfg['limit']!r}")
@@ -435,6 +439,9 @@ def check_out_dir(out: Path, parser) -> None:
 def resolve_config(args, parser) -> dict:
     """Merge defaults, a resumed run's config.json and the explicit command-line flags."""
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "arch" in given and not str(given["arch"]).strip():
+        parser.error("--arch is empty; give layers like 'conv:16,relu,maxpool:2,flatten,dense:10' "
+                     "(or leave --arch out for the MLP)")
     cfg = dict(DEFAULTS)
     if given.get("arch") or given.get("model", "mlp") != "mlp":
         cfg.update(MODEL_DEFAULTS.get(given.get("model"), MODEL_DEFAULTS["cnn"]))

@@ -200,6 +200,20 @@ def test_damaged_config_json(finished_run, capsys):
         assert info.value.code == 2 and "config.json is damaged" in err and "restore it" in err
 
 
+def test_config_json_with_impossible_settings(finished_run, capsys):
+    config = json.loads((finished_run / "config.json").read_text())
+    for key, value, message in [("optimizer", "bogus", "--optimizer must be one of"),
+                                ("lr", "fast", "--lr must be a finite number"),
+                                ("batch_size", 2.5, "--batch-size must be an integer"),
+                                ("weight_decay", None, "--weight-decay must be a finite number")]:
+        broken = json.loads(json.dumps(config))
+        broken["settings"][key] = value
+        (finished_run / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(SystemExit) as info:
+            train(["--resume", finished_run, "--epochs", "3"])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_damaged_state_json_points_to_the_previous_checkpoint(finished_run, capsys):
     before = {p.name: p.read_bytes() for p in finished_run.rglob("*.safetensors")}
     state = finished_run / "checkpoints" / "epoch-0002" / "state.json"
