@@ -334,13 +334,16 @@ def _resume(trainer, ckpt_dir: Path) -> None:
         raise CheckpointError(f"{ckpt_dir / 'state.json'}: epoch {state['epoch']}, step "
                               f"{state['step_in_epoch']} and global step {state['global_step']} "
                               f"disagree; {_damaged_hint(ckpt_dir)}")
-    arrays, _ = load_safetensors(ckpt_dir / "model.safetensors")
+    try:
+        arrays, _ = load_safetensors(ckpt_dir / "model.safetensors")
+        slots, _ = load_safetensors(ckpt_dir / "optimizer.safetensors")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_damaged_hint(ckpt_dir)}") from e
     try:
         model.load_state_dict(arrays)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_dir / 'model.safetensors'}: {e}; "
                               f"{_damaged_hint(ckpt_dir)}") from e
-    slots, _ = load_safetensors(ckpt_dir / "optimizer.safetensors")
     trainer.optimizer.load_state_dict(state["optimizer"], slots, backend, model.dtype)
     trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
     trainer.global_step, trainer.partial = state["global_step"], dict(state["partial"])

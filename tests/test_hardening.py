@@ -225,6 +225,15 @@ def test_damaged_state_json_points_to_the_previous_checkpoint(finished_run, caps
     assert {p.name: p.read_bytes() for p in finished_run.rglob("*.safetensors")} == before
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors"])
+def test_damaged_checkpoint_weights_point_to_the_previous_checkpoint(finished_run, capsys, name):
+    path = finished_run / "checkpoints" / "epoch-0002" / name
+    path.write_bytes(path.read_bytes()[:100])
+    assert train(["--resume", finished_run, "--epochs", "3"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert name in line and "continue from epoch-0001" in line
+
+
 def test_half_written_metrics_line_is_repaired_on_resume(finished_run):
     metrics = finished_run / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"epoch": 3, "train_lo')
