@@ -16,8 +16,10 @@ m values of each feature):
 γ is constant per feature, so Σĝ = γ·dβ and Σ(ĝ·x̂) = γ·dγ: the code reuses the two
 parameter-gradient sums instead of summing again, and with xc = x − μ writes
     dx = g·(γ/σ) − xc·(γ·dγ/(m·σ²)) − γ·dβ/(m·σ)
-— per-feature constants times the two big arrays: on (128, 32, 28, 28) maps each pass over
-the data costs ~2 ms on one CPU core, so the count of passes is the cost.
+— per-feature constants times the two big arrays, so the count of passes over them is the
+cost. The layer works on an (F, m) view with one row per feature (free for a Conv2D's
+channel-major output): the sums run along contiguous rows, and Σ(x − μ)² and Σ g·(x − μ)
+are ``vecdot``s, one pass each without a temporary (docs/cnn.md has the pass counts).
 """
 from __future__ import annotations
 
@@ -77,35 +79,52 @@ class BatchNorm(Layer):
         """(F,) statistic → broadcastable (1, F) or (1, F, 1, 1)."""
         return self.xp.reshape(v, self.bshape)
 
+    def _rows(self, x):
+        """x as (F, m): one row per feature. A view when the features are the slowest axis in
+        memory — what a Conv2D output (channel-major) is; a copy otherwise."""
+        xp = self.xp
+        if x.ndim == 2:
+            return xp.permute_dims(x, (1, 0))
+        return xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (x.shape[1], -1))
+
+    def _unrows(self, y2, shape):
+        """Undo ``_rows`` for an (F, m) result: the input's shape, features in their place."""
+        xp = self.xp
+        if len(shape) == 2:
+            return xp.permute_dims(y2, (1, 0))
+        n, f, h, w = shape
+        return xp.permute_dims(xp.reshape(y2, (f, n, h, w)), (1, 0, 2, 3))
+
     def forward(self, x, train=False):
         xp = self.xp
         if tuple(x.shape[1:]) != self.in_shape:
             self.check_features(x, self.in_shape)
         m = math.prod(x.shape[a] for a in self.axes)
-        self.train_mode = bool(train)
+        self.train_mode, self.shape = bool(train), tuple(x.shape)
+        x2 = self._rows(x)                                             # (F, m)
         if train:
             if m < 2:
                 raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
                                  f"value per feature, got input of shape {tuple(x.shape)}")
-            mean = xp.mean(x, axis=self.axes, keepdims=True)
-            xc = x - mean
-            var = xp.mean(xc * xc, axis=self.axes, keepdims=True)      # biased: / m
-            self._update_running(xp.reshape(mean, (-1,)), xp.reshape(var, (-1,)), m)
-            self.x, self.xc = None, xc                                 # backward needs x − μ
+            mean = xp.sum(x2, axis=-1) / m
+            xc = x2 - mean[:, None]
+            var = xp.vecdot(xc, xc, axis=-1) / m                        # biased: / m, one pass
+            self._update_running(mean, var, m)
         else:  # running statistics: y = x·(γ/σ) + (β − μ·γ/σ), two passes over x
-            mean = self._stat(self.buffers["running_mean"])
-            var = self._stat(self.buffers["running_var"])
-            self.x, self.xc = (x if self.retain else None), None       # x − μ only if backward runs
-        self.inv_std = 1.0 / xp.sqrt(var + self.eps)
-        self.mean, self.m = mean, m
-        scale = self._stat(self.weight.value) * self.inv_std
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+            xc = None
+        inv_std = 1.0 / xp.sqrt(var + self.eps)                         # (F,)
+        scale = self.weight.value * inv_std
         if train:
-            y = xc * scale
-            y += self._stat(self.bias.value)
+            y = xc * scale[:, None]
+            y += self.bias.value[:, None]
         else:
-            y = x * scale
-            y += self._stat(self.bias.value) - mean * scale
-        return y
+            y = x2 * scale[:, None]
+            y += (self.bias.value - mean * scale)[:, None]
+        if self.keeps(train):  # backward needs x − μ (kept instead of x̂: one array fewer)
+            self.xc = xc if train else x2 - mean[:, None]
+            self.inv_std, self.m = inv_std, m
+        return self._unrows(y, x.shape)
 
     def _update_running(self, mean, var, m):
         xp, b = self.xp, self.buffers
@@ -120,21 +139,24 @@ class BatchNorm(Layer):
         b["running_var"] = (1.0 - factor) * b["running_var"] + factor * unbiased
 
     def backward(self, grad, input_grad=True):
-        xp, axes, inv_std = self.xp, self.axes, self.inv_std
-        xc = self.xc if self.xc is not None else self.x - self.mean
-        gamma = self._stat(self.weight.value)
-        dbeta = xp.sum(grad, axis=axes, keepdims=True)
-        dgamma = xp.sum(grad * xc, axis=axes, keepdims=True) * inv_std   # Σ g·x̂
-        self.weight.grad = xp.reshape(dgamma, (-1,))
-        self.bias.grad = xp.reshape(dbeta, (-1,))
-        g_scale = gamma * inv_std
-        dx = grad * g_scale
-        if not self.train_mode:
-            return dx                                                   # μ, σ constants: ĝ/σ
-        k = 1.0 / self.m
-        dx -= xc * (g_scale * inv_std * dgamma * k)
-        dx -= g_scale * dbeta * k
-        return dx
+        xp, xc, inv_std = self.xp, self.xc, self.inv_std
+        g = self._rows(grad)                                           # (F, m)
+        dbeta = xp.sum(g, axis=-1)
+        dgamma = xp.vecdot(g, xc, axis=-1) * inv_std                    # Σ g·x̂
+        self.weight.grad, self.bias.grad = dgamma, dbeta
+        self.xc = None
+        if not input_grad:
+            return None
+        a = self.weight.value * inv_std                                # γ/σ
+        if not self.train_mode:                                        # μ, σ constants: ĝ/σ
+            return self._unrows(g * a[:, None], self.shape)
+        # dx = (γ/σ)·(g − xc·dγ/(m·σ) − dβ/m), as t = xc·k₁ − g + k₂; t *= −γ/σ: one new
+        # array and three in-place passes
+        t = xc * (dgamma * inv_std / self.m)[:, None]
+        t -= g
+        t += (dbeta / self.m)[:, None]
+        t *= -a[:, None]
+        return self._unrows(t, self.shape)
 
     def load_buffer(self, name: str, value) -> None:
         if name not in self.buffers:

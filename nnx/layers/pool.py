@@ -6,10 +6,9 @@ no reduction over a tiny axis. Backward puts each window's gradient back into it
 slice of a zero buffer (col2im with ``+=``, no scatter; plain assignment when the windows
 do not overlap).
 
-Measured on NumPy (batch 128, 32 channels, 28x28, float32), the element-wise slices beat the
-"reshape to (N, C, H/k, k, W/k, k) and reduce" trick for non-overlapping windows: max-pool
-forward ~8 ms vs ~100-115 ms, avg-pool ~10 ms vs ~59 ms (NumPy reduces a length-2 axis
-slowly), so there is no separate reshape path.
+For non-overlapping windows the element-wise slices also beat the "reshape to
+(N, C, H/k, k, W/k, k) and reduce" trick on NumPy, which reduces a length-2 axis slowly, so
+there is no separate reshape path (measurements and the command: docs/cnn.md).
 
 Max-pool ties: the gradient goes to the FIRST maximum of each window in row-major order
 (kernel row, then column), as PyTorch does. docs/cnn.md has the derivations.
@@ -109,7 +108,7 @@ class MaxPool2D(_Pool2D):
             for j in range(k):
                 if i * k + j < last:
                     hit = xp.astype(window(xpad, i, j, s, ho, wo) == out, grad.dtype)
-                    share = rest * hit  # (a multiply is ~6x faster than where() on NumPy)
+                    share = rest * hit  # a multiply: faster than where() on NumPy (docs/cnn.md)
                     rest = rest - share  # exact: share is either rest or 0
                 else:  # no earlier offset held the max, so the last one does: it takes the rest
                     share = rest
