@@ -26,6 +26,7 @@ import numpy as np
 
 from . import plots as _plots
 from .errors import cli_main as _cli_main
+from .errors import debug_requested as _debug_requested
 from . import runs as _runs
 
 
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
                           plots=args.plots, download=args.download, log=notes)
     except (CheckpointError, DatasetError, EvaluateError, BackendError, ShapeError, OSError,
             ValueError) as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     if args.json:

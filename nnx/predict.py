@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import cli_main as _cli_main
+from .errors import debug_requested as _debug_requested
 from .imageprep import ImageError, load_input, save_png
 
 SIZE = 28
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
                           top=args.top, show=args.show or bool(args.show_dir),
                           show_dir=args.show_dir)
     except (CheckpointError, PredictError, BackendError, ValueError, OSError) as e:
+        if _debug_requested(argv):
+            raise
         msg = " ".join(str(e).split())
         if args.json:
             print(json.dumps({"error": msg}))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import cli_main
+from .errors import debug_requested as _debug_requested
 
 DEFAULTS = {
     "device": "cpu", "backend": "auto", "dataset": "mnist", "data_dir": None,
@@ -545,12 +546,16 @@ def main(argv=None) -> int:
         backend = get_backend(cfg["backend"], cfg["device"])
         dtype = backend.dtype(cfg["dtype"])
     except BackendError as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         data = datasets.load(cfg["dataset"], data_dir=cfg["data_dir"], download=cfg["download"],
                              progress=not cfg["quiet"])
     except datasets.DatasetError as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = build_model(cfg, backend)
@@ -566,6 +571,8 @@ def main(argv=None) -> int:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: cannot create the run folder {run_dir} ({e.strerror or e}); choose "
               "another --out", file=sys.stderr)
         return 1
@@ -588,6 +595,8 @@ def main(argv=None) -> int:
 
                 check_position(read_state(ckpt), steps_per_epoch, where=ckpt)
             except CheckpointError as e:
+                if _debug_requested(argv):
+                    raise
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             started = trainer.epoch + (1 if trainer.step_in_epoch else 0)
@@ -623,12 +632,18 @@ def main(argv=None) -> int:
               f"; resume with: {resume_hint}", file=sys.stderr)
         return 130
     except TrainingDiverged as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: {_divergence_message(str(e), run_dir)}", file=sys.stderr)
         return 1
     except SaveError as e:
+        if _debug_requested(argv):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
+        if _debug_requested(argv):
+            raise
         kept = list_checkpoints(run_dir)
         print(f"error: cannot write to {run_dir} ({e.strerror or e}"
               f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}); "

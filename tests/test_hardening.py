@@ -674,3 +674,34 @@ def test_download_budget_bounds_the_whole_download(tmp_path, silent_server, monk
         ds.download("mnist", tmp_path / "dl", mirrors=mirrors, timeout=(0.5, 0.5), progress=False,
                     budget=1.5)
     assert time.perf_counter() - t0 < 4
+
+
+# --- the real command lines, in subprocesses ---------------------------------------------------
+@pytest.mark.parametrize("module, args, code, message", [
+    ("nnx.train", ["--lr", "inf"], 2, "--lr: must be a finite number"),
+    ("nnx.train", ["--arch", "{binary}"], 2, "is a binary file"),
+    ("nnx.evaluate", ["{tampered}"], 1, "is int32 but the metadata says the model is float32"),
+    ("nnx.predict", ["{tampered}", "{digit}"], 1, "is int32 but the metadata says"),
+    ("nnx.predict", ["{missing}", "{digit}"], 1, "no such file or folder"),
+])
+def test_real_cli_errors_are_one_line(tmp_path, weights_file, module, args, code, message):
+    binary = tmp_path / "spec.bin"
+    binary.write_bytes(bytes(range(256)))
+    tampered = tamper(weights_file, tmp_path / "t.safetensors",
+                      array_edit=lambda a: a.update({k: v.astype(np.int32) for k, v in a.items()}))
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.zeros((28, 28), np.float32))
+    names = {"binary": binary, "tampered": tampered, "digit": digit, "missing": tmp_path / "nope"}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env.pop("NNX_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", module, *[a.format(**names) for a in args]],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == code, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    if code == 1:
+        assert one_error_line(p.stderr)
+    debug = subprocess.run([sys.executable, "-m", module, *[a.format(**names) for a in args]],
+                           capture_output=True, text=True, env={**env, "NNX_DEBUG": "1"},
+                           cwd=tmp_path, timeout=120)
+    if code == 1:  # argparse errors stay usage errors; the others show their traceback
+        assert "Traceback" in debug.stderr
