@@ -26,7 +26,8 @@ DEFAULTS = {
     "plots": True,
 }
 #: settings whose default depends on --model (a BatchNorm CNN trains best with Adam)
-MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0}}
+MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
+                  "cnn-fast": {"optimizer": "adam", "weight_decay": 0.0, "lr": 5e-3, "epochs": 4}}
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download"}
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=tuple(PRESETS),
+    g.add_argument("--model", choices=("mlp", *PRESETS),
                    help="mlp: Dense layers from --layers; cnn: " + PRESETS["cnn"] + " (default: mlp)")
     g.add_argument("--arch", metavar="SPEC",
                    help="any network as a layer spec (or a file holding one), e.g. "
