@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m nnx.train --device cuda             # same on an NVIDIA GPU (CuPy)\n"
                "  python -m nnx.train --optimizer adam --lr 1e-3 --epochs 5\n"
                "  python -m nnx.train --resume runs/20260101-120000   # continue a run\n"
-               "data is looked for in --data-dir (only there, when given), else in "
-               "$NNX_DATA_DIR/<dataset>, $NNX_DATA_DIR, the cache ($XDG_CACHE_HOME/nnx/<dataset>, "
-               "default ~/.cache/nnx/<dataset>), /usr/share/datasets/<dataset>, then downloaded "
-               "into the cache (see docs/data.md)\n"
+               "data is looked for in --data-dir (only there, when given), else in\n"
+               "  $NNX_DATA_DIR/<dataset>, $NNX_DATA_DIR, the cache ($XDG_CACHE_HOME/nnx/<dataset>,\n"
+               "  default ~/.cache/nnx/<dataset>), /usr/share/datasets/<dataset>, then downloaded\n"
+               "  into the cache (see docs/data.md)\n"
                "errors are one line; --debug (or NNX_DEBUG=1) shows the Python traceback",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None)
