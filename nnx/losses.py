@@ -6,6 +6,13 @@ from .errors import ShapeError
 from .layers.softmax import log_softmax
 
 
+def bind_namespace(loss, example, xp) -> None:
+    """Give ``loss`` the model's namespace up front (a compiled step then never sees the
+    look-up below change state)."""
+    if example is not None:
+        loss._ns_type, loss.xp = type(example), xp
+
+
 def _namespace(loss, x):
     """The Array API namespace of ``x``, looked up once per array type and cached on ``loss``
     (the look-up costs more than a small array operation)."""
@@ -52,7 +59,7 @@ class SoftmaxCrossEntropy:
             raise ShapeError(f"SoftmaxCrossEntropy: target shape {tuple(target.shape)} does not "
                              f"match logits {(n, c)}")
         logp = log_softmax(xp, logits)
-        self.probs, self.target, self.n = xp.exp(logp), target, n
+        self.probs, self.target, self.n, self._grad = xp.exp(logp), target, n, None
         return xp.sum(logp * target) * (-1.0 / n)
 
     def train_forward(self, logits, target):
@@ -63,14 +70,41 @@ class SoftmaxCrossEntropy:
         correct when its target's logit is the row maximum (z − max z == 0 there); exact
         ties, which argmax would resolve to the first index, count as correct.
         """
+        fused = self._fused
+        if fused is None or fused[0] is not type(logits):
+            fused = self._bind_fused(logits)
+        picked, correct, self._grad = fused[1](self, logits, target)
+        return picked, correct
+
+    def _softmax_xent(self, logits, target):
+        """The standard path of ``train_forward`` + ``backward``: (Σ log p(target), correct,
+        d loss / d logits); a backend may fuse it into one kernel ("softmax_xent")."""
         xp = _namespace(self, logits)
         shifted = logits - xp.max(logits, axis=1, keepdims=True)
         logp = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
         self.probs, self.target, self.n = xp.exp(logp), target, logits.shape[0]
         correct = xp.sum(xp.astype(shifted == 0.0, logits.dtype) * target)
-        return xp.sum(logp * target), correct
+        self._grad = None
+        return xp.sum(logp * target), correct, self.backward()
+
+    #: the model's backend (set by the Trainer; found from the logits otherwise)
+    backend = None
+    _fused = _grad = None
+
+    def _bind_fused(self, logits):
+        backend = self.backend
+        if backend is None or not isinstance(logits, backend.array_type):
+            from .backends import backend_of
+
+            backend = self.backend = backend_of(logits)
+        self._fused = (type(logits), backend.op("softmax_xent", SoftmaxCrossEntropy._softmax_xent))
+        return self._fused
 
     def backward(self):
+        g = self._grad
+        if g is not None:  # computed by train_forward
+            self._grad = None
+            return g
         g = self.probs - self.target  # a new array: scale it in place
         g *= 1.0 / self.n
         return g

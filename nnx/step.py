@@ -21,15 +21,26 @@ class TrainStep:
 
     ``targets`` is the batch's one-hot (or probability) matrix; the two results are 0-D
     arrays the caller sums over an epoch (the training loss is −Σ/seen).
+
+    With a communicator ``comm`` (data-parallel, nnx.distributed), ``xb`` is this process's
+    part of the global batch, ``weight`` its share of the rows, and the gradients are
+    summed over the processes (one allreduce) between backward and update.
     """
 
-    def __init__(self, model, loss, optimizer):
-        self.model, self.loss, self.optimizer = model, loss, optimizer
+    def __init__(self, model, loss, optimizer, comm=None):
+        from .losses import bind_namespace
 
-    def __call__(self, xb, targets, hyper):
+        self.model, self.loss, self.optimizer, self.comm = model, loss, optimizer, comm
+        bind_namespace(loss, model.parameters()[0].value if model.parameters() else None, model.xp)
+
+    def __call__(self, xb, targets, hyper, weight=1.0):
         logits = self.model.forward(xb, train=True)
         picked, correct = self.loss.train_forward(logits, targets)
         self.model.backward(self.loss.backward(), input_grad=False)
+        if self.comm is not None:  # data-parallel: Σ over ranks of weight·gradient
+            from .distributed import average_gradients
+
+            average_gradients(self.comm, self.model, weight)
         self.optimizer.apply(hyper)
         return picked, correct
 
@@ -42,20 +53,42 @@ def cxx_compiler() -> str | None:
     return None
 
 
-def compile_step(step: TrainStep, backend, mode: str | None = None):
-    """``step`` compiled with ``torch.compile`` (C++/OpenMP kernels on the CPU; Triton
-    kernels and CUDA graphs, ``mode="reduce-overhead"``, on CUDA). Only the torch backend
-    compiles; CuPy's equivalent is its fused kernels."""
+def check_compilable(backend, compiler: str = "inductor") -> None:
+    """Raise CompileError, saying what to do, unless ``compile_step`` can work here."""
     if backend.name != "torch":
         raise CompileError(f"--compile needs the torch backend (this run uses {backend.name}); "
                            "add --backend torch")
-    import torch
-
     on_cuda = str(backend.device).startswith("cuda")
-    if not on_cuda and cxx_compiler() is None:
+    if compiler == "inductor" and not on_cuda and cxx_compiler() is None:
         raise CompileError("--compile on the CPU needs a C++ compiler for torch.compile's "
                            "generated code: install g++ (e.g. apt install g++, or conda install "
                            "gxx) or set CXX, or train without --compile")
+
+
+def compile_step(step: TrainStep, backend, mode: str | None = None, compiler: str = "inductor"):
+    """``step`` compiled with ``torch.compile`` (C++/OpenMP kernels on the CPU; Triton
+    kernels and CUDA graphs, ``mode="reduce-overhead"``, on CUDA). Only the torch backend
+    compiles; CuPy's equivalent is its fused kernels. ``compiler`` is torch.compile's
+    ``backend`` ("eager" traces without generating code: tests use it)."""
+    check_compilable(backend, compiler)
+    import torch
+
+    on_cuda = str(backend.device).startswith("cuda")
+    if compiler != "inductor":
+        return _EagerFirst(step, torch.compile(step, backend=compiler, dynamic=False))
     if mode is None:
         mode = "reduce-overhead" if on_cuda else "default"
-    return torch.compile(step, mode=mode, dynamic=False)
+    return _EagerFirst(step, torch.compile(step, mode=mode, dynamic=False))
+
+
+class _EagerFirst:
+    """Run the first call eagerly, every later one compiled: the first step creates the
+    layers' caches (ReLU's zeros, the loss's namespace), so the compiler traces the steady
+    state once instead of tracing the first step and re-tracing the second."""
+
+    def __init__(self, eager, compiled):
+        self.eager, self.compiled, self.calls = eager, compiled, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return (self.eager if self.calls == 1 else self.compiled)(*args)

@@ -23,14 +23,15 @@ DEFAULTS = {
     "optimizer": "nesterov", "lr": None, "momentum": 0.9, "weight_decay": 5e-4, "clip_norm": None,
     "schedule": "cosine", "warmup_epochs": 0.0, "epochs": 10, "batch_size": 128, "val_size": 5000,
     "seed": 0, "dtype": "float32", "early_stopping": 0, "limit": None, "download": True,
-    "plots": True,
+    "plots": True, "compile": False,
 }
 #: settings whose default depends on --model (a BatchNorm CNN trains best with Adam)
 MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
                   "cnn-fast": {"optimizer": "adam", "weight_decay": 0.0, "lr": 5e-3, "epochs": 4}}
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: settings a resumed run may change; everything else comes from the run's config.json
-RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download"}
+RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download",
+                       "compile"}
 NUM_INPUTS, NUM_CLASSES = 784, 10
 #: the type each setting must have (config.json of a resumed run is checked against it)
 INT_SETTINGS = ("epochs", "batch_size", "val_size", "seed", "early_stopping")
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array library: auto picks numpy on cpu, cupy on cuda (default: auto)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="default: float32")
     add_threads_option(g)
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="run each training step through torch.compile (torch backend only; "
+                        "the math stays nnx's hand-written backprop; needs a C++ compiler on "
+                        "the CPU; the first steps take seconds to compile)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
@@ -545,6 +550,7 @@ def main(argv=None) -> int:
         check_out_dir(run_dir, parser)
     try:
         backend = get_backend(cfg["backend"], cfg["device"])
+    from .step import CompileError, check_compilable
         dtype = backend.dtype(cfg["dtype"])
     except BackendError as e:
         if _debug_requested(argv):
@@ -565,7 +571,7 @@ def main(argv=None) -> int:
                          num_classes=NUM_CLASSES)
     optimizer = make_optimizer(cfg["optimizer"], model.named_parameters(), cfg["lr"],
                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                               clip_norm=cfg["clip_norm"])
+                               clip_norm=cfg["clip_norm"], xp=model.xp)
     steps_per_epoch = -(-len(splits["train"]) // cfg["batch_size"])
     schedule = make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"], steps_per_epoch,
                              warmup_epochs=cfg["warmup_epochs"])
@@ -590,6 +596,14 @@ def main(argv=None) -> int:
                 (run_dir / "metrics.jsonl").unlink()
         else:
             try:
+    if cfg.get("compile"):
+        try:
+            check_compilable(model.backend)
+        except CompileError as e:
+            if _debug_requested(argv):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
                 ckpt = latest_checkpoint(run_dir)
                 trainer.resume(ckpt)
                 from .checkpoint import read_state

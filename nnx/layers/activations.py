@@ -11,21 +11,34 @@ class ReLU(Layer):
     ``where`` with a zeros array on NumPy; docs/architecture.md lists such speed habits).
     ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does. Its
     second operand is a zeros array of x's shape: NumPy, torch and array-api-strict take a
-    slow broadcasting path for ``maximum(x, 0.0)``. Training keeps that
-    array between steps (one batch shape); inference makes a temporary one and keeps
-    nothing, so evaluating big batches leaves no memory behind.
+    slow broadcasting path for ``maximum(x, 0.0)``. Training keeps that array between steps
+    (a smaller last batch uses a slice of it, so the cache never changes shape); inference
+    makes a temporary one and keeps nothing, so big evaluation batches leave no memory.
     """
 
-    _zeros = None
+    _zeros = _ops = None
 
     def forward(self, x, train=False):
+        if not train:
+            return self._forward(x, False)
+        y, self.mask = self._op("relu_forward", self._train_forward)(x)
+        self.x = None
+        return y
+
+    def _train_forward(self, x):
+        """(max(0, x), 0/1 mask): the standard path of the "relu_forward" operation."""
+        return self._forward(x, True), self.mask
+
+    def _forward(self, x, train):
         xp = self.xp
         if train:
             self.mask, self.x = xp.astype(x > 0, x.dtype), None
             zeros = self._zeros
-            if (zeros is None or zeros.shape != x.shape or zeros.dtype != x.dtype
-                    or zeros.device != x.device):
+            if (zeros is None or zeros.shape[1:] != x.shape[1:] or zeros.shape[0] < x.shape[0]
+                    or zeros.dtype != x.dtype or zeros.device != x.device):
                 zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
+            elif zeros.shape[0] > x.shape[0]:  # an epoch's smaller last batch: a view, and
+                zeros = zeros[:x.shape[0], ...]  # the cache stays as the full batches need it
         else:  # inference: no mask; x only when asked to retain (gradcheck)
             self.mask, self.x = None, (x if self.retain else None)
             zeros = xp.zeros_like(x)
@@ -35,7 +48,22 @@ class ReLU(Layer):
         mask = self.mask
         if mask is None:
             mask = self.xp.astype(self.x > 0, grad.dtype)
-        return grad * mask
+        return self._op("relu_backward", _times)(grad, mask)
+
+    def _op(self, name, reference):
+        """The backend's version of a named operation (backends/overrides.py), bound once."""
+        ops = self._ops
+        if ops is None or ops[0] is not self.backend:
+            ops = self._ops = (self.backend, {})
+        fn = ops[1].get(name)
+        if fn is None:
+            fn = ops[1][name] = self.backend.op(name, reference)
+        return fn
+
+
+def _times(grad, mask):
+    """grad · mask: the standard path of the "relu_backward" operation."""
+    return grad * mask
 
 
 class LeakyReLU(Layer):

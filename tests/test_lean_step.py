@@ -1,0 +1,213 @@
+"""The lean training step against the per-layer reference path: flat storage vs one array per
+parameter, the one-function TrainStep vs forward/loss/backward/step called one by one, and
+the torch.compile'd step vs eager — same weights after several steps on every CPU backend."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nnx
+from nnx.flat import supports_views
+from nnx.losses import SoftmaxCrossEntropy
+from nnx.optim import make_optimizer
+from nnx.step import CompileError, TrainStep, check_compilable, compile_step
+
+OPTIMIZERS = [("sgd", None), ("nesterov", None), ("adam", None), ("adamw", None), ("nesterov", 0.5)]
+STEPS, BATCH = 4, 16
+
+
+def data(backend, dtype, n=STEPS * BATCH, seed=0):
+    g = np.random.default_rng(seed)
+    x = backend.from_numpy(g.standard_normal((n, 12)), dtype=backend.dtype(dtype))
+    y = g.integers(0, 5, size=n)
+    onehot = backend.from_numpy(np.eye(5)[y], dtype=backend.dtype(dtype))
+    return x, backend.from_numpy(y), onehot
+
+
+def build(backend, dtype, opt, clip, flat, dropout=0.0):
+    model = nnx.mlp((12, 10, 8, 5), backend=backend, dtype=dtype, seed=3, flat=flat,
+                    dropout=dropout)
+    return model, make_optimizer(opt, model.named_parameters(), lr=0.05, weight_decay=1e-3,
+                                 clip_norm=clip, xp=model.xp)
+
+
+def reference_run(backend, dtype, opt, clip, lrs):
+    """The per-layer path, one call at a time, one array per parameter."""
+    model, optimizer = build(backend, dtype, opt, clip, flat=False)
+    x, y, _ = data(backend, dtype)
+    loss = SoftmaxCrossEntropy()
+    for k, lr in enumerate(lrs):
+        xb, yb = x[k * BATCH:(k + 1) * BATCH, ...], y[k * BATCH:(k + 1) * BATCH]
+        loss.forward(model.forward(xb, train=True), yb)
+        model.backward(loss.backward(), input_grad=False)
+        optimizer.step(lr)
+    return model.state_dict()
+
+
+def step_run(backend, dtype, opt, clip, lrs, flat, compiler=None):
+    model, optimizer = build(backend, dtype, opt, clip, flat=flat)
+    x, _, onehot = data(backend, dtype)
+    step = TrainStep(model, SoftmaxCrossEntropy(), optimizer)
+    if compiler:
+        step = compile_step(step, backend, compiler=compiler)
+    hyper = optimizer.hyper_table(0, lrs, backend, model.dtype)
+    for k in range(len(lrs)):
+        step(x[k * BATCH:(k + 1) * BATCH, ...], onehot[k * BATCH:(k + 1) * BATCH, ...],
+             tuple(col[k] for col in hyper))
+        optimizer.steps += 1
+    return model, model.state_dict()
+
+
+LRS = [0.05, 0.04, 0.03, 0.02]
+
+
+@pytest.mark.parametrize("opt,clip", OPTIMIZERS, ids=lambda v: str(v))
+def test_flat_and_per_tensor_storage_train_identically(backend, opt, clip):
+    model, flat = step_run(backend, "float64", opt, clip, LRS, flat=True)
+    assert model.flat is not None and supports_views(backend.xp, backend.device)
+    _, per_tensor = step_run(backend, "float64", opt, clip, LRS, flat=False)
+    for k in flat:  # element-wise updates: bit-identical; clipping sums in another order
+        np.testing.assert_allclose(flat[k], per_tensor[k], rtol=1e-13 if clip else 0, atol=0,
+                                   err_msg=k)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("opt,clip", OPTIMIZERS, ids=lambda v: str(v))
+def test_train_step_matches_the_per_layer_reference(backend, opt, clip, dtype, rtol):
+    ref = reference_run(backend, dtype, opt, clip, LRS)
+    _, lean = step_run(backend, dtype, opt, clip, LRS, flat=True)
+    for k in ref:
+        np.testing.assert_allclose(lean[k], ref[k], rtol=rtol, atol=rtol * 1e-2, err_msg=k)
+
+
+def test_parameters_are_views_of_the_flat_arrays(backend):
+    model, _ = build(backend, "float64", "sgd", None, flat=True)
+    xp, store = model.xp, model.flat
+    w = model.layers[0].weight
+    w.value = backend.from_numpy(np.full((10, 12), 2.0), dtype=model.dtype)  # writes through
+    assert float(store.value[0]) == 2.0 and float(store.value[119]) == 2.0
+    store.value[0] = 7.0
+    assert float(w.value[0, 0]) == 7.0
+    w.grad = backend.from_numpy(np.ones((10, 12)), dtype=model.dtype)
+    assert float(xp.sum(store.grad)) == 120.0 and w.grad.shape == (10, 12)
+
+
+def test_libraries_without_views_fall_back_to_one_array_per_parameter(monkeypatch, backend):
+    import nnx.flat as flat
+
+    monkeypatch.setattr(flat, "_VIEWS", {})
+    monkeypatch.setattr(flat, "supports_views", lambda xp, device: False)
+    import nnx.model as model_module
+
+    monkeypatch.setattr(model_module, "supports_views", lambda xp, device: False)
+    model, optimizer = build(backend, "float64", "adam", None, flat=True)
+    assert model.flat is None and optimizer.store is None
+    assert len(optimizer.slots["m"]) == len(model.parameters())
+
+
+def test_view_probe_detects_copies():
+    """A namespace whose slices are copies (writes do not reach the base) is detected."""
+    import array_api_compat.numpy as cnp
+
+    class CopySlices:
+        __name__ = "copy-slices"
+        float32 = cnp.float32
+
+        @staticmethod
+        def zeros(shape, dtype=None, device=None):
+            return _CopyArray(cnp.zeros(shape, dtype=dtype))
+
+        @staticmethod
+        def reshape(a, shape):
+            return _CopyArray(cnp.reshape(a.a, shape).copy())
+
+        @staticmethod
+        def ones(shape, dtype=None, device=None):
+            return _CopyArray(cnp.ones(shape, dtype=dtype))
+
+    class _CopyArray:
+        def __init__(self, a):
+            self.a = a
+
+        def __getitem__(self, key):
+            return _CopyArray(self.a[key].copy())
+
+        def __setitem__(self, key, value):
+            self.a[key] = value.a if isinstance(value, _CopyArray) else value
+
+        def __iadd__(self, other):
+            self.a += other
+            return self
+
+        def __float__(self):
+            return float(self.a)
+
+    assert supports_views(CopySlices, "cpu") is False
+
+
+def test_loss_train_forward_agrees_with_forward_and_argmax():
+    b = nnx.get_backend("numpy")
+    g = np.random.default_rng(5)
+    z, y = g.standard_normal((32, 7)), g.integers(0, 7, 32)
+    loss = SoftmaxCrossEntropy()
+    mean = float(loss.forward(z, y))
+    picked, correct = loss.train_forward(z, np.eye(7)[y])
+    assert float(picked) == pytest.approx(-32 * mean, rel=1e-13)
+    assert float(correct) == np.sum(np.argmax(z, axis=1) == y)
+    np.testing.assert_allclose(loss.backward(), (np.exp(z) / np.exp(z).sum(1, keepdims=True)
+                                                 - np.eye(7)[y]) / 32, rtol=1e-12)
+    del b
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+def test_compile_needs_the_torch_backend():
+    with pytest.raises(CompileError, match="--backend torch"):
+        check_compilable(nnx.get_backend("numpy"))
+
+
+def test_compiled_step_traces_once_over_epochs_with_a_changing_learning_rate(monkeypatch):
+    """The Trainer's compiled step over 2 epochs (cosine learning rate, a smaller last batch
+    run eagerly) is traced exactly once and ends with the eager run's weights. torch.compile
+    runs with a counting backend that executes the traced graph as is (no code generation)."""
+    torch = pytest.importorskip("torch")
+    import nnx.trainer as trainer_module
+    from nnx.schedules import make_schedule
+
+    traces = []
+
+    def counting(gm, inputs):
+        traces.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(trainer_module, "compile_step",
+                        lambda step, backend: compile_step(step, backend, compiler=counting))
+    b = nnx.get_backend("torch", "cpu")
+    x, y, _ = data(b, "float64", n=70)
+    split = type("Split", (), {"x": x, "y": y, "__len__": lambda self: 70})()
+    results = []
+    for compiled in (False, True):
+        model, optimizer = build(b, "float64", "adam", 1.0, flat=True)
+        Trainer = trainer_module.Trainer
+        t = Trainer(model, optimizer, make_schedule("cosine", 0.05, 2, 5), batch_size=16,
+                    epochs=2, progress=False, log=lambda *a: None, compile=compiled)
+        t.fit(split)
+        results.append(model.state_dict())
+    torch._dynamo.reset()
+    assert len(traces) == 1
+    for k in results[0]:
+        np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-12, err_msg=k)
+
+
+def test_inductor_compiled_step_matches_eager():
+    """One real compilation (C++ kernels on the CPU): float32 weights within tolerance."""
+    torch = pytest.importorskip("torch")
+    from nnx.step import cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
+    b = nnx.get_backend("torch", "cpu")
+    _, eager = step_run(b, "float32", "nesterov", None, LRS, flat=True)
+    _, compiled = step_run(b, "float32", "nesterov", None, LRS, flat=True, compiler="inductor")
+    torch._dynamo.reset()
+    for k in eager:
+        np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6, err_msg=k)
