@@ -43,15 +43,29 @@ class Trainer:
     ``run_dir`` (optional) receives ``metrics.jsonl`` and a checkpoint after every epoch.
     ``early_stopping`` is the patience in epochs on validation loss (0 disables it); when it
     stops the run, the best weights are restored.
+
+    ``comm`` (``nnx.distributed.create_communicator``) trains data-parallel: each process
+    takes its part of every global batch of ``batch_size`` rows, gradients are summed once
+    per step, evaluation is sharded, and only rank 0 writes ``run_dir`` or logs.
     """
 
     READS_PER_EPOCH = 5  # host reads of the running loss per epoch (progress + NaN check)
 
     def __init__(self, model, optimizer, schedule, batch_size: int = 128, epochs: int = 10,
                  seed: int = 0, early_stopping: int = 0, run_dir=None, progress: bool = True,
-                 log=print, loss=None, compile: bool = False):
+                 log=print, loss=None, compile: bool = False, comm=None):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.comm = comm if comm is not None and comm.size > 1 else None
+        self.rank, self.world = (comm.rank, comm.size) if self.comm else (0, 1)
+        if batch_size % self.world:
+            raise ValueError(f"--batch-size {batch_size} (the global batch) does not divide among "
+                             f"{self.world} processes; use a multiple of {self.world}")
+        if compile and self.comm:
+            raise ValueError("--compile is not supported with --distributed (the allreduce "
+                             "would split the compiled step)")
+        if self.rank:  # rank 0 alone writes files and logs
+            run_dir, progress, log = None, False, (lambda *a, **k: None)
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -65,7 +79,7 @@ class Trainer:
         self.xp, self.backend = model.xp, model.backend
         #: forward, loss, backward and update as one function (nnx.step); ``compile=True``
         #: runs full batches through torch.compile, a smaller last batch eagerly
-        self.step = TrainStep(model, self.loss, optimizer)
+        self.step = TrainStep(model, self.loss, optimizer, self.comm)
         self.compiled_step = compile_step(self.step, self.backend) if compile else None
         self._targets_of = {}  # id(split) -> (split, one-hot targets on the device)
         # position, restored by resume()
@@ -81,15 +95,20 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, split, batch_size: int = 2048) -> tuple[float, float]:
-        """(mean loss, accuracy) over a split, in eval mode; one host read at the end."""
+        """(mean loss, accuracy) over a split, in eval mode; one host read at the end (and
+        one reduction: distributed, each process evaluates its shard of the split)."""
         xp, n = self.xp, len(split)
         loss_sum = correct = 0.0
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)  # the standard leaves out-of-range stops undefined
+        first, last = (0, n) if not self.comm else ((n * self.rank) // self.world,
+                                                      (n * (self.rank + 1)) // self.world)
+        for start in range(first, last, batch_size):
+            stop = min(start + batch_size, last)  # the standard leaves out-of-range stops undefined
             xb, yb = split.x[start:stop, ...], split.y[start:stop]
             logits = self.model.forward(xb, train=False)
             loss_sum = loss_sum + self.loss.forward(logits, yb) * yb.shape[0]
             correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, logits.dtype))
+        if self.comm:
+            loss_sum, correct = self.comm.allreduce_scalars([loss_sum, correct])
         return float(loss_sum) / n, float(correct) / n
 
     # --- one epoch ----------------------------------------------------------------------
@@ -110,9 +129,16 @@ class Trainer:
         steps = math.ceil(n / bs)
         perm = self.backend.device_rng(derived_seed(self.seed, epoch, 1)).permutation(n)
         start = self.step_in_epoch
-        model.rng.reseed(derived_seed(self.seed, epoch, 2, 0))
+        model.rng.reseed(derived_seed(self.seed, epoch, 2, self.rank))  # dropout: one stream per rank
         if start:  # resumed mid-epoch: replay the dropout draws of the steps already done
-            model.skip_random(start, bs)
+            model.skip_random(start, bs // self.world)
+        # global rows [lo, hi) of each step, and this process's rows [a, b) of its epoch order
+        bounds = [(k * bs, min((k + 1) * bs, n)) for k in range(steps)]
+        local = [0]
+        if self.comm:  # its part of every global batch (sizes differ by <= 1 in a last one)
+            perm, local = self._local_rows(perm, bounds)
+        else:
+            local += [hi for _, hi in bounds]
         # the epoch's order, gathered once: every batch is then a slice (no per-step gather)
         x_epoch = xp.take(split.x, perm, axis=0)
         t_epoch = xp.take(self.targets(split), perm, axis=0)
@@ -120,23 +146,29 @@ class Trainer:
         hyper = opt.hyper_table(opt.steps, [self.schedule(self.global_step + i)
                                             for i in range(steps - start)],
                                 self.backend, model.dtype)
-        picked = -self.partial["loss_sum"]  # Σ log p(target); the loss sum is its negative
-        correct = self.partial["correct"]
+        # Σ log p(target) (the loss sum is its negative) and correct rows; distributed, these
+        # are this rank's, summed over ranks only at the read points (rank 0 holds the resumed part)
+        picked = -self.partial["loss_sum"] if self.rank == 0 else 0.0
+        correct = self.partial["correct"] if self.rank == 0 else 0.0
+        total_picked, total_correct = picked, correct
         seen = self.partial["seen"]
         read_every = max(1, steps // self.READS_PER_EPOCH)
         bar = self._bar(steps, epoch, start)
         try:
             for k in range(start, steps):
-                lo, hi = k * bs, min((k + 1) * bs, n)
+                (lo, hi), a, b = bounds[k], local[k], local[k + 1]
                 step = self.compiled_step if self.compiled_step and hi - lo == bs else self.step
-                p, c = step(x_epoch[lo:hi, ...], t_epoch[lo:hi, ...],
-                            tuple(col[k - start] for col in hyper))
+                share = ((b - a) / (hi - lo),) if self.comm else ()  # this rank's gradient weight
+                p, c = step(x_epoch[a:b, ...], t_epoch[a:b, ...],
+                            tuple(col[k - start] for col in hyper), *share)
                 opt.steps += 1
                 self.global_step += 1
                 seen += hi - lo
                 picked, correct = picked + p, correct + c
+                stop = self._stop_requested
                 if (k + 1) % read_every == 0 or k + 1 == steps:
-                    mean = -float(picked) / seen  # the only host read: a few per epoch
+                    total_picked, total_correct, stop = self._reduce(picked, correct, stop)
+                    mean = -total_picked / seen  # the only host read: a few per epoch
                     if not math.isfinite(mean):
                         raise TrainingDiverged(
                             f"loss became {mean} in epoch {epoch + 1} by step {k + 1} "
@@ -145,14 +177,44 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule(self.global_step - 1):.2e}")
                         bar.update(k + 1 - bar.n)
-                if self._stop_requested and k + 1 < steps:  # Ctrl-C: stop between two steps
-                    raise _Interrupt(epoch, k + 1, -picked, correct, seen)
+                elif self.comm:
+                    stop = False  # ranks stop together, at a read point
+                if stop and k + 1 < steps:  # Ctrl-C: stop between two steps
+                    if not self.comm:  # (distributed, the totals were just reduced)
+                        total_picked, total_correct, _ = self._reduce(picked, correct, stop)
+                    raise _Interrupt(epoch, k + 1, -total_picked, total_correct, seen)
         finally:
             if bar is not None:
                 bar.close()
         self.step_in_epoch = 0
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
-        return -float(picked) / seen, float(correct) / seen
+        return -total_picked / seen, total_correct / seen
+
+    def _local_rows(self, perm, bounds):
+        """This rank's rows of the epoch order ``perm`` (its shard of every global batch, in
+        step order) and where each step's rows start in them."""
+        import numpy as np
+
+        from .distributed import shard
+
+        rows, local = [], [0]
+        for lo, hi in bounds:
+            a, b = shard(hi - lo, self.rank, self.world)
+            rows.append(np.arange(lo + a, lo + b))
+            local.append(local[-1] + b - a)
+        index = self.backend.from_numpy(np.concatenate(rows).astype(np.int64))
+        return self.xp.take(perm, index, axis=0), local
+
+    def _reduce(self, picked, correct, stop):
+        """The running sums (and whether any rank was asked to stop) over all ranks: one
+        host read, and one small allreduce when distributed."""
+        if not self.comm:
+            return float(picked), float(correct), stop
+        total_picked, total_correct, stops = self.comm.allreduce_scalars(
+            [picked, correct, float(stop)])
+        if stops:
+            self._stop_requested = True
+        return total_picked, total_correct, bool(stops)
 
     def _bar(self, steps, epoch, start):
         if not self.progress:
@@ -199,6 +261,8 @@ class Trainer:
             self.epoch += 1
             stop = self._early_stopping(row)
             stop_now = self._stop_requested and self.epoch < self.epochs  # Ctrl-C at epoch end
+            if self.comm:  # every rank stops, or none
+                stop_now = bool(self.comm.allreduce_scalars([stop_now])[0])
             self.history.append(row)
             self._log_epoch(row)
             path = None

@@ -1,0 +1,246 @@
+"""Data-parallel training on K processes: a thin communicator over MPI (and NCCL on GPUs).
+
+The ChainerMN pattern: ``mpirun -n K python -m nnx.train ...`` starts one process per CPU
+socket or GPU; every process builds the same model from the same seed, takes its part of
+each global batch of the same seeded permutation, and between backward and update the
+gradients are summed over all processes with ONE allreduce of the flat gradient array
+(``average_gradients``). Every process then applies the same update to the same weights, so
+the weights stay identical without ever being sent. See docs/distributed.md.
+
+What carries the allreduce:
+
+- NumPy, array-api-strict and PyTorch CPU tensors: MPI (mpi4py's in-place ``Allreduce`` on
+  the array's own memory: the NumPy array, strict's wrapped NumPy array, ``tensor.numpy()``).
+- CuPy: NCCL (``cupy.cuda.nccl``), bootstrapped over MPI (rank 0's unique id is broadcast),
+  one GPU per local rank. Written to the NCCL API but not run here (no GPU in CI).
+- PyTorch CUDA tensors: staged through host memory and summed by MPI (correct, not fast).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+#: environment variables that MPI launchers set in the processes they start
+LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE",  # Open MPI
+                      "PMI_SIZE",               # MPICH / Intel MPI (Hydra), Slurm PMI
+                      "PMIX_SIZE",              # PMIx launchers
+                      "MV2_COMM_WORLD_SIZE",    # MVAPICH2
+                      "MPI_LOCALNRANKS")        # MPICH (Hydra), per node
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                   "SLURM_LOCALID", "PMI_LOCAL_RANK")
+INSTALL_HINT = 'pip install "nnx[mpi]" (mpi4py and Open MPI, mpirun included)'
+
+_ACTIVE = None  # the communicator of this process, once created (abort_on_failure reads it)
+
+
+class DistributedError(RuntimeError):
+    """Distributed training cannot run as asked (no mpi4py, a batch that does not divide)."""
+
+
+def detect() -> bool:
+    """Whether this process was started by an MPI launcher (mpirun/mpiexec/srun with PMI)."""
+    return any(os.environ.get(v) for v in LAUNCHER_SIZE_VARS) or bool(os.environ.get("PMIX_RANK"))
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise DistributedError(f"--distributed needs mpi4py and an MPI library: {INSTALL_HINT}; "
+                               f"then launch with mpirun -n K python -m nnx.train ... "
+                               f"({e})") from None
+    return MPI
+
+
+def host_buffer(x):
+    """A NumPy array sharing ``x``'s memory (writes reach ``x``), or None when ``x`` lives
+    on a GPU. NumPy arrays are their own buffer, array-api-strict wraps one, torch CPU
+    tensors expose theirs through ``.numpy()``."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return x
+    inner = getattr(x, "_array", None)  # array_api_strict.Array
+    if isinstance(inner, np.ndarray):
+        return inner
+    if type(x).__module__.startswith("torch"):
+        return x.detach().numpy() if x.device.type == "cpu" else None
+    return None
+
+
+class Communicator:
+    """``rank``/``size`` of this process among the K, and the collectives training needs.
+
+    ``allreduce_sum_(x)`` sums ``x`` over all processes in place; ``allreduce_scalars``
+    sums a few Python numbers (one message); ``bcast`` sends a Python object from rank 0.
+    """
+
+    name = "mpi"
+
+    def __init__(self, mpi_comm=None):
+        MPI = _mpi()
+        self.MPI = MPI
+        self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the processes on this machine
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+
+    def allreduce_sum_(self, x):
+        """Sum ``x`` over all processes, in place; returns ``x``."""
+        if self.size == 1:
+            return x
+        buf = host_buffer(x)
+        if buf is None:  # a torch CUDA tensor: stage through the host
+            import numpy as np
+            import torch
+
+            host = np.ascontiguousarray(x.detach().cpu().numpy())
+            self.comm.Allreduce(self.MPI.IN_PLACE, host)
+            x.copy_(torch.from_numpy(host))
+            return x
+        if buf.flags.c_contiguous:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf)
+        else:  # a strided view: sum a contiguous copy and write it back
+            import numpy as np
+
+            tmp = np.ascontiguousarray(buf)
+            self.comm.Allreduce(self.MPI.IN_PLACE, tmp)
+            buf[...] = tmp
+        return x
+
+    def allreduce_scalars(self, values) -> list[float]:
+        """Sums over all processes of a few numbers (0-D arrays are read from the device)."""
+        import numpy as np
+
+        local = np.asarray([float(v) for v in values], dtype=np.float64)
+        if self.size > 1:
+            self.comm.Allreduce(self.MPI.IN_PLACE, local)
+        return [float(v) for v in local]
+
+    def bcast(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """Stop every process of the job now (MPI_Abort): what a failure on one rank does,
+        so the others never wait forever in an allreduce."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        self.comm.Abort(int(code) or 1)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank {self.rank} of {self.size})"
+
+
+class NCCLCommunicator(Communicator):
+    """CuPy arrays summed on the GPUs by NCCL; MPI only bootstraps it (the unique id) and
+    carries the scalar reductions. One GPU per local rank: ``device = local_rank``.
+
+    UNVERIFIED: written against ``cupy.cuda.nccl`` but never run (no GPU where it was made);
+    docs/distributed.md says how to check it.
+    """
+
+    name = "nccl"
+
+    def __init__(self, mpi_comm=None):
+        super().__init__(mpi_comm)
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl = cupy, nccl
+        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = self.comm.bcast(uid, root=0)
+        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    def allreduce_sum_(self, x):
+        if self.size == 1 or host_buffer(x) is not None:
+            return super().allreduce_sum_(x)
+        nccl = self.nccl
+        kinds = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
+                 "float16": nccl.NCCL_FLOAT16}
+        if not x.flags.c_contiguous:
+            raise DistributedError("NCCL allreduce needs a contiguous array")
+        stream = self.cupy.cuda.get_current_stream()
+        self.nccl_comm.allReduce(x.data.ptr, x.data.ptr, x.size, kinds[str(x.dtype)],
+                                 nccl.NCCL_SUM, stream.ptr)
+        return x
+
+
+def create_communicator(backend=None) -> Communicator:
+    """The communicator for ``backend``: NCCL for CuPy, MPI otherwise. Also puts the process
+    on its GPU (CuPy: local rank; the caller picks ``cuda:<local rank>`` for torch)."""
+    global _ACTIVE
+    if backend is not None and getattr(backend, "name", "") == "cupy":
+        comm = NCCLCommunicator()
+    else:
+        comm = Communicator()
+    _ACTIVE = comm
+    return comm
+
+
+def local_rank_from_env() -> int:
+    """This process's rank on its machine, from the launcher's environment (0 if unknown):
+    known before MPI starts, so the GPU can be chosen before the backend loads."""
+    for var in LOCAL_RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def shard(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that ``rank`` of ``size`` takes: contiguous, sizes differ by
+    at most one (a last partial batch, an evaluation split)."""
+    return n * rank // size, n * (rank + 1) // size
+
+
+def average_gradients(comm, model, weight) -> None:
+    """Between backward and update: every gradient becomes Σ over ranks of
+    ``weight_r`` · (local gradient), ``weight_r`` = local rows / global rows, i.e. the
+    gradient of the mean loss over the whole global batch (exact for an uneven last batch
+    too). One allreduce over the flat gradient array; one per parameter without one."""
+    if model.flat is not None:
+        grads = [model.flat.grad]
+    else:
+        grads = [p.grad for p in model.parameters()]
+    for g in grads:
+        g *= weight
+        comm.allreduce_sum_(g)
+
+
+def abort_on_failure(main):
+    """Wrap a CLI ``main`` (after ``cli_main``): when it fails on any process of a
+    distributed run, that process has printed its one-line error; MPI_Abort then stops all
+    of them, so none waits forever for the failed one."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse errors happen before training, on every rank
+            code = e.code
+            if _ACTIVE is None or _ACTIVE.size == 1 or code in (0, None):
+                raise
+        except BaseException:
+            if _ACTIVE is not None and _ACTIVE.size > 1:
+                import traceback
+
+                traceback.print_exc()
+                _ACTIVE.abort(1)
+            raise
+        if code and _ACTIVE is not None and _ACTIVE.size > 1:
+            _ACTIVE.abort(code if isinstance(code, int) else 1)
+        return code
+    return wrapped
+
+
+def device_for_rank(device: str) -> str:
+    """``cuda`` becomes ``cuda:<local rank>`` (one GPU per process); anything else stays."""
+    return f"cuda:{local_rank_from_env()}" if str(device) == "cuda" else device
