@@ -118,6 +118,27 @@ class Backend:
 
         return {"numpy": np.__version__, "array_api_compat": array_api_compat.__version__}
 
+    # --- overrides of hot operations (backends/overrides.py) ----------------------------
+    def op(self, name: str, reference):
+        """``reference`` (the standard Array-API code), or this backend's faster version of
+        the named operation, checked against ``reference`` the first time it runs."""
+        from .overrides import bind
+
+        return bind(self, name, reference)
+
+    def overrides(self) -> list[str]:
+        """Names of the operations this backend replaces (empty: the standard path only)."""
+        from .overrides import listed
+
+        return listed(self.name)
+
+    def activate(self):
+        """A context manager making this backend's device current while work is done
+        (CuPy allocates and launches on the current device); a no-op elsewhere."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     # --- random numbers -----------------------------------------------------------------
     def host_rng(self, seed: int) -> HostRNG:
         """Portable stream: identical numbers on every backend (initialisation)."""

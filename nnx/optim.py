@@ -99,8 +99,27 @@ class Optimizer:
             values, grads = [p.value for p in plist], [p.grad for p in plist]
         if self.clip_norm is not None:
             grads = clip_grad_norm(grads, self.clip_norm, self.xp)
+        update = self._update or self._bind_update(values[0])
         for i, (p, g) in enumerate(zip(values, grads)):
-            self.update(p, g, [self.slots[name][i] for name in self.slot_names], hyper)
+            update(self, p, g, [self.slots[name][i] for name in self.slot_names], hyper)
+
+    #: the backend operation that may replace ``update`` (backends/overrides.py), or None
+    fused_op: str | None = None
+    #: the model's backend (set by the Trainer; found from the parameters otherwise)
+    backend = None
+    _update = None
+
+    def _bind_update(self, example):
+        """``type(self).update``, or the backend's fused version of it (``fused_op``)."""
+        update = type(self).update
+        if self.fused_op is not None:
+            if self.backend is None:
+                from .backends import backend_of
+
+                self.backend = backend_of(example)
+            update = self.backend.op(self.fused_op, update)
+        self._update = update
+        return update
 
     def update(self, p, g, slots, hyper):
         """Update ``p`` in place from ``g`` and the state arrays ``slots``."""
@@ -140,7 +159,8 @@ def clip_grad_norm(grads, max_norm: float, xp) -> list:
     ``torch.nn.utils.clip_grad_norm_`` does. The scale stays a 0-D device array (no host
     synchronisation); the gradients given are not modified."""
     total = xp.sqrt(sum(xp.sum(g * g) for g in grads))
-    scale = xp.clip(max_norm / (total + 1e-6), max=1.0)
+    scale = max_norm / (total + 1e-6)
+    scale = xp.where(scale > 1.0, xp.ones_like(scale), scale)  # min(1, ·) on the device
     return [g * scale for g in grads]
 
 
@@ -172,6 +192,7 @@ class Momentum(Optimizer):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.fused_op = "nesterov_update" if self.nesterov else None
 
     def update(self, p, g, slots, hyper):
         # the same arithmetic, in the same order, as lr·(g + μv): one temporary array, the rest
@@ -197,6 +218,7 @@ class Nesterov(Momentum):
 class Adam(Optimizer):
     slot_names = ("m", "v")
     decoupled = False
+    fused_op = "adam_update"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kw):
         super().__init__(params, lr, **kw)

@@ -52,6 +52,8 @@ class ReLU(Layer):
 
     def _op(self, name, reference):
         """The backend's version of a named operation (backends/overrides.py), bound once."""
+        if self.backend is None:  # used without build (tests): the standard path
+            return reference
         ops = self._ops
         if ops is None or ops[0] is not self.backend:
             ops = self._ops = (self.backend, {})

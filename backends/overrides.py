@@ -1,0 +1,189 @@
+"""Backend overrides of named hot operations (Thinc's ``CupyOps`` pattern).
+
+Layers, losses and optimizers keep their Array-API code as the *reference* implementation
+and call it through ``backend.op(name, reference)``. A backend may register a faster
+implementation of a named operation here (CuPy's fused kernels, ``backends/cupy_kernels.py``);
+every other backend gets the reference back unchanged, so nothing branches on the library.
+
+An override takes the same arguments as the reference it replaces and returns the same
+results (in-place updates included). The first time it runs for a (backend, device, op,
+dtype) it is checked against the reference on small random inputs; a mismatch beyond the
+tolerance (or an exception, e.g. a kernel that does not compile) gives ONE warning naming
+the op, and the reference is used for the rest of the run. ``set_enabled(False)`` (the CLI's
+``--no-fused``) turns every override off.
+
+Named operations (arguments as the call sites pass them):
+
+- ``relu_forward(x) -> (y, mask)``            ReLU in training: max(0, x) and its 0/1 mask
+- ``relu_backward(grad, mask) -> grad·mask``  ReLU's backward
+- ``softmax_xent(loss, logits, target) -> (Σ log p(target), correct, dlogits)``
+  softmax-cross-entropy forward, running loss/accuracy terms and backward in one pass
+- ``nesterov_update(opt, p, g, slots, hyper)``  one Nesterov step over flat buffers (in place)
+- ``adam_update(opt, p, g, slots, hyper)``      one Adam / AdamW step (L2 or decoupled decay)
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+OPS = ("relu_forward", "relu_backward", "softmax_xent", "nesterov_update", "adam_update")
+
+#: {backend name: {op name: implementation}}
+REGISTRY: dict[str, dict] = {}
+_STATE = {"enabled": True}
+#: (backend name, device label, op, dtype) -> True (checked, used) / False (failed, reference)
+_CHECKED: dict = {}
+#: relative/absolute tolerances of the self-check per dtype
+TOLERANCE = {"float32": (2e-4, 2e-5), "float64": (1e-10, 1e-12)}
+
+
+def register(backend_name: str, op_name: str, impl=None):
+    """Register ``impl`` as ``backend_name``'s version of ``op_name`` (usable as a decorator)."""
+    if op_name not in OPS:
+        raise ValueError(f"unknown op {op_name!r}; named ops are {', '.join(OPS)}")
+
+    def add(f):
+        REGISTRY.setdefault(backend_name, {})[op_name] = f
+        return f
+
+    return add(impl) if impl is not None else add
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn every override on or off (``--no-fused``); off means the reference everywhere."""
+    _STATE["enabled"] = bool(flag)
+
+
+def enabled() -> bool:
+    return _STATE["enabled"]
+
+
+def listed(backend_name: str) -> list[str]:
+    """The ops ``backend_name`` replaces (after loading its kernels), in ``OPS`` order."""
+    if backend_name == "cupy":
+        from . import cupy_kernels  # noqa: F401  (registers on import; needs no GPU)
+    return [name for name in OPS if name in REGISTRY.get(backend_name, {})]
+
+
+def bind(backend, name: str, reference):
+    """``reference`` itself, or ``backend``'s override of ``name`` wrapped in its self-check."""
+    impl = REGISTRY.get(backend.name, {}).get(name)
+    if impl is None:
+        return reference
+    return Checked(backend, name, impl, reference)
+
+
+class Checked:
+    """An override that checks itself against the reference on first use (see module doc)."""
+
+    __slots__ = ("backend", "name", "impl", "reference", "ok")
+
+    def __init__(self, backend, name, impl, reference):
+        self.backend, self.name, self.impl, self.reference = backend, name, impl, reference
+        self.ok = None  # None: not checked yet in this binding
+
+    def __call__(self, *args):
+        if not _STATE["enabled"]:
+            return self.reference(*args)
+        ok = self.ok
+        if ok is None:
+            ok = self.ok = self._check(args)
+        return self.impl(*args) if ok else self.reference(*args)
+
+    def _check(self, args) -> bool:
+        backend = self.backend
+        dtype = next((a.dtype for a in _arrays(args)), None)
+        key = (backend.name, str(backend.device), self.name, backend.dtype_name(dtype))
+        if key not in _CHECKED:
+            _CHECKED[key] = self._compare(args, key[3])
+        return _CHECKED[key]
+
+    def _compare(self, args, dtype_name) -> bool:
+        backend = self.backend
+        sample = SAMPLES[self.name](backend, args, np.random.default_rng(12))
+        ref_in, new_in = _copy(backend, sample), _copy(backend, sample)
+        try:
+            ref_out = self.reference(*ref_in)
+            new_out = self.impl(*new_in)
+            backend.synchronize()
+            got = [backend.to_numpy(a) for a in _arrays((new_out, new_in))]
+            want = [backend.to_numpy(a) for a in _arrays((ref_out, ref_in))]
+            if len(got) != len(want):
+                raise ValueError(f"returned {len(got)} arrays, the standard path {len(want)}")
+            rtol, atol = TOLERANCE.get(dtype_name, TOLERANCE["float32"])
+            worst = 0.0
+            for g, w in zip(got, want):
+                if g.shape != w.shape:
+                    raise ValueError(f"shape {g.shape} where the standard path gives {w.shape}")
+                if not np.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
+                    worst = max(worst, float(np.nanmax(np.abs(g.astype(np.float64) - w))))
+            if worst:
+                raise ValueError(f"max |difference| {worst:.3g} (rtol {rtol:g}, atol {atol:g})")
+        except Exception as e:  # a wrong result, or a kernel that fails to compile or run
+            warnings.warn(f"nnx: the {backend.name} override of {self.name!r} on "
+                          f"{backend.device} ({dtype_name}) disagrees with the standard path: "
+                          f"{e}; using the standard path for the rest of this run",
+                          RuntimeWarning, stacklevel=4)
+            return False
+        return True
+
+
+def _arrays(obj):
+    """The arrays inside nested tuples/lists (in order), skipping scalars and objects."""
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _arrays(o)
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        yield obj
+
+
+def _copy(backend, obj):
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_copy(backend, o) for o in obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return backend.xp.asarray(obj, copy=True)
+    return obj
+
+
+# --- small random inputs for the self-check, shaped like the real call ------------------
+def _like(backend, rng, a, shape, positive=False):
+    x = rng.standard_normal(shape)
+    return backend.from_numpy(np.abs(x) + 0.01 if positive else x, dtype=a.dtype)
+
+
+def _sample_relu_forward(backend, args, rng):
+    (x,) = args
+    a = rng.standard_normal((7, 5))
+    a[0, :2] = 0.0
+    return (backend.from_numpy(a, dtype=x.dtype),)
+
+
+def _sample_relu_backward(backend, args, rng):
+    grad, mask = args
+    m = (rng.standard_normal((7, 5)) > 0).astype(np.float64)
+    return _like(backend, rng, grad, (7, 5)), backend.from_numpy(m, dtype=mask.dtype)
+
+
+def _sample_softmax_xent(backend, args, rng):
+    loss, logits, target = args
+    n, c = 9, int(logits.shape[1])
+    z = rng.standard_normal((n, c)) * 3
+    z[0, 1 % c] = z[0, 0]  # a tie
+    t = np.eye(c)[rng.integers(0, c, n)]
+    return (loss, backend.from_numpy(z, dtype=logits.dtype),
+            backend.from_numpy(t, dtype=target.dtype))
+
+
+def _sample_update(backend, args, rng):
+    opt, p, g, slots, hyper = args
+    positive = {"v"}  # Adam's second moment is never negative
+    names = getattr(opt, "slot_names", ())
+    new_slots = [_like(backend, rng, s, (37,), positive=n in positive)
+                 for s, n in zip(slots, names)]
+    return opt, _like(backend, rng, p, (37,)), _like(backend, rng, g, (37,)), new_slots, hyper
+
+
+SAMPLES = {"relu_forward": _sample_relu_forward, "relu_backward": _sample_relu_backward,
+           "softmax_xent": _sample_softmax_xent, "nesterov_update": _sample_update,
+           "adam_update": _sample_update}
