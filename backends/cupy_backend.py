@@ -1,4 +1,6 @@
 """CuPy on an NVIDIA GPU through array-api-compat."""
+import functools
+
 from .base import Backend, BackendError
 
 INSTALL_HINT = (
@@ -8,7 +10,9 @@ INSTALL_HINT = (
 
 
 class CupyRNG:
-    """Dropout masks and shuffles drawn by CuPy's generator on the GPU (no host copies)."""
+    """Dropout masks and shuffles drawn on the GPU (no host copies) by one counter-based
+    generator (Philox4x32-10): ``reseed`` restarts it from a seed without creating a cuRAND
+    generator, so the per-epoch reseeding costs one tiny state-initialisation kernel."""
 
     def __init__(self, backend, seed):
         import cupy
@@ -20,7 +24,7 @@ class CupyRNG:
     def reseed(self, seed):
         self.seed = int(seed)
         with self.backend.device:
-            self._gen = self._cupy.random.RandomState(self.seed)
+            self._gen = self._cupy.random.Generator(self._cupy.random.Philox4x3210(self.seed))
 
     def normal(self, shape, std=1.0, dtype=None):
         with self.backend.device:
@@ -28,17 +32,40 @@ class CupyRNG:
 
     def uniform(self, shape, low=0.0, high=1.0, dtype=None):
         with self.backend.device:
-            u = self._gen.random_sample(shape, dtype=dtype or self._cupy.float32)
+            u = self._gen.random(shape, dtype=dtype or self._cupy.float32)
             return u * (high - low) + low
 
     def bernoulli(self, shape, p_one, dtype=None):
         with self.backend.device:
-            u = self._gen.random_sample(shape, dtype=self._cupy.float32)
+            u = self._gen.random(shape, dtype=self._cupy.float32)
             return (u < p_one).astype(dtype or self._cupy.float32)
 
     def permutation(self, n):
         with self.backend.device:
-            return self._gen.permutation(n).astype(self._cupy.int64)
+            # argsort of float64 uniforms: a uniform permutation (ties have probability ~n²/2⁵³)
+            return self._cupy.argsort(self._gen.random(n, dtype=self._cupy.float64)).astype(
+                self._cupy.int64)
+
+
+@functools.cache
+def _labelled_device_class():
+    """``cupy.cuda.Device`` whose str() is ``cuda:N`` (the label the CLI, configs and the
+    benchmark tables use for every GPU library); plain Device if it cannot be subclassed."""
+    import cupy
+
+    try:
+        class CudaDevice(cupy.cuda.Device):
+            def __str__(self):
+                return f"cuda:{self.id}"
+
+            __repr__ = __str__
+
+            def __hash__(self):
+                return hash(("cuda", self.id))
+
+        return CudaDevice
+    except TypeError:
+        return cupy.cuda.Device
 
 
 class CupyBackend(Backend):
@@ -51,7 +78,7 @@ class CupyBackend(Backend):
         except Exception as e:  # ImportError, or a CUDA library that fails to load
             raise BackendError(f"--device {device} needs CuPy, which is not importable ({e}); "
                                + INSTALL_HINT) from e
-        index = 0
+        index = None  # plain "cuda": the current device, as torch.device("cuda") means
         if ":" in str(device):
             try:
                 index = int(str(device).split(":", 1)[1])
@@ -59,6 +86,8 @@ class CupyBackend(Backend):
                 raise BackendError(f"bad CUDA device {device!r}: use cuda or cuda:N") from None
         try:
             count = cupy.cuda.runtime.getDeviceCount()
+            if index is None:
+                index = cupy.cuda.runtime.getDevice()
         except Exception as e:
             raise BackendError(f"CuPy is installed but no CUDA GPU is usable ({e}); "
                                "check the NVIDIA driver, or use --device cpu") from e
@@ -66,11 +95,18 @@ class CupyBackend(Backend):
             raise BackendError(f"{device}: only {count} CUDA device(s) visible")
         self._cupy = cupy
         self.xp = xp_cupy
-        self.device = cupy.cuda.Device(index)
-        # CuPy (and array-api-compat's cupy namespace) allocate on the *current* device, so
-        # zeros(..., device=...) alone would land on GPU 0: make ours current.
+        self.device = _labelled_device_class()(index)  # str(): "cuda:N"
+        # CuPy (and array-api-compat's cupy namespace, which ignores device=) allocate and
+        # launch on the *current* device. Making ours current here serves scripts that build
+        # a model right after get_backend; work that must stay on this GPU whatever else
+        # happened since (another backend built, another thread) runs inside activate(),
+        # as the Trainer's epochs and evaluation do, and every method here enters it too.
         self.device.use()
         self.array_type = cupy.ndarray
+
+    def activate(self):
+        """``with backend.activate():`` makes this GPU current, and restores the previous."""
+        return self.device  # cupy.cuda.Device is itself that context manager
 
     def from_numpy(self, a, dtype=None):
         with self.device:
@@ -93,11 +129,17 @@ class CupyBackend(Backend):
                 "cuda_runtime": self._cupy.cuda.runtime.runtimeGetVersion()}
 
     def memory_pool_bytes(self) -> int:
-        return self._cupy.get_default_memory_pool().used_bytes()
+        with self.device:  # the default pool reports the current device's usage
+            return self._cupy.get_default_memory_pool().used_bytes()
 
     def describe(self):
         props = self._cupy.cuda.runtime.getDeviceProperties(self.device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        free, total = self._cupy.cuda.runtime.memGetInfo()
+        with self.device:  # memGetInfo reads the current device
+            free, total = self._cupy.cuda.runtime.memGetInfo()
+        from .overrides import enabled
+
+        fused = (", fused: " + ", ".join(self.overrides()) if enabled()
+                 else ", fused kernels off")
         return (f"cupy {self._cupy.__version__} on cuda:{self.device.id} ({name}, "
-                f"{total / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free)")
+                f"{total / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free{fused})")

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKENDS,
                    help="array library: auto picks numpy on cpu, cupy on cuda (default: auto)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="default: float32")
+    g.add_argument("--no-fused", action="store_true", default=None,
+                   help="use the standard Array-API code everywhere, not the backend's fused "
+                        "kernels (CuPy replaces relu, softmax-cross-entropy and the optimizer "
+                        "updates; docs/architecture.md, Backend overrides)")
     add_threads_option(g)
     g.add_argument("--compile", action="store_true", default=None,
                    help="run each training step through torch.compile (torch backend only; "
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     g.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="write a checkpoint every N epochs (and at the last one, on early "
+                        "stopping or Ctrl-C); default 1")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines")
     g.add_argument("--no-plots", dest="plots", action="store_false", default=None,
                    help="do not draw PNG plots into the run folder at the end")
@@ -530,6 +537,10 @@ def main(argv=None) -> int:
 
     set_threads(vars(args).pop("threads"))  # the machine's setting, not the run's: not in config
     vars(args).pop("debug", None)  # read by cli_main; not a setting of the run
+    from .backends.overrides import set_enabled
+
+    set_enabled(not vars(args).pop("no_fused"))  # how to run, not a setting of the run
+    checkpoint_every = vars(args).pop("checkpoint_every") or 1
     cfg = resolve_config(args, parser)
     log = (lambda *a, **k: None) if cfg["quiet"] else print
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
@@ -588,6 +599,7 @@ def main(argv=None) -> int:
     trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
                       epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
                       run_dir=run_dir, progress=not cfg["quiet"], log=log)
+    trainer.checkpoint_every = checkpoint_every
     if cfg.get("resume"):
         if not list_checkpoints(run_dir):
             note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "

@@ -1,0 +1,200 @@
+"""Backend overrides (backends/overrides.py) on the CPU: a NumPy backend under another name
+registers correct and deliberately wrong versions of every named operation; wrong ones fall
+back to the standard path after one warning each, correct ones are used, ``--no-fused``
+turns them all off. The CuPy kernels themselves are compared in tests/test_gpu.py."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import nnx
+from nnx.backends import overrides
+from nnx.backends.numpy_backend import NumpyBackend
+from nnx.losses import SoftmaxCrossEntropy
+from nnx.optim import make_optimizer
+from nnx.step import TrainStep
+
+
+class FakeBackend(NumpyBackend):
+    """NumPy under another name, so that overrides can be registered for it alone."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _right(calls):
+    """Correct NumPy versions of every op (same arithmetic as the standard path), counting
+    their calls."""
+
+    def count(name, f):
+        def g(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return f(*args)
+        return g
+
+    def relu_forward(x):
+        return np.maximum(x, np.zeros_like(x)), (x > 0).astype(x.dtype)
+
+    def softmax_xent(loss, logits, target):
+        return SoftmaxCrossEntropy._softmax_xent(loss, logits, target)
+
+    def update(opt, p, g, slots, hyper):
+        type(opt).update(opt, p, g, slots, hyper)
+
+    return {"relu_forward": count("relu_forward", relu_forward),
+            "relu_backward": count("relu_backward", lambda g, m: g * m),
+            "softmax_xent": count("softmax_xent", softmax_xent),
+            "nesterov_update": count("nesterov_update", update),
+            "adam_update": count("adam_update", update)}
+
+
+def _wrong(calls):
+    """Every op off by a little (but by more than the tolerance)."""
+    right = _right(calls)
+
+    def relu_forward(x):
+        y, m = right["relu_forward"](x)
+        return y * 1.01, m
+
+    def softmax_xent(loss, logits, target):
+        picked, correct, grad = right["softmax_xent"](loss, logits, target)
+        return picked, correct, grad * 1.5
+
+    def update(opt, p, g, slots, hyper):
+        type(opt).update(opt, p, g, slots, hyper)
+        p += 1e-3
+
+    return {"relu_forward": relu_forward, "relu_backward": lambda g, m: g * m + 1.0,
+            "softmax_xent": softmax_xent, "nesterov_update": update, "adam_update": update}
+
+
+@pytest.fixture
+def fresh():
+    """A clean registry state: nothing checked yet, overrides on; fake backends removed."""
+    saved = dict(overrides.REGISTRY)
+    overrides._CHECKED.clear()
+    overrides.set_enabled(True)
+    yield
+    overrides.REGISTRY.clear()
+    overrides.REGISTRY.update(saved)
+    overrides._CHECKED.clear()
+    overrides.set_enabled(True)
+
+
+def _register(name, ops):
+    for op, f in ops.items():
+        overrides.register(name, op, f)
+    return FakeBackend(name)
+
+
+def _train(backend, optimizer, steps=6, dtype="float64"):
+    """A few steps of a small MLP (the lean TrainStep, as the Trainer runs it); returns the
+    final flat weights and the per-step (Σ log p, correct)."""
+    rng = np.random.default_rng(0)
+    x = backend.from_numpy(rng.standard_normal((32, 12)), dtype=backend.dtype(dtype))
+    y = rng.integers(0, 4, 32)
+    t = backend.from_numpy(np.eye(4)[y], dtype=backend.dtype(dtype))
+    model = nnx.mlp([12, 16, 8, 4], backend=backend, dtype=dtype, seed=3)
+    opt = make_optimizer(optimizer, model.named_parameters(), lr=0.05, weight_decay=0.01,
+                         clip_norm=1.0, xp=model.xp)
+    loss = SoftmaxCrossEntropy()
+    opt.backend = loss.backend = backend  # what the Trainer does
+    step = TrainStep(model, loss, opt)
+    stats = []
+    for k in range(steps):
+        lo = (8 * k) % 32
+        opt.steps += 1
+        hyper = opt.hyper(opt.steps, opt.lr)
+        p, c = step(x[lo:lo + 8], t[lo:lo + 8], hyper)
+        stats.append((float(p), float(c)))
+    return np.concatenate([backend.to_numpy(p.value).ravel() for p in model.parameters()]), stats
+
+
+@pytest.mark.parametrize("optimizer", ["nesterov", "adam", "adamw"])
+def test_wrong_override_falls_back_with_one_warning_each(fresh, optimizer):
+    reference = _train(NumpyBackend(), optimizer)
+    fake = _register("fake-wrong", _wrong({}))
+    with pytest.warns(RuntimeWarning) as record:
+        got = _train(fake, optimizer)
+    messages = [str(w.message) for w in record if "override" in str(w.message)]
+    used = {"nesterov": "nesterov_update", "adam": "adam_update", "adamw": "adam_update"}
+    expected = {"relu_forward", "relu_backward", "softmax_xent", used[optimizer]}
+    assert len(messages) == len(expected), messages  # one per op, not one per call
+    for op in expected:
+        assert any(f"'{op}'" in m and "standard path" in m for m in messages)
+    np.testing.assert_array_equal(got[0], reference[0])  # exactly the standard path
+    assert got[1] == reference[1]
+    with warnings.catch_warnings():  # the rest of the run stays quiet
+        warnings.simplefilter("error")
+        _train(fake, optimizer, steps=2)
+
+
+def test_correct_override_is_used(fresh):
+    calls = {}
+    fake = _register("fake-right", _right(calls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _train(fake, "adamw", steps=6)
+    reference = _train(NumpyBackend(), "adamw", steps=6)
+    np.testing.assert_allclose(got[0], reference[0], rtol=1e-12, atol=1e-15)
+    # the self-check calls each once, then every real call goes through it
+    assert calls["softmax_xent"] == 1 + 6 and calls["adam_update"] == 1 + 6
+    assert calls["relu_forward"] == 1 + 2 * 6 and calls["relu_backward"] == 1 + 2 * 6
+
+
+def test_an_override_that_raises_falls_back(fresh):
+    def broken(x):
+        raise RuntimeError("nvrtc: compilation failed")
+
+    fake = _register("fake-raises", {"relu_forward": broken})
+    with pytest.warns(RuntimeWarning, match="relu_forward.*compilation failed"):
+        got = _train(fake, "nesterov", steps=2)
+    np.testing.assert_array_equal(got[0], _train(NumpyBackend(), "nesterov", steps=2)[0])
+
+
+def test_registry_lists_what_each_backend_replaces(fresh):
+    assert nnx.get_backend("numpy").overrides() == []
+    assert overrides.listed("cupy") == list(overrides.OPS)  # importable without CuPy
+    fake = _register("fake-some", {"softmax_xent": _right({})["softmax_xent"]})
+    assert fake.overrides() == ["softmax_xent"]
+    with pytest.raises(ValueError, match="unknown op"):
+        overrides.register("fake-some", "gelu", lambda x: x)
+    # backends without overrides get the reference itself back: no wrapper, no cost
+    ref = SoftmaxCrossEntropy._softmax_xent
+    assert nnx.get_backend("numpy").op("softmax_xent", ref) is ref
+
+
+def test_disabled_overrides_are_not_called(fresh):
+    calls = {}
+    fake = _register("fake-off", _wrong(calls))
+    overrides.set_enabled(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even checked
+        got = _train(fake, "adam")
+    np.testing.assert_array_equal(got[0], _train(NumpyBackend(), "adam")[0])
+    assert not overrides._CHECKED
+
+
+def test_no_fused_option_turns_overrides_off(fresh, tmp_path, monkeypatch):
+    from nnx import train
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    args = ["--limit", "600", "--val-size", "100", "--epochs", "1", "--quiet", "--no-plots",
+            "--layers", "784,16,10"]
+    assert train.main(args + ["--out", str(tmp_path / "a"), "--no-fused"]) == 0
+    assert not overrides.enabled()
+    assert train.main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert overrides.enabled()
+
+
+def test_checkpoint_every(tmp_path):
+    from nnx import train
+    from nnx.checkpoint import list_checkpoints
+
+    args = ["--limit", "600", "--val-size", "100", "--epochs", "3", "--quiet", "--no-plots",
+            "--layers", "784,16,10", "--checkpoint-every", "2", "--out", str(tmp_path / "r")]
+    assert train.main(args) == 0
+    # epoch 2 (every 2nd) and epoch 3 (the last); not epoch 1
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["epoch-0002", "epoch-0003"]
