@@ -477,3 +477,41 @@ def test_small_cnn_overfits_tiny_batch():
     train_acc = np.mean(np.argmax(backend.to_numpy(m.forward(x, train=True)), axis=1) == y_host)
     eval_acc = np.mean(backend.to_numpy(m.predict(x)) == y_host)  # running statistics
     assert train_acc == 1.0 and eval_acc == 1.0, (train_acc, eval_acc, losses[-5:])
+
+
+# --- presets ------------------------------------------------------------------------------
+def test_presets_build_convolutions_before_batch_norm_without_bias():
+    from nnx.architectures import PRESETS, build_layers
+
+    assert set(PRESETS) == {"cnn", "cnn-fast"}  # the MLP is built from --layers, not a spec
+    for spec in PRESETS.values():
+        convs = [la for la in build_layers(spec, (1, 28, 28)) if isinstance(la, Conv2D)]
+        assert len(convs) == 2 and not any(c.use_bias for c in convs)
+    layers = build_layers("conv:4,relu,conv:4,maxpool:2,bn,conv:4,avgpool:2,flatten,dense:10",
+                          (1, 8, 8))
+    assert [la.use_bias for la in layers if isinstance(la, Conv2D)] == [True, False, True]
+
+
+def test_conv_bias_before_pool_and_batch_norm_has_zero_gradient():
+    """Why the spec builder drops it: batch norm (after pooling too) removes a per-channel
+    constant, so the bias cannot change the loss."""
+    from nnx.backends import get_backend
+
+    m = model_of(get_backend("numpy"), [Conv2D(2, 3, 3, padding=1), MaxPool2D(2), BatchNorm(3),
+                               nnx.Flatten(), nnx.Dense(12, 2)], (2, 4, 4))
+    m.layers[0].bias.value = np.array([0.5, -1.0, 2.0])
+    m.forward(np.asarray(host((4, 2, 4, 4), 21)), train=True)
+    m.backward(np.asarray(host((4, 2), 22)))
+    np.testing.assert_allclose(m.layers[0].bias.grad, 0.0, atol=1e-12)
+    assert np.abs(m.layers[0].weight.grad).max() > 1e-3
+
+
+def test_cli_model_choices_and_cnn_fast_defaults():
+    from nnx.train import build_parser, resolve_config
+
+    parser = build_parser()
+    cfg = resolve_config(parser.parse_args(["--model", "cnn-fast"]), parser)
+    assert (cfg["optimizer"], cfg["lr"], cfg["epochs"], cfg["weight_decay"]) == ("adam", 5e-3, 4, 0.0)
+    cfg = resolve_config(parser.parse_args(["--model", "cnn-fast", "--epochs", "2"]), parser)
+    assert cfg["epochs"] == 2
+    assert resolve_config(parser.parse_args(["--model", "mlp"]), parser)["model"] == "mlp"

@@ -163,7 +163,7 @@ def passes(model, ins, grads, repeats):
     """Time the stages of nnx's Conv2D / BatchNorm / MaxPool2D one by one (NumPy)."""
     import numpy as np
 
-    from nnx.layers.conv import crop2d, out_size, pad2d, set_window, add_window, window
+    from nnx.layers.conv import gather, out_size, scatter
 
     xp = model.xp
     stages: dict[str, list] = {}
@@ -176,47 +176,44 @@ def passes(model, ins, grads, repeats):
     for _ in range(repeats):
         for i, layer in enumerate(model.layers):
             kind, x, g, tag = type(layer).__name__, ins[i], grads[i], f"{i} {layer.describe()}"
-            if kind == "Conv2D" and getattr(layer, "method", "im2col") == "im2col":
+            if kind == "Conv2D":  # the "fast" method's stages
                 n, c, hh, ww = x.shape
                 k, s, p, o = layer.kernel_size, layer.stride, layer.padding, layer.out_channels
                 ho, wo = out_size(hh, k, s, p), out_size(ww, k, s, p)
-                xc = stage(f"{tag}: permute to CNHW + pad (concat)",
-                           lambda: pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p))
-                cols = stage(f"{tag}: im2col (stack k·k slices)", lambda: xp.reshape(xp.stack(
-                    [window(xc, a, b, s, ho, wo) for a in range(k) for b in range(k)]),
+                cols = stage(f"{tag}: im2col from the unpadded input (gather)", lambda: xp.reshape(
+                    gather(xp, xp.permute_dims(x, (1, 0, 2, 3)), k, s, p, ho, wo),
                     (k * k * c, n * ho * wo)))
                 w2 = xp.reshape(xp.permute_dims(layer.weight.value, (0, 2, 3, 1)), (o, k * k * c))
                 stage(f"{tag}: matmul W·cols", lambda: w2 @ cols)
-                g2 = stage(f"{tag}: grad to (O, N·L) (copy)", lambda: xp.reshape(
-                    xp.permute_dims(g, (1, 0, 2, 3)), (o, n * ho * wo)))
+                g2 = stage(f"{tag}: grad to (O, N·L) (a view when channel-major)",
+                           lambda: xp.reshape(xp.permute_dims(g, (1, 0, 2, 3)), (o, n * ho * wo)))
                 stage(f"{tag}: matmul dW = g·colsᵀ", lambda: g2 @ cols.T)
                 if i == 0:
                     continue
                 dcols = stage(f"{tag}: matmul dcols = Wᵀ·g", lambda: xp.reshape(
                     w2.T @ g2, (k * k, c, n, ho, wo)))
+                stage(f"{tag}: col2im (k·k − 1 strided += into the centre block)",
+                      lambda: scatter(xp, dcols, k, s, p, hh, ww))
+            elif kind == "BatchNorm":  # the layer's own operations on its (F, m) view
+                x2 = layer._rows(x)
+                g2 = layer._rows(g)
+                mean = stage(f"{tag}: Σx (row sums)", lambda: xp.sum(x2, axis=-1) / x2.shape[1])
+                xc = stage(f"{tag}: x − μ", lambda: x2 - mean[:, None])
+                stage(f"{tag}: Σ(x − μ)² (vecdot)", lambda: xp.vecdot(xc, xc, axis=-1))
+                stage(f"{tag}: scale and shift (2 passes)", lambda: xc * mean[:, None] + mean[:, None])
+                stage(f"{tag}: backward Σg (row sums)", lambda: xp.sum(g2, axis=-1))
+                stage(f"{tag}: backward Σg·(x − μ) (vecdot)", lambda: xp.vecdot(g2, xc, axis=-1))
 
-                def col2im():
-                    d = xp.zeros((c, n, hh + 2 * p, ww + 2 * p), dtype=g.dtype)
-                    for a in range(k):
-                        for b in range(k):
-                            (set_window if s >= k else add_window)(d, a, b, s, ho, wo,
-                                                                   dcols[a * k + b])
-                    return d
-                d = stage(f"{tag}: col2im (k·k strided +=)", col2im)
-                stage(f"{tag}: crop (view) + NCHW copy by the next layer",
-                      lambda: np.ascontiguousarray(xp.permute_dims(crop2d(d, p), (1, 0, 2, 3))))
-            elif kind == "BatchNorm":
-                axes = layer.axes
-                mean = stage(f"{tag}: mean (reduction)", lambda: xp.mean(x, axis=axes, keepdims=True))
-                xc = stage(f"{tag}: x − μ", lambda: x - mean)
-                stage(f"{tag}: var (square + reduction)",
-                      lambda: xp.mean(xc * xc, axis=axes, keepdims=True))
-                stage(f"{tag}: scale and shift (2 passes)", lambda: xc * mean + mean)
-                stage(f"{tag}: backward Σg (reduction)", lambda: xp.sum(g, axis=axes))
-                stage(f"{tag}: backward Σg·xc (product + reduction)",
-                      lambda: xp.sum(g * xc, axis=axes))
-                stage(f"{tag}: backward dx (3 passes)", lambda: (g * mean - xc * mean) - mean)
+                def dx():
+                    t = xc * mean[:, None]
+                    t -= g2
+                    t += mean[:, None]
+                    t *= mean[:, None]
+                    return t
+                stage(f"{tag}: backward dx (1 product + 3 in place)", dx)
             elif kind == "MaxPool2D":
+                from nnx.layers.conv import set_window, window
+
                 k, s = layer.kernel_size, layer.stride
                 ho, wo = g.shape[2], g.shape[3]
                 out = stage(f"{tag}: forward ({k * k - 1} maximum)", lambda: layer.forward(x))
