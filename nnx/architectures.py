@@ -53,7 +53,7 @@ def split_top_level(spec: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def input_shape_for(spec: str) -> tuple:
+def spec_input_shape(spec: str) -> tuple:
     first = split_top_level(spec)[0].split(":")[0].lower()
     return (784,) if first == "dense" else (1, 28, 28)
 

@@ -25,16 +25,15 @@ import numpy as np
 
 from .errors import cli_main as _cli_main
 from .errors import debug_requested as _debug_requested
-from .imageprep import ImageError, load_input, save_png
+from .imageprep import SIZE, ImageError, load_input, save_png
 
-SIZE = 28
 
 
 class PredictError(ValueError):
     """The model cannot classify 28x28 digit images (its input is another size)."""
 
 
-def input_shape_for(model) -> tuple:
+def model_input_shape(model) -> tuple:
     """The model's per-sample input shape, checked to hold 28x28 = 784 values
     ((784,), (28, 28) or (1, 28, 28) for CNNs)."""
     shape = tuple(int(d) for d in model.input_shape)
@@ -100,7 +99,7 @@ def predict(model_or_path, files, backend=None, device: str | None = None, top: 
     if int(top) < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     model = _load_model(model_or_path, backend, device)
-    shape = input_shape_for(model)
+    shape = model_input_shape(model)
     results, images, slots = [], [], []
     for f in files:
         entry = {"file": str(f)}

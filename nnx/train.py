@@ -303,9 +303,9 @@ def memory_estimate(cfg: dict, sizes=None, layers=None) -> int:
 
 
 def input_shape_for_spec(spec: str) -> tuple:
-    from .architectures import input_shape_for
+    from .architectures import spec_input_shape
 
-    return tuple(input_shape_for(spec))
+    return tuple(spec_input_shape(spec))
 
 
 #: spec tokens whose layers take no arguments ("relu:3" is a mistake, not a variant)
@@ -518,10 +518,10 @@ def build_model(cfg: dict, backend):
     from .model import Sequential, mlp
 
     if cfg["arch"] or cfg["model"] != "mlp":
-        from .architectures import build_layers, input_shape_for
+        from .architectures import build_layers, spec_input_shape
 
         spec = arch_spec(cfg)
-        shape = input_shape_for(spec)
+        shape = spec_input_shape(spec)
         return Sequential(build_layers(spec, shape), shape, backend=backend, dtype=cfg["dtype"],
                           seed=cfg["seed"])
     sizes = [int(s) for s in str(cfg["layers"]).split(",")]
