@@ -175,8 +175,8 @@ class Trainer:
                     if not math.isfinite(mean):
                         raise TrainingDiverged(
                             f"loss became {mean} in epoch {epoch + 1} by step {k + 1} "
-                            f"(global step {self.global_step}); the last good checkpoint is kept. "
-                            "Try a smaller --lr, gradient clipping (--clip-norm 1.0), or float64")
+                            f"(global step {self.global_step}); {self._kept()}. Try a smaller "
+                            "--lr, gradient clipping (--clip-norm 1.0), or float64")
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule(self.global_step - 1):.2e}")
                         bar.update(k + 1 - bar.n)
@@ -348,6 +348,14 @@ class Trainer:
         from .checkpoint import save_trainer
 
         return save_trainer(self)
+
+    def _kept(self) -> str:
+        """What a failure leaves behind, for messages."""
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.run_dir) if self.run_dir else []
+        return (f"the last checkpoint, {found[-1].name}, is kept" if found
+                else "no checkpoint was written yet")
 
     def resume(self, ckpt_dir) -> None:
         """Restore weights, optimizer, position and early-stopping state from a checkpoint
