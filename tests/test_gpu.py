@@ -32,3 +32,123 @@ def test_gpu_backend_matches_numpy(name, device):
     (loss_np, g_np), (loss_gpu, g_gpu) = results
     assert loss_gpu == pytest.approx(loss_np, rel=1e-12)
     np.testing.assert_allclose(g_gpu, g_np, rtol=1e-10, atol=1e-14)
+
+
+# --- CuPy's fused kernels (backends/cupy_kernels.py) against the standard path ---------------
+def _cupy_or_skip(device="cuda"):
+    problem = backend_problem("cupy", device)
+    if problem is not None:
+        pytest.skip(f"cupy on {device} not usable here: {problem}")
+    return nnx.get_backend("cupy", device)
+
+
+def _op_cases(b, dtype):
+    """(op name, reference, arguments) for every CuPy override, on real-sized inputs."""
+    from nnx.layers.activations import ReLU, _times
+    from nnx.layers.base import Parameter
+    from nnx.losses import SoftmaxCrossEntropy
+    from nnx.optim import make_optimizer
+
+    rng = np.random.default_rng(1)
+    a = lambda *shape: b.from_numpy(rng.standard_normal(shape), dtype=b.dtype(dtype))
+    relu = ReLU()
+    relu.build(b, b.dtype(dtype), None, (300,))
+    x = a(257, 300)
+    x[0, :3] = 0.0
+    logits = a(1000, 10) * 4
+    onehot = b.from_numpy(np.eye(10)[rng.integers(0, 10, 1000)], dtype=b.dtype(dtype))
+    cases = [("relu_forward", relu._train_forward, (x,)),
+             ("relu_backward", _times, (a(257, 300), b.xp.astype(x > 0, x.dtype))),
+             ("softmax_xent", SoftmaxCrossEntropy._softmax_xent,
+              (SoftmaxCrossEntropy(), logits, onehot))]
+    for name, wd in (("nesterov", 0.0), ("nesterov", 5e-4), ("adam", 0.0), ("adam", 0.01),
+                     ("adamw", 0.01)):
+        p = Parameter("w", a(10_007))
+        opt = make_optimizer(name, [p], lr=0.05, momentum=0.9, weight_decay=wd)
+        slots = [b.xp.abs(a(10_007)) for _ in opt.slot_names]
+        hyper = opt.hyper_table(41, [0.05], b, b.dtype(dtype))  # 0-D device arrays, as trained
+        cases.append((opt.fused_op, type(opt).update,
+                      (opt, p.value, a(10_007), slots, tuple(h[0] for h in hyper))))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cupy_kernels_match_the_standard_path(dtype):
+    b = _cupy_or_skip()
+    from nnx.backends import cupy_kernels, overrides
+
+    rtol, atol = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}[dtype]
+    copy = lambda args: overrides._copy(b, args)
+    seen = set()
+    for name, reference, args in _op_cases(b, dtype):
+        impl = overrides.REGISTRY["cupy"][name]
+        ref_in, new_in = copy(args), copy(args)
+        want = [b.to_numpy(v) for v in overrides._arrays((reference(*ref_in), ref_in))]
+        got = [b.to_numpy(v) for v in overrides._arrays((impl(*new_in), new_in))]
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=name)
+        seen.add(name)
+    assert seen == set(overrides.listed("cupy")) and cupy_kernels is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["nesterov", "adamw"])
+def test_cupy_fused_training_matches_numpy_and_unfused(optimizer):
+    """Same seed, a few steps with clipping and weight decay: CuPy fused = CuPy unfused =
+    NumPy (float64), and no override falls back."""
+    import warnings
+
+    from nnx.backends import overrides
+    from tests_helpers_train import train_steps
+
+    b = _cupy_or_skip()
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed self-check would warn
+        runs["numpy"] = train_steps(nnx.get_backend("numpy"), optimizer)
+        runs["fused"] = train_steps(b, optimizer)
+        overrides.set_enabled(False)
+        try:
+            runs["unfused"] = train_steps(b, optimizer)
+        finally:
+            overrides.set_enabled(True)
+    for k in ("fused", "unfused"):
+        np.testing.assert_allclose(runs[k], runs["numpy"], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.gpu
+def test_cuda_1_never_touches_gpu_0():
+    cupy = pytest.importorskip("cupy")
+    if backend_problem("cupy", "cuda:1") is not None:
+        pytest.skip("needs two GPUs")
+    from tests_helpers_train import train_steps
+
+    with cupy.cuda.Device(0):
+        pool0 = cupy.get_default_memory_pool().used_bytes()
+    b1 = nnx.get_backend("cupy", "cuda:1")
+    nnx.get_backend("cupy", "cuda:0")  # a later construction makes GPU 0 current again
+    train_steps(b1, "adam")
+    with cupy.cuda.Device(0):
+        assert cupy.get_default_memory_pool().used_bytes() == pool0
+    assert str(b1.device) == "cuda:1" and "cuda:1" in b1.describe()
+
+
+@pytest.mark.gpu
+def test_resume_on_gpu(tmp_path):
+    """Two epochs straight = one epoch, then resume for the second (same seed, on CuPy)."""
+    _cupy_or_skip()
+    from nnx import train
+
+    args = ["--device", "cuda", "--limit", "2000", "--val-size", "200", "--quiet",
+            "--no-plots", "--dtype", "float64"]
+    assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert train.main(["--resume", str(tmp_path / "b"), "--epochs", "2", "--quiet",
+                       "--no-plots"]) == 0
+    import json
+
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert rb["test_acc"] == pytest.approx(ra["test_acc"], abs=1e-9)

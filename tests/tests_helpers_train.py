@@ -1,0 +1,29 @@
+"""A few training steps of a small MLP through the lean TrainStep (as the Trainer runs them),
+shared by the override and GPU tests."""
+from __future__ import annotations
+
+import numpy as np
+
+import nnx
+from nnx.losses import SoftmaxCrossEntropy
+from nnx.optim import make_optimizer
+from nnx.step import TrainStep
+
+
+def train_steps(backend, optimizer, steps=6, dtype="float64"):
+    """Final weights (flat, on the host) after ``steps`` steps with clipping and decay."""
+    with backend.activate():
+        rng = np.random.default_rng(0)
+        x = backend.from_numpy(rng.standard_normal((32, 12)), dtype=backend.dtype(dtype))
+        t = backend.from_numpy(np.eye(4)[rng.integers(0, 4, 32)], dtype=backend.dtype(dtype))
+        model = nnx.mlp([12, 16, 8, 4], backend=backend, dtype=dtype, seed=3)
+        opt = make_optimizer(optimizer, model.named_parameters(), lr=0.05, weight_decay=0.01,
+                             clip_norm=1.0, xp=model.xp)
+        loss = SoftmaxCrossEntropy()
+        opt.backend = loss.backend = backend  # what the Trainer does
+        step = TrainStep(model, loss, opt)
+        for k in range(steps):
+            lo = (8 * k) % 32
+            opt.steps += 1
+            step(x[lo:lo + 8], t[lo:lo + 8], opt.hyper(opt.steps, opt.lr))
+        return np.concatenate([backend.to_numpy(p.value).ravel() for p in model.parameters()])
