@@ -34,7 +34,7 @@ INSTALL_HINT = 'pip install "nnx[mpi]" (mpi4py and Open MPI, mpirun included)'
 _ACTIVE = None  # the communicator of this process, once created (abort_on_failure reads it)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ValueError):
     """Distributed training cannot run as asked (no mpi4py, a batch that does not divide)."""
 
 
@@ -126,6 +126,13 @@ class Communicator:
         if self.size > 1:
             self.comm.Barrier()
 
+    def quiet_follower(self) -> None:
+        """On ranks other than 0: no stdout (rank 0 reports for all), and stderr held back:
+        ``abort_on_failure`` shows it only when this rank failed alone."""
+        if self.rank:
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = _Held(sys.stderr, f"[rank {self.rank}] ")
+
     def abort(self, code: int = 1) -> None:
         """Stop every process of the job now (MPI_Abort): what a failure on one rank does,
         so the others never wait forever in an allreduce."""
@@ -216,27 +223,60 @@ def average_gradients(comm, model, weight) -> None:
         comm.allreduce_sum_(g)
 
 
+class _Held:
+    """A stderr that keeps what is written (a follower rank's messages) until ``release``."""
+
+    def __init__(self, stream, prefix):
+        self.stream, self.prefix, self.parts = stream, prefix, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def release(self):
+        text = "".join(self.parts)
+        self.parts = []
+        lines = [self.prefix + line for line in text.splitlines() if line.strip()]
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+
+
+#: seconds a failed follower rank waits before stopping the job: when rank 0 failed the
+#: same way (a collective error: divergence, Ctrl-C), rank 0 reports it and ends the job first
+FOLLOWER_GRACE_S = 3.0
+
+
 def abort_on_failure(main):
-    """Wrap a CLI ``main`` (after ``cli_main``): when it fails on any process of a
-    distributed run, that process has printed its one-line error; MPI_Abort then stops all
-    of them, so none waits forever for the failed one."""
+    """Wrap a CLI ``main`` (outside ``cli_main``) so that a failure on any process of a
+    distributed run stops all of them (MPI_Abort), with one message: rank 0's own, or,
+    when a follower failed alone, the follower's held-back error (after a short grace)."""
     @functools.wraps(main)
     def wrapped(argv=None):
+        code = 1
         try:
             code = main(argv)
-        except SystemExit as e:  # argparse errors happen before training, on every rank
+        except SystemExit as e:
             code = e.code
-            if _ACTIVE is None or _ACTIVE.size == 1 or code in (0, None):
-                raise
-        except BaseException:
-            if _ACTIVE is not None and _ACTIVE.size > 1:
-                import traceback
-
-                traceback.print_exc()
-                _ACTIVE.abort(1)
             raise
-        if code and _ACTIVE is not None and _ACTIVE.size > 1:
-            _ACTIVE.abort(code if isinstance(code, int) else 1)
+        finally:
+            comm = _ACTIVE
+            if code not in (0, None) and comm is not None and comm.size > 1:
+                error = sys.exc_info()[1]
+                if error is not None and not isinstance(error, SystemExit):  # --debug
+                    import traceback
+
+                    traceback.print_exc()
+                if comm.rank:
+                    import time
+
+                    time.sleep(FOLLOWER_GRACE_S)  # rank 0 ends the job first if it failed too
+                    if isinstance(sys.stderr, _Held):
+                        sys.stderr.release()
+                comm.abort(code if isinstance(code, int) else 1)
         return code
     return wrapped
 

@@ -14,6 +14,7 @@ import platform
 import sys
 from pathlib import Path
 
+from .distributed import abort_on_failure
 from .errors import cli_main
 from .errors import debug_requested as _debug_requested
 
@@ -107,15 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKENDS,
                    help="array library: auto picks numpy on cpu, cupy on cuda (default: auto)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="default: float32")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="run each training step through torch.compile (torch backend only; "
+                        "the math stays nnx's hand-written backprop; needs a C++ compiler on "
+                        "the CPU; the first steps take seconds to compile)")
     g.add_argument("--no-fused", action="store_true", default=None,
                    help="use the standard Array-API code everywhere, not the backend's fused "
                         "kernels (CuPy replaces relu, softmax-cross-entropy and the optimizer "
                         "updates; docs/architecture.md, Backend overrides)")
     add_threads_option(g)
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="run each training step through torch.compile (torch backend only; "
-                        "the math stays nnx's hand-written backprop; needs a C++ compiler on "
-                        "the CPU; the first steps take seconds to compile)")
+    g.add_argument("--distributed", action="store_true", default=None,
+                   help="data-parallel on the K processes of `mpirun -n K python -m nnx.train "
+                        "...` (on by itself under an MPI launcher); --batch-size stays the "
+                        "global batch; see docs/distributed.md")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
@@ -529,6 +534,7 @@ def build_model(cfg: dict, backend):
                dtype=cfg["dtype"], seed=cfg["seed"])
 
 
+@abort_on_failure  # distributed: a failure on one process stops all of them
 @cli_main
 def main(argv=None) -> int:
     parser = build_parser()
@@ -541,6 +547,9 @@ def main(argv=None) -> int:
 
     set_enabled(not vars(args).pop("no_fused"))  # how to run, not a setting of the run
     checkpoint_every = vars(args).pop("checkpoint_every") or 1
+    from .distributed import detect
+
+    distributed = vars(args).pop("distributed") or detect()  # how it was launched, not a setting
     cfg = resolve_config(args, parser)
     log = (lambda *a, **k: None) if cfg["quiet"] else print
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
@@ -552,6 +561,7 @@ def main(argv=None) -> int:
     from .data import make_splits
     from .optim import make_optimizer
     from .schedules import make_schedule
+    from .step import CompileError, check_compilable
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     if cfg.get("_note"):
@@ -560,14 +570,26 @@ def main(argv=None) -> int:
     if not cfg.get("out"):
         check_out_dir(run_dir, parser)
     try:
-        backend = get_backend(cfg["backend"], cfg["device"])
-    from .step import CompileError, check_compilable
+        from .distributed import device_for_rank
+
+        backend = get_backend(cfg["backend"], device_for_rank(cfg["device"]) if distributed
+                              else cfg["device"])
         dtype = backend.dtype(cfg["dtype"])
     except BackendError as e:
         if _debug_requested(argv):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .distributed import create_communicator
+
+    comm = create_communicator(backend) if distributed else None
+    rank = comm.rank if comm else 0
+    if comm:  # every rank has checked --out before rank 0 writes there; rank 0 alone logs
+        comm.barrier()
+        run_dir = Path(comm.bcast(str(run_dir)))
+        if rank:
+            log, note = (lambda *a, **k: None), (lambda *a: None)
+            comm.quiet_follower()
     try:
         data = datasets.load(cfg["dataset"], data_dir=cfg["data_dir"], download=cfg["download"],
                              progress=not cfg["quiet"])
@@ -586,28 +608,6 @@ def main(argv=None) -> int:
     steps_per_epoch = -(-len(splits["train"]) // cfg["batch_size"])
     schedule = make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"], steps_per_epoch,
                              warmup_epochs=cfg["warmup_epochs"])
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if _debug_requested(argv):
-            raise
-        print(f"error: cannot create the run folder {run_dir} ({e.strerror or e}); choose "
-              "another --out", file=sys.stderr)
-        return 1
-    for line in clean_run_folder(run_dir):
-        note(f"{run_dir}: {line} (left by a process that was killed or ran out of disk space)")
-    trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
-                      epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
-                      run_dir=run_dir, progress=not cfg["quiet"], log=log)
-    trainer.checkpoint_every = checkpoint_every
-    if cfg.get("resume"):
-        if not list_checkpoints(run_dir):
-            note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "
-                 "starting it over from epoch 1 with its saved settings")
-            if (run_dir / "metrics.jsonl").exists():
-                (run_dir / "metrics.jsonl").unlink()
-        else:
-            try:
     if cfg.get("compile"):
         try:
             check_compilable(model.backend)
@@ -616,6 +616,29 @@ def main(argv=None) -> int:
                 raise
             print(f"error: {e}", file=sys.stderr)
             return 2
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if _debug_requested(argv):
+            raise
+        print(f"error: cannot create the run folder {run_dir} ({e.strerror or e}); choose "
+              "another --out", file=sys.stderr)
+        return 1
+    for line in clean_run_folder(run_dir) if rank == 0 else ():
+        note(f"{run_dir}: {line} (left by a process that was killed or ran out of disk space)")
+    trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
+                      epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
+                      run_dir=run_dir, progress=not cfg["quiet"], log=log, comm=comm,
+                      compile=bool(cfg.get("compile")))
+    trainer.checkpoint_every = checkpoint_every
+    if cfg.get("resume"):
+        if not list_checkpoints(run_dir):
+            note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "
+                 "starting it over from epoch 1 with its saved settings")
+            if rank == 0 and (run_dir / "metrics.jsonl").exists():
+                (run_dir / "metrics.jsonl").unlink()
+        else:
+            try:
                 ckpt = latest_checkpoint(run_dir)
                 trainer.resume(ckpt)
                 from .checkpoint import read_state
@@ -634,9 +657,11 @@ def main(argv=None) -> int:
             log(f"resuming {run_dir} from {ckpt.name} (epoch {trainer.epoch}, step "
                 f"{trainer.global_step})")
             _explain_resume(cfg, trainer, schedule, steps_per_epoch, note)
-            if trainer.epoch < cfg["epochs"]:  # the weights will change
+            if trainer.epoch < cfg["epochs"] and rank == 0:  # the weights will change
                 _remove_stale_evaluation(run_dir, note)
-    atomic_write_json(run_dir / "config.json", run_config(cfg, backend))
+    if rank == 0:
+        atomic_write_json(run_dir / "config.json",
+                          {**run_config(cfg, backend), "world_size": comm.size if comm else 1})
 
     log(f"nnx: {backend.describe()}")
     log(f"data: {cfg['dataset']}  train {len(splits['train']):,}  "
@@ -678,7 +703,7 @@ def main(argv=None) -> int:
                  f"and continue with: {resume_hint}" if kept else "nothing was saved"),
               file=sys.stderr)
         return 1
-    if cfg["plots"]:
+    if cfg["plots"] and rank == 0:
         _draw_plots(run_dir, model, splits["test"], log)
     acc = trainer.result.get("test_acc")
     print(f"test accuracy {100 * acc:.2f}%  run folder: {run_dir}" if acc is not None

@@ -62,10 +62,12 @@ class Trainer:
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.rank, self.world = (comm.rank, comm.size) if self.comm else (0, 1)
         if batch_size % self.world:
-            raise ValueError(f"--batch-size {batch_size} (the global batch) does not divide among "
+            from .distributed import DistributedError
+
+            raise DistributedError(f"--batch-size {batch_size} (the global batch) does not divide among "
                              f"{self.world} processes; use a multiple of {self.world}")
         if compile and self.comm:
-            raise ValueError("--compile is not supported with --distributed (the allreduce "
+            raise DistributedError("--compile is not supported with --distributed (the allreduce "
                              "would split the compiled step)")
         if self.rank:  # rank 0 alone writes files and logs
             run_dir, progress, log = None, False, (lambda *a, **k: None)
@@ -219,8 +221,6 @@ class Trainer:
             self._stop_requested = True
         return total_picked, total_correct, bool(stops)
 
-    def _bar(self, steps, epoch, start):
-        if not self.progress:
     def _shuffler(self, seed):
         """The run's one device stream for epoch orders, restarted from ``seed`` (the same
         numbers as a new generator; no new generator object per epoch)."""
@@ -231,6 +231,8 @@ class Trainer:
             rng.reseed(seed)
         return rng
 
+    def _bar(self, steps, epoch, start):
+        if not self.progress:
             return None
         from tqdm.auto import tqdm
 
@@ -265,6 +267,8 @@ class Trainer:
                 self.partial = {"loss_sum": float(it.loss_sum), "correct": float(it.correct),
                                 "seen": it.seen}
                 path = self.save() if self.run_dir else None
+                if self.comm:  # rank 0's checkpoint is complete before any rank exits
+                    self.comm.barrier()
                 raise TrainingInterrupted(path) from None
             self.backend.synchronize()
             elapsed = time.perf_counter() - t0
@@ -292,6 +296,8 @@ class Trainer:
                          f"epochs")
                 break
             if stop_now:
+                if self.comm:
+                    self.comm.barrier()
                 raise TrainingInterrupted(path)
         result = {}
         if self.patience and self.best_weights is not None:
@@ -343,12 +349,6 @@ class Trainer:
                                    "best_epoch": getattr(self, "best_epoch", None)},
                 "history": self.history}
 
-    def save(self):
-        """A checkpoint of this exact position in the run folder (``nnx.checkpoint.save_trainer``)."""
-        from .checkpoint import save_trainer
-
-        return save_trainer(self)
-
     def _kept(self) -> str:
         """What a failure leaves behind, for messages."""
         from .checkpoint import list_checkpoints
@@ -356,6 +356,12 @@ class Trainer:
         found = list_checkpoints(self.run_dir) if self.run_dir else []
         return (f"the last checkpoint, {found[-1].name}, is kept" if found
                 else "no checkpoint was written yet")
+
+    def save(self):
+        """A checkpoint of this exact position in the run folder (``nnx.checkpoint.save_trainer``)."""
+        from .checkpoint import save_trainer
+
+        return save_trainer(self)
 
     def resume(self, ckpt_dir) -> None:
         """Restore weights, optimizer, position and early-stopping state from a checkpoint
