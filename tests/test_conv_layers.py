@@ -511,7 +511,8 @@ def test_cli_model_choices_and_cnn_fast_defaults():
 
     parser = build_parser()
     cfg = resolve_config(parser.parse_args(["--model", "cnn-fast"]), parser)
-    assert (cfg["optimizer"], cfg["lr"], cfg["epochs"], cfg["weight_decay"]) == ("adam", 5e-3, 4, 0.0)
+    assert ((cfg["optimizer"], cfg["lr"], cfg["epochs"], cfg["batch_size"], cfg["weight_decay"])
+            == ("adam", 3e-3, 3, 64, 0.0))
     cfg = resolve_config(parser.parse_args(["--model", "cnn-fast", "--epochs", "2"]), parser)
     assert cfg["epochs"] == 2
     assert resolve_config(parser.parse_args(["--model", "mlp"]), parser)["model"] == "mlp"

@@ -5,8 +5,8 @@ PyTorch eager, layer by layer, forward and backward, on one thread.
     python tools/profile_cnn.py --arch cnn-fast --repeats 30
     python tools/profile_cnn.py --conv-method im2col  # the reference convolution
 
-Every layer gets the input the previous layer really produces (so memory layouts are the
-ones a training step sees) and a random upstream gradient. Each repeat runs, for every
+Every layer gets the input the previous layer really produces and the upstream gradient a
+real backward pass hands it (so memory layouts are the ones a training step sees). Each repeat runs, for every
 layer, nnx's training forward, backward and inference forward and then torch's — so the two
 columns are interleaved and share the machine's noise; the table shows medians in ms.
 torch's backward is ``autograd.backward`` of that one module's output. The first layer's
@@ -95,8 +95,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, 1, 28, 28), dtype=np.float32)
 
-    # the inputs each layer really sees, and a random upstream gradient per layer
-    ins_n, ins_t, grads = [], [], []
+    # the inputs each layer really sees, and the upstream gradient a real backward pass hands
+    # each layer (from a random gradient of the logits): values, shapes AND memory layouts
+    ins_n, ins_t = [], []
     h, ht = x, torch.from_numpy(x)
     for layer, m in zip(model.layers, tmods):
         ins_n.append(h)
@@ -104,7 +105,16 @@ def main(argv=None):
         h = layer.forward(h, train=True)
         with torch.no_grad():
             ht = m(ht)
-        grads.append(rng.standard_normal(h.shape, dtype=np.float32))
+    grads = [None] * len(model.layers)
+    for i, layer in enumerate(model.layers):
+        def spy(grad, input_grad=True, i=i, real=layer.backward):
+            grads[i] = grad
+            return real(grad, input_grad)
+        layer.backward = spy
+    model.backward(rng.standard_normal(h.shape, dtype=np.float32))
+    for layer in model.layers:
+        del layer.backward  # the class's method again
+    tgrads = [torch.from_numpy(np.ascontiguousarray(g)) for g in grads]  # autograd's layout
     names = [layer.describe() for layer in model.layers]
     cols = ("fwd", "bwd", "inf")
     res = {(i, side, c): [] for i in range(len(names)) for side in "nt" for c in cols}
@@ -119,8 +129,7 @@ def main(argv=None):
         res[i, "n", "inf"].append(t)
 
     def run_torch(i):
-        m, xin = tmods[i], ins_t[i].detach().requires_grad_(i > 0)
-        g = torch.from_numpy(grads[i])
+        m, xin, g = tmods[i], ins_t[i].detach().requires_grad_(i > 0), tgrads[i]
         t, out = timed(lambda: m(xin))
         res[i, "t", "fwd"].append(t)
         t, _ = timed(lambda: torch.autograd.backward(out, g))

@@ -2,13 +2,15 @@
 
 Written against the Array API standard only (no pad, conv, einsum, as_strided or scatter):
 
-* padding concatenates zero blocks onto the two spatial axes;
-* im2col stacks the k·k strided slices of the padded input (one slice per kernel offset);
-* col2im adds each of the k·k window gradients into its strided slice of a zero buffer
-  with ``+=`` — one strided slice never names an element twice, so no scatter-add is
-  needed — and crops the padding off.
+* im2col copies the k·k strided window slices of the input into one column matrix (the
+  reference method pads with concatenated zero blocks first; the default ``"fast"`` method
+  assigns each slice's in-image part straight from the unpadded input);
+* col2im adds each of the k·k window gradients into its strided slice of the input gradient
+  with ``+=`` — one strided slice never names an element twice, so no scatter-add is needed;
+* ``method="winograd"`` computes 3×3 stride-1 convolutions as Winograd F(2×2, 3×3), its
+  transforms written as small matrix products over all tiles at once.
 
-docs/cnn.md derives the shapes and gradients.
+docs/cnn.md derives the shapes and gradients, and measures the methods against each other.
 """
 from __future__ import annotations
 

@@ -1,0 +1,92 @@
+"""Time whole training steps (forward, loss, backward, Adam) of layer specs, interleaved,
+one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
+
+    python tools/step_time.py --arch cnn-fast --batch 128,256 [--repeats 20]
+    python tools/step_time.py --arch cnn,cnn-fast --torch   # also torch eager, same layers
+
+Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
+PyTorch eager (torch.nn modules with the same weights, autograd, torch.optim.Adam) and the
+nnx/torch ratio from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="cnn-fast", help="comma-separated preset names (or one spec)")
+    ap.add_argument("--batch", default="128")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--torch", action="store_true")
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    if args.torch:
+        import torch
+    from nnx.threads import set_threads
+
+    set_threads(1)
+    from nnx import Sequential
+    from nnx.architectures import PRESETS, build_layers
+    from nnx.backends import get_backend
+    from nnx.losses import SoftmaxCrossEntropy
+    from nnx.optim import make_optimizer
+
+    archs = args.arch.split(",") if all(a in PRESETS for a in args.arch.split(",")) else [args.arch]
+    rng = np.random.default_rng(0)
+    runs = {}
+    for arch in archs:
+        spec = PRESETS.get(arch, arch)
+        for b in (int(v) for v in args.batch.split(",")):
+            model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
+                               backend=get_backend("numpy"), dtype="float32", seed=0)
+            opt = make_optimizer("adam", model.named_parameters(), 1e-3)
+            loss = SoftmaxCrossEntropy()
+            x = rng.random((b, 1, 28, 28), dtype=np.float32)
+            y = rng.integers(0, 10, b)
+
+            def step(model=model, opt=opt, loss=loss, x=x, y=y):
+                loss.forward(model.forward(x, train=True), y)
+                model.backward(loss.backward(), input_grad=False)
+                opt.step(1e-3)
+            runs[f"nnx {arch} b{b}"] = (step, b)
+            if args.torch:
+                from profile_cnn import torch_module
+
+                net = torch.nn.Sequential(*[torch_module(la, torch.nn) for la in model.layers])
+                net.train()
+                topt = torch.optim.Adam(net.parameters(), 1e-3)
+                xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+                def tstep(net=net, topt=topt, xt=xt, yt=yt):
+                    topt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(xt), yt).backward()
+                    topt.step()
+                runs[f"torch {arch} b{b}"] = (tstep, b)
+    times = {k: [] for k in runs}
+    keys = list(runs)
+    for r in range(args.repeats + 3):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            runs[k][0]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    print(f"median of {args.repeats} interleaved steps, 1 thread, float32")
+    print("| run | step ms | ms per 1000 samples | nnx / torch |")
+    print("|---|---:|---:|---:|")
+    med = {k: statistics.median(v[3:]) for k, v in times.items()}
+    for k in keys:
+        twin = "torch" + k[3:] if k.startswith("nnx") else None
+        ratio = f"{med[k] / med[twin]:.2f}" if twin in med else ""
+        print(f"| {k} | {med[k]:.1f} | {1000 * med[k] / runs[k][1]:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
