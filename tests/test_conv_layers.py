@@ -54,6 +54,7 @@ CONV_CASES = [  # (C, O, k, s, p, H, W)
     (1, 2, 2, 3, 1, 6, 5),
     (2, 2, 1, 1, 0, 3, 4),
     (1, 2, 5, 2, 2, 5, 7),
+    (2, 2, 5, 1, 2, 6, 7),  # "same" 5x5: im2col on flattened rows, two wrapped columns
 ]
 #: 3x3 stride-1 cases for Winograd: even and odd output sizes, padding 0, 1 and 2
 WINO_CASES = [(2, 3, 3, 1, 1, 5, 5), (2, 2, 3, 1, 0, 7, 6), (1, 2, 3, 1, 2, 4, 5),

@@ -93,6 +93,8 @@ def gather(xp, x, k: int, s: int, p: int, ho: int, wo: int):
     copy: each offset's block is one strided assignment, plus zeros on its border strips.
     ``ho``/``wo`` may exceed the swept size (Winograd's tiles read past the last row)."""
     *lead, h, w = x.shape
+    if s == 1 and 2 * p == k - 1 and (ho, wo) == (h, w):
+        return _gather_same(xp, x, k, p)
     out = xp.empty((k * k, *lead, ho, wo), dtype=x.dtype, device=x.device)
     for i in range(k):
         a0, a1, r0 = valid(i, s, p, h, ho)
@@ -124,6 +126,8 @@ def scatter(xp, cols, k: int, s: int, p: int, h: int, w: int):
     its block IS the start of the sum: the others are added into it in place (``cols`` is
     the caller's scratch), so the result needs no zero fill and no extra pass."""
     ho, wo = cols.shape[-2], cols.shape[-1]
+    if s == 1 and 2 * p == k - 1 and (ho, wo) == (h, w):
+        return _scatter_same(xp, cols, k, p)
     spans = [(valid(i, s, p, h, ho), valid(j, s, p, w, wo)) for i in range(k) for j in range(k)]
     full = next((q for q, ((a0, a1, r0), (b0, b1, c0)) in enumerate(spans)
                  if s == 1 and r0 == 0 and c0 == 0 and a1 - a0 == h and b1 - b0 == w), None)
@@ -138,6 +142,61 @@ def scatter(xp, cols, k: int, s: int, p: int, h: int, w: int):
         dx[..., r0:r0 + s * (a1 - a0 - 1) + 1:s, c0:c0 + s * (b1 - b0 - 1) + 1:s] += \
             cols[q, ..., a0:a1, b0:b1]
     return dx
+
+
+def _wrapped(dj: int, w: int):
+    """Columns b of a row whose neighbour b + dj falls off the image (0 <= b + dj < w fails)."""
+    return range(w - dj, w) if dj > 0 else range(0, -dj)
+
+
+def _gather_same(xp, x, k: int, p: int):
+    """``gather`` for stride 1 and "same" padding (2p = k − 1), on images flattened to
+    L = H·W: window (i, j) is x shifted by δ = (i − p)·W + (j − p) positions, so each block
+    is ONE copy of contiguous runs of L − |δ| values (instead of H runs of W − |j − p|),
+    plus zeros where the shift reads above/below the image (the first or last |δ| positions)
+    or wraps around a row end (the columns ``_wrapped`` names: a strided slice each)."""
+    *lead, h, w = x.shape
+    n = h * w
+    xf = xp.reshape(x, (*lead, n))
+    out = xp.empty((k * k, *lead, n), dtype=x.dtype, device=x.device)
+    for i in range(k):
+        for j in range(k):
+            d = (i - p) * w + (j - p)
+            o = out[i * k + j, ...]
+            lo, hi = max(0, -d), min(n, n - d)                # out[f] = x[f + d] for lo <= f < hi
+            if hi > lo:
+                o[..., lo:hi] = xf[..., lo + d:hi + d]
+            if lo > 0:
+                o[..., :lo] = 0
+            if hi < n:
+                o[..., hi:] = 0
+            for b in _wrapped(j - p, w):
+                o[..., b::w] = 0
+    return xp.reshape(out, (k * k, *lead, h, w))
+
+
+def _scatter_same(xp, cols, k: int, p: int):
+    """``scatter`` for stride 1 and "same" padding, the transpose of ``_gather_same``: zero
+    the entries of ``cols`` that ``_gather_same`` zeroed (their gradients belong to padding),
+    then add block (i, j) shifted by δ into the centre block, one contiguous-run ``+=``
+    each. ``cols`` is the caller's scratch (changed in place)."""
+    *lead, h, w = cols.shape[1:]
+    n = h * w
+    cf = xp.reshape(cols, (k * k, *lead, n))
+    centre = p * k + p
+    for i in range(k):
+        for j in range(k):
+            if i * k + j != centre:
+                for b in _wrapped(j - p, w):
+                    cf[i * k + j, ..., b::w] = 0
+    dx = cf[centre, ...]
+    for i in range(k):
+        for j in range(k):
+            d = (i - p) * w + (j - p)
+            lo, hi = max(0, -d), min(n, n - d)
+            if i * k + j != centre and hi > lo:
+                dx[..., lo + d:hi + d] += cf[i * k + j, ..., lo:hi]
+    return xp.reshape(dx, (*lead, h, w))
 
 
 def crop2d(x, p: int):
