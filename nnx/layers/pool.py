@@ -107,9 +107,14 @@ class MaxPool2D(_Pool2D):
         for i in range(k):
             for j in range(k):
                 if i * k + j < last:
-                    hit = xp.astype(window(xpad, i, j, s, ho, wo) == out, grad.dtype)
-                    share = rest * hit  # a multiply: faster than where() on NumPy (docs/cnn.md)
-                    rest = rest - share  # exact: share is either rest or 0
+                    # the 0/1 hit mask becomes the share in place: a multiply, faster than
+                    # where() on NumPy (docs/cnn.md)
+                    share = xp.astype(window(xpad, i, j, s, ho, wo) == out, grad.dtype)
+                    share *= rest
+                    if rest is grad:  # the caller's array: never written to
+                        rest = grad - share
+                    else:
+                        rest -= share  # exact: share is either rest or 0
                 else:  # no earlier offset held the max, so the last one does: it takes the rest
                     share = rest
                 if s >= k:  # disjoint windows: every element belongs to one window at most
