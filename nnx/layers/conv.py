@@ -100,20 +100,20 @@ def gather(xp, x, k: int, s: int, p: int, ho: int, wo: int):
         a0, a1, r0 = valid(i, s, p, h, ho)
         for j in range(k):
             b0, b1, c0 = valid(j, s, p, w, wo)
-            o = out[i * k + j, ...]
+            q = i * k + j  # writes index ``out`` itself (the standard leaves writes through views open)
             if a1 > a0 and b1 > b0:
-                o[..., a0:a1, b0:b1] = x[..., r0:r0 + s * (a1 - a0 - 1) + 1:s,
-                                         c0:c0 + s * (b1 - b0 - 1) + 1:s]
+                out[q, ..., a0:a1, b0:b1] = x[..., r0:r0 + s * (a1 - a0 - 1) + 1:s,
+                                              c0:c0 + s * (b1 - b0 - 1) + 1:s]
             else:
                 a0 = a1 = 0
             if a0 > 0:
-                o[..., :a0, :] = 0
+                out[q, ..., :a0, :] = 0
             if a1 < ho:
-                o[..., a1:, :] = 0
+                out[q, ..., a1:, :] = 0
             if b0 > 0:
-                o[..., a0:a1, :b0] = 0
+                out[q, ..., a0:a1, :b0] = 0
             if b1 < wo:
-                o[..., a0:a1, b1:] = 0
+                out[q, ..., a0:a1, b1:] = 0
     return out
 
 
@@ -161,17 +161,16 @@ def _gather_same(xp, x, k: int, p: int):
     out = xp.empty((k * k, *lead, n), dtype=x.dtype, device=x.device)
     for i in range(k):
         for j in range(k):
-            d = (i - p) * w + (j - p)
-            o = out[i * k + j, ...]
+            d, q = (i - p) * w + (j - p), i * k + j
             lo, hi = max(0, -d), min(n, n - d)                # out[f] = x[f + d] for lo <= f < hi
             if hi > lo:
-                o[..., lo:hi] = xf[..., lo + d:hi + d]
+                out[q, ..., lo:hi] = xf[..., lo + d:hi + d]
             if lo > 0:
-                o[..., :lo] = 0
+                out[q, ..., :lo] = 0
             if hi < n:
-                o[..., hi:] = 0
+                out[q, ..., hi:] = 0
             for b in _wrapped(j - p, w):
-                o[..., b::w] = 0
+                out[q, ..., b::w] = 0
     return xp.reshape(out, (k * k, *lead, h, w))
 
 
