@@ -108,6 +108,11 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (timing); a no-op on synchronous CPU libraries."""
 
+    def take_rows(self, x, index):
+        """``x[index]`` along the first axis for a 1-D array of non-negative indices (the
+        trainer's batch gather): ``xp.take``, unless the library has a cheaper call."""
+        return self.xp.take(x, index, axis=0)
+
     def describe(self) -> str:
         """One line: library, version, device (and memory where known)."""
         raise NotImplementedError

@@ -2,8 +2,8 @@
 
 1. Array operations per training step, counted on the torch backend with a dispatch counter
    (every ATen call; "kernels" leaves out the view-only calls — permute, view, slice,
-   select — that launch nothing on a GPU): the lean step (flat storage, TrainStep, epoch
-   gathered once) against the per-layer reference path (one array per parameter;
+   select — that launch nothing on a GPU): the lean step (flat storage, TrainStep, one-hot
+   targets made once) against the per-layer reference path (one array per parameter;
    forward, loss, backward and step called one by one, a gather per batch).
 2. Step times, interleaved in one process, one thread, medians: nnx eager and compiled on
    the torch backend, nnx on NumPy, and PyTorch's own autograd + torch.optim step.
@@ -68,18 +68,19 @@ def _setup(kind, opt_name, backend, lean, batch=128, n=1024):
     k = [0]
     if lean:
         step = TrainStep(model, loss, opt)
-        x_epoch, t_epoch = xp.take(x, perm, axis=0), xp.take(onehot, perm, axis=0)
         hyper = opt.hyper_table(0, [0.01] * (n // batch), backend, model.dtype)
         acc = [0.0, 0.0]
 
+        def batch_of(i):  # as the Trainer gathers it
+            idx = perm[i * batch:(i + 1) * batch]
+            return backend.take_rows(x, idx), backend.take_rows(onehot, idx)
+
         def run():
             i = k[0] % (n // batch)
-            lo = i * batch
-            p, c = step(x_epoch[lo:lo + batch, ...], t_epoch[lo:lo + batch, ...],
-                        tuple(col[i] for col in hyper))
+            p, c = step(*batch_of(i), tuple(col[i] for col in hyper))
             acc[0], acc[1] = acc[0] + p, acc[1] + c
             k[0] += 1
-        return run, step, (x_epoch, t_epoch, hyper)
+        return run, step, (batch_of, hyper)
 
     acc = [0.0, 0.0]
 
@@ -123,14 +124,13 @@ def time_steps(kind, rounds, batch=128):
     impls["nnx-numpy"] = run
     run, step, args = _setup(kind, "nesterov", tb, lean=True, batch=batch)
     impls["nnx-torch eager"] = run
-    run_c, step_c, (xe, te, hyper) = _setup(kind, "nesterov", tb, lean=True, batch=batch)
+    run_c, step_c, (batch_of, hyper) = _setup(kind, "nesterov", tb, lean=True, batch=batch)
     compiled = compile_step(step_c, tb)
     count = [0]
 
     def run_compiled():
-        i = count[0] % (xe.shape[0] // batch)
-        compiled(xe[i * batch:(i + 1) * batch, ...], te[i * batch:(i + 1) * batch, ...],
-                 tuple(col[i] for col in hyper))
+        i = count[0] % hyper[0].shape[0]
+        compiled(*batch_of(i), tuple(col[i] for col in hyper))
         count[0] += 1
     impls["nnx-torch compiled"] = run_compiled
     impls["torch autograd"] = _torch_autograd_step(kind, batch)

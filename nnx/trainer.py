@@ -144,9 +144,9 @@ class Trainer:
             perm, local = self._local_rows(perm, bounds)
         else:
             local += [hi for _, hi in bounds]
-        # the epoch's order, gathered once: every batch is then a slice (no per-step gather)
-        x_epoch = xp.take(split.x, perm, axis=0)
-        t_epoch = xp.take(self.targets(split), perm, axis=0)
+        # each batch is gathered when its step comes (on a CPU the rows are then still in
+        # cache for the forward pass; one gather of the whole epoch up front was slower)
+        onehot, take = self.targets(split), self.backend.take_rows
         # per-step values for the whole epoch, one host-to-device copy (no per-step copies)
         hyper = opt.hyper_table(opt.steps, [self.schedule(self.global_step + i)
                                             for i in range(steps - start)],
@@ -164,7 +164,8 @@ class Trainer:
                 (lo, hi), a, b = bounds[k], local[k], local[k + 1]
                 step = self.compiled_step if self.compiled_step and hi - lo == bs else self.step
                 share = ((b - a) / (hi - lo),) if self.comm else ()  # this rank's gradient weight
-                p, c = step(x_epoch[a:b, ...], t_epoch[a:b, ...],
+                idx = perm[a:b]
+                p, c = step(take(split.x, idx), take(onehot, idx),
                             tuple(col[k - start] for col in hyper), *share)
                 opt.steps += 1
                 self.global_step += 1
