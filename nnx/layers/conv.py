@@ -101,11 +101,11 @@ def gather(xp, x, k: int, s: int, p: int, ho: int, wo: int):
         for j in range(k):
             b0, b1, c0 = valid(j, s, p, w, wo)
             q = i * k + j  # writes index ``out`` itself (the standard leaves writes through views open)
-            if a1 > a0 and b1 > b0:
-                out[q, ..., a0:a1, b0:b1] = x[..., r0:r0 + s * (a1 - a0 - 1) + 1:s,
-                                              c0:c0 + s * (b1 - b0 - 1) + 1:s]
-            else:
-                a0 = a1 = 0
+            if a1 <= a0 or b1 <= b0:  # this offset reads only padding
+                out[q, ...] = 0
+                continue
+            out[q, ..., a0:a1, b0:b1] = x[..., r0:r0 + s * (a1 - a0 - 1) + 1:s,
+                                          c0:c0 + s * (b1 - b0 - 1) + 1:s]
             if a0 > 0:
                 out[q, ..., :a0, :] = 0
             if a1 < ho:
@@ -162,7 +162,8 @@ def _gather_same(xp, x, k: int, p: int):
     for i in range(k):
         for j in range(k):
             d, q = (i - p) * w + (j - p), i * k + j
-            lo, hi = max(0, -d), min(n, n - d)                # out[f] = x[f + d] for lo <= f < hi
+            lo = min(n, max(0, -d))                          # out[f] = x[f + d] for lo <= f < hi
+            hi = max(lo, min(n, n - d))                      # (empty when |d| >= H·W)
             if hi > lo:
                 out[q, ..., lo:hi] = xf[..., lo + d:hi + d]
             if lo > 0:
