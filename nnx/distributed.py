@@ -223,6 +223,21 @@ def average_gradients(comm, model, weight) -> None:
         comm.allreduce_sum_(g)
 
 
+def sync_batchnorm(model, comm) -> int:
+    """``--sync-bn``: every BatchNorm of ``model`` computes its training statistics over the
+    global batch (all processes' rows, as torch's SyncBatchNorm), summing its small
+    per-feature arrays with ``comm.allreduce_sum_``: two allreduces in forward, one in
+    backward per layer. ``comm`` None (or one process) turns it off. Returns how many layers
+    it reached."""
+    from .layers.batchnorm import BatchNorm
+
+    reducer = comm if comm is not None and comm.size > 1 else None
+    layers = [layer for layer in model.walk() if isinstance(layer, BatchNorm)]
+    for layer in layers:
+        layer.sync = reducer
+    return len(layers)
+
+
 class _Held:
     """A stderr that keeps what is written (a follower rank's messages) until ``release``."""
 

@@ -24,7 +24,7 @@ DEFAULTS = {
     "optimizer": "nesterov", "lr": None, "momentum": 0.9, "weight_decay": 5e-4, "clip_norm": None,
     "schedule": "cosine", "warmup_epochs": 0.0, "epochs": 10, "batch_size": 128, "val_size": 5000,
     "seed": 0, "dtype": "float32", "early_stopping": 0, "limit": None, "download": True,
-    "plots": True, "compile": False,
+    "plots": True, "compile": False, "sync_bn": False,
 }
 #: settings whose default depends on --model (a BatchNorm CNN trains best with Adam)
 MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
@@ -33,7 +33,7 @@ MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download",
-                       "compile"}
+                       "compile", "sync_bn"}
 NUM_INPUTS, NUM_CLASSES = 784, 10
 #: the type each setting must have (config.json of a resumed run is checked against it)
 INT_SETTINGS = ("epochs", "batch_size", "val_size", "seed", "early_stopping")
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel on the K processes of `mpirun -n K python -m nnx.train "
                         "...` (on by itself under an MPI launcher); --batch-size stays the "
                         "global batch; see docs/distributed.md")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with --distributed: BatchNorm statistics of the global batch (all "
+                        "processes' rows, like torch's SyncBatchNorm) instead of each "
+                        "process's own; the run then matches one process")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
@@ -630,7 +634,7 @@ def main(argv=None) -> int:
     trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
                       epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
                       run_dir=run_dir, progress=not cfg["quiet"], log=log, comm=comm,
-                      compile=bool(cfg.get("compile")))
+                      compile=bool(cfg.get("compile")), sync_bn=bool(cfg.get("sync_bn")))
     trainer.checkpoint_every = checkpoint_every
     if cfg.get("resume"):
         if not list_checkpoints(run_dir):

@@ -47,6 +47,8 @@ class Trainer:
     ``comm`` (``nnx.distributed.create_communicator``) trains data-parallel: each process
     takes its part of every global batch of ``batch_size`` rows, gradients are summed once
     per step, evaluation is sharded, and only rank 0 writes ``run_dir`` or logs.
+    ``sync_bn`` makes BatchNorm layers normalise with the statistics of the global batch
+    (``nnx.distributed.sync_batchnorm``); by default each process uses its own rows'.
     """
 
     READS_PER_EPOCH = 5  # host reads of the running loss per epoch (progress + NaN check)
@@ -56,7 +58,8 @@ class Trainer:
 
     def __init__(self, model, optimizer, schedule, batch_size: int = 128, epochs: int = 10,
                  seed: int = 0, early_stopping: int = 0, run_dir=None, progress: bool = True,
-                 log=print, loss=None, compile: bool = False, comm=None):
+                 log=print, loss=None, compile: bool = False, comm=None,
+                 sync_bn: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.comm = comm if comm is not None and comm.size > 1 else None
@@ -69,6 +72,10 @@ class Trainer:
         if compile and self.comm:
             raise DistributedError("--compile is not supported with --distributed (the allreduce "
                              "would split the compiled step)")
+        if sync_bn:  # (one process: its statistics are the global batch's already)
+            from .distributed import sync_batchnorm
+
+            sync_batchnorm(model, self.comm)
         if self.rank:  # rank 0 alone writes files and logs
             run_dir, progress, log = None, False, (lambda *a, **k: None)
         if epochs <= 0:

@@ -1,11 +1,15 @@
 """Data-parallel training (nnx.distributed) under ``mpirun -n 2 --oversubscribe``: the same
-global batch gives the same weights as one process, rank 0 alone writes, and a batch that
-does not divide among the processes is one clear error. Skipped without mpi4py or mpirun."""
+global batch gives the same weights as one process (BatchNorm networks too, with
+``--sync-bn``), rank 0 alone writes, and a batch that does not divide among the processes is
+one clear error. Skipped without mpi4py or mpirun; the synchronised-BatchNorm layer tests
+(threads standing in for processes) run without them."""
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +17,10 @@ import pytest
 
 from mnist_location import mnist_dir
 
-pytest.importorskip("mpi4py", reason="distributed training needs mpi4py: pip install 'nnx[mpi]'")
 MPIRUN = shutil.which("mpirun") or shutil.which(str(Path(sys.executable).parent / "mpirun"))
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="no mpirun on PATH (pip install 'nnx[mpi]')")
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIRUN is None,
+    reason="distributed training needs mpi4py and mpirun: pip install 'nnx[mpi]'")
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("distributed_driver.py")
@@ -52,6 +57,7 @@ def driver(tmp_path, backend, dtype, flat, k=None, run_dir=None):
     return dict(np.load(out))
 
 
+@needs_mpi
 @pytest.mark.parametrize("backend,flat", [("numpy", True), ("numpy", False), ("strict", True),
                                           ("torch", True)])
 def test_two_processes_reach_the_weights_of_one_float64(tmp_path, backend, flat):
@@ -70,6 +76,7 @@ def test_two_processes_reach_the_weights_of_one_float64(tmp_path, backend, flat)
         assert not (tmp_path / "run-1").exists()
 
 
+@needs_mpi
 def test_float32_within_tolerance_and_only_rank_0_writes(tmp_path):
     """The CLI under mpirun: float32 weights within FLOAT32_RTOL of one process, one run
     folder (rank 0 chose its name and broadcast it), config.json says world_size 2."""
@@ -100,6 +107,7 @@ def test_float32_within_tolerance_and_only_rank_0_writes(tmp_path):
     assert len(rows) == 2
 
 
+@needs_mpi
 def test_batch_that_does_not_divide_is_one_clear_error(tmp_path):
     """Every rank fails the same way: one message (rank 0's; the others' are held back),
     every process stops, nothing is left running."""
@@ -115,6 +123,7 @@ def test_batch_that_does_not_divide_is_one_clear_error(tmp_path):
             "a multiple of 2") in r.stderr
 
 
+@needs_mpi
 def test_distributed_without_mpi4py_says_how_to_install(tmp_path):
     """--distributed where mpi4py cannot be imported: one line naming the pip extra."""
     (tmp_path / "mpi4py").mkdir()
@@ -125,3 +134,162 @@ def test_distributed_without_mpi4py_says_how_to_install(tmp_path):
                         "create_communicator()"], env=e, capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert r.returncode != 0 and 'pip install "nnx[mpi]"' in r.stderr
+
+
+# --- synchronised BatchNorm (--sync-bn) ----------------------------------------------------
+#: the MLP puts BatchNorm after the ReLU: a bias right before BatchNorm has a zero gradient
+#: (rounding noise, which Adam's normalisation blows up to ±lr steps) and would not compare
+SYNC_BN_ARCHS = {"mlp": "dense:16,relu,bn,dense:10",
+                 "conv": "conv:4,bn,relu,maxpool:2,flatten,dense:10"}
+
+
+@needs_mpi
+@pytest.mark.parametrize("backend,arch", [("numpy", "mlp"), ("numpy", "conv"), ("torch", "mlp")])
+def test_sync_bn_two_processes_reach_the_weights_and_statistics_of_one(tmp_path, backend, arch):
+    """--sync-bn: a BatchNorm network on 2 processes ends with one process's weights AND
+    running statistics (float64, <= 1e-10; a last batch split unevenly: 10/11 rows for the
+    MLP, 4/5 for the CNN). Without --sync-bn (statistics per process) they differ."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    data = mnist_dir()
+    if data is None:
+        pytest.skip("MNIST not found (set NNX_DATA_DIR; see tests/mnist_location.py)")
+    limit = "601" if arch == "mlp" else "301"  # 501 / 201 training rows, batch 48
+    args = [sys.executable, "-m", "nnx.train", "--backend", backend, "--dtype", "float64",
+            "--arch", SYNC_BN_ARCHS[arch], "--limit", limit, "--val-size", "100",
+            "--batch-size", "48", "--epochs", "2", "--quiet", "--no-plots", "--no-download",
+            "--data-dir", str(data)]
+    runs = {"one": ([], None), "sync": (["--sync-bn"], 2)}
+    if backend == "numpy":
+        runs["per-rank"] = ([], 2)
+    from safetensors.numpy import load_file
+
+    weights = {}
+    for name, (extra, k) in runs.items():
+        r = run(args + extra + ["--out", str(tmp_path / name)], k=k)
+        assert r.returncode == 0, r.stdout + r.stderr
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    one, sync = weights["one"], weights["sync"]
+    assert set(one) == set(sync) and any("running_var" in n for n in one)
+    for name in one:
+        assert relative(one[name], sync[name]) <= 1e-10, name
+    if "per-rank" in weights:  # the comparison can fail: per-rank statistics move everything
+        stats = [n for n in one if n.endswith(("running_mean", "running_var"))]
+        assert min(relative(one[n], weights["per-rank"][n]) for n in stats) > 1e-6
+
+
+class FakeOneRank:
+    """A reducer for one process: the sum over processes is the array itself."""
+
+    size = 1
+
+    def allreduce_sum_(self, x):
+        return x
+
+
+class ThreadRanks:
+    """K threads standing in for K processes: ``allreduce_sum_`` sums the threads' arrays
+    (NumPy) in place, with barriers, as MPI's in-place Allreduce does."""
+
+    def __init__(self, k):
+        self.size, self.barrier, self.lock, self.total = k, threading.Barrier(k), threading.Lock(), None
+
+    def allreduce_sum_(self, x):
+        with self.lock:
+            self.total = np.array(x, copy=True) if self.total is None else self.total + x
+        self.barrier.wait()
+        total = self.total.copy()
+        self.barrier.wait()
+        self.total = None
+        self.barrier.wait()
+        x[...] = total
+        return x
+
+
+def _batchnorm(shape, gamma, beta, sync=None):
+    from nnx.backends import get_backend
+    from nnx.layers.batchnorm import BatchNorm
+
+    layer = BatchNorm(shape[1])
+    layer.build(get_backend("numpy"), np.float64, None, shape[1:])
+    layer.weight.value, layer.bias.value, layer.sync = gamma.copy(), beta.copy(), sync
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (6, 3, 4, 4)])
+def test_sync_bn_with_a_one_process_reducer_is_the_plain_layer(shape):
+    """The synchronised code path with a 1-process reducer gives bit-identical output,
+    input gradient, parameter gradients and running statistics (two steps, then eval)."""
+    rng = np.random.default_rng(1)
+    gamma, beta = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    plain, synced = _batchnorm(shape, gamma, beta), _batchnorm(shape, gamma, beta, FakeOneRank())
+    for _ in range(2):
+        x, g = rng.normal(size=shape) * 2 + 0.5, rng.normal(size=shape)
+        for a, b in ((plain.forward(x, train=True), synced.forward(x, train=True)),
+                     (plain.backward(g), synced.backward(g)),
+                     (plain.weight.grad, synced.weight.grad), (plain.bias.grad, synced.bias.grad)):
+            np.testing.assert_array_equal(a, b)
+    for name in plain.buffers:
+        np.testing.assert_array_equal(plain.buffers[name], synced.buffers[name])
+    np.testing.assert_array_equal(plain.forward(x), synced.forward(x))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (7, 3, 4, 4)])
+def test_sync_bn_on_uneven_shards_is_the_global_batch(shape):
+    """Two "processes" (threads) hold 3 and 4 of 7 rows, each backpropagating its LOCAL mean
+    loss, as the trainer does. The layer reproduces one process on all 7 rows: outputs and
+    running statistics equal; dx is the global one divided by the process's weight
+    w = local/global rows; dγ, dβ summed with weights w (the trainer's allreduce) are the
+    global ones."""
+    rng = np.random.default_rng(2)
+    gamma, beta = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    x, up = rng.normal(size=shape) * 3 + 1, rng.normal(size=shape)  # up: d(Σ loss)/dy
+    n, cuts = shape[0], [(0, 3), (3, 7)]
+    one = _batchnorm(shape, gamma, beta)
+    y_one, dx_one = one.forward(x, train=True), one.backward(up / n)  # mean loss over n rows
+    ranks, results = ThreadRanks(2), [None, None]
+
+    def process(r):
+        a, b = cuts[r]
+        layer = _batchnorm(shape, gamma, beta, ranks)
+        y = layer.forward(x[a:b], train=True)
+        dx = layer.backward(up[a:b] / (b - a))                       # its local mean loss
+        results[r] = (y, dx, layer.weight.grad, layer.bias.grad, layer.buffers, (b - a) / n)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(res is not None for res in results)
+    tol = 1e-12
+    assert relative(y_one, np.concatenate([res[0] for res in results])) <= tol
+    assert relative(dx_one, np.concatenate([res[1] * res[5] for res in results])) <= tol
+    assert relative(one.weight.grad, sum(res[2] * res[5] for res in results)) <= tol
+    assert relative(one.bias.grad, sum(res[3] * res[5] for res in results)) <= tol
+    for res in results:
+        for name in ("running_mean", "running_var"):
+            assert relative(one.buffers[name], res[4][name]) <= tol, name
+    # and without synchronisation the shards' statistics are not the global batch's
+    alone = _batchnorm(shape, gamma, beta)
+    assert relative(y_one[:3], alone.forward(x[:3], train=True)) > 1e-3
+
+
+def test_sync_batchnorm_reaches_every_batchnorm_and_is_off_for_one_process():
+    """``sync_batchnorm`` sets the reducer on each BatchNorm, those in residual blocks too;
+    with no communicator or a 1-process one it leaves them unsynchronised."""
+    from nnx.distributed import sync_batchnorm
+    from nnx.layers import BatchNorm, Conv2D, Dense, Flatten, ReLU, Residual
+    from nnx.model import Sequential
+
+    model = Sequential([Conv2D(1, 2, 3, padding=1), BatchNorm(2), ReLU(),
+                        Residual([Conv2D(2, 2, 3, padding=1), BatchNorm(2)]), Flatten(),
+                        Dense(2 * 4 * 4, 3)], input_shape=(1, 4, 4), dtype="float64")
+    bns = [layer for layer in model.walk() if isinstance(layer, BatchNorm)]
+    ranks = ThreadRanks(2)
+    assert sync_batchnorm(model, ranks) == 2 and all(b.sync is ranks for b in bns)
+    sync_batchnorm(model, FakeOneRank())
+    assert all(b.sync is None for b in bns)
+    sync_batchnorm(model, ranks)
+    sync_batchnorm(model, None)
+    assert all(b.sync is None for b in bns)

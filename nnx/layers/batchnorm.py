@@ -20,6 +20,23 @@ parameter-gradient sums instead of summing again, and with xc = x − μ writes
 cost. The layer works on an (F, m) view with one row per feature (free for a Conv2D's
 channel-major output): the sums run along contiguous rows, and Σ(x − μ)² and Σ g·(x − μ)
 are ``vecdot``s, one pass each without a temporary (docs/cnn.md has the pass counts).
+
+Synchronised (data-parallel, ``--sync-bn``): with a reducer in ``self.sync`` (the trainer's
+communicator, ``nnx.distributed.sync_batchnorm``; None by default) the statistics are those
+of the GLOBAL batch, all processes' rows together, as torch's ``SyncBatchNorm`` computes
+them. Sums over the m local values become sums over the M values of all processes, each an
+in-place ``sync.allreduce_sum_`` of a small per-feature array:
+    forward   [Σx, m] → μ = Σx/M, M;   then Σ(x − μ)² → var = Σ(x − μ)²/M   (two passes, as
+              alone: no Σx² − M·μ² cancellation; the same numbers as one process, to rounding)
+    backward  w·[Σg, Σg·x̂] with w = m/M
+Each process's g is the gradient of ITS mean loss over its m/(values per row) rows; the
+trainer weights its parameter gradients by w = local rows/global rows and sums them
+(``nnx.distributed.average_gradients``). So the global gradient is G = w·g, the global sums
+are Σ_ranks w·Σg, and dx = (1/w)·(dx of the global batch) — the formula above with m local
+and the two sums replaced by the w-weighted sums over ranks (for even shards, w = 1/K:
+the ranks' mean, torch's SyncBatchNorm with DDP). dγ and dβ stay the LOCAL sums: the
+trainer's weighted allreduce turns them into Σ G·x̂ and Σ G. Running statistics use the
+global μ and var (unbiased: M/(M − 1)), so they are the same on every process.
 """
 from __future__ import annotations
 
@@ -36,7 +53,13 @@ class BatchNorm(Layer):
     input (N, C, H, W) normalises each channel over N·H·W values (like BatchNorm2d). Which
     one is decided at ``build`` from the input shape. ``momentum=None`` keeps a cumulative
     average instead (factor 1/num_batches_tracked), as in PyTorch.
+
+    ``sync``: None (statistics of this process's batch), or a reducer with
+    ``allreduce_sum_(array)`` (in place, over all processes) for global-batch statistics in
+    training: see the module docstring; ``nnx.distributed.sync_batchnorm`` sets it.
     """
+
+    sync = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__()
@@ -103,13 +126,20 @@ class BatchNorm(Layer):
         self.train_mode, self.shape = bool(train), tuple(x.shape)
         x2 = self._rows(x)                                             # (F, m)
         if train:
-            if m < 2:
+            if m < 2 and self.sync is None:
                 raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
                                  f"value per feature, got input of shape {tuple(x.shape)}")
-            mean = xp.sum(x2, axis=-1) / m
+            if self.sync is None:
+                total = m
+                mean = xp.sum(x2, axis=-1) / m
+            else:  # global batch: Σx and the count over all processes, one message
+                total, mean = self._global_mean(x2, m)
             xc = x2 - mean[:, None]
-            var = xp.vecdot(xc, xc, axis=-1) / m                        # biased: / m, one pass
-            self._update_running(mean, var, m)
+            sq = xp.vecdot(xc, xc, axis=-1)                             # Σ(x − μ)², one pass
+            if self.sync is not None:
+                sq = self.sync.allreduce_sum_(sq)
+            var = sq / total                                            # biased: / m (or M)
+            self._update_running(mean, var, total)
         else:  # running statistics: y = x·(γ/σ) + (β − μ·γ/σ), two passes over x
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
             xc = None
@@ -124,7 +154,19 @@ class BatchNorm(Layer):
         if self.keeps(train):  # backward needs x − μ (kept instead of x̂: one array fewer)
             self.xc = xc if train else x2 - mean[:, None]
             self.inv_std, self.m = inv_std, m
+            if train and self.sync is not None:
+                self.share = m / total                                   # w = m/M (0-D array)
         return self._unrows(y, x.shape)
+
+    def _global_mean(self, x2, m):
+        """Synchronised: (M, μ) of the global batch from this process's (F, m) rows; M is a
+        0-D array (no host read)."""
+        xp = self.xp
+        sums = xp.concat([xp.sum(x2, axis=-1),
+                          xp.asarray([m], dtype=x2.dtype, device=x2.device)])
+        sums = self.sync.allreduce_sum_(sums)                          # [Σx, M] over processes
+        total = sums[-1]
+        return total, sums[:-1] / total
 
     def _update_running(self, mean, var, m):
         xp, b = self.xp, self.buffers
@@ -150,6 +192,9 @@ class BatchNorm(Layer):
         a = self.weight.value * inv_std                                # γ/σ
         if not self.train_mode:                                        # μ, σ constants: ĝ/σ
             return self._unrows(g * a[:, None], self.shape)
+        if self.sync is not None:  # the w-weighted sums over processes (module docstring)
+            sums = self.sync.allreduce_sum_(xp.stack([dgamma, dbeta]) * self.share)
+            dgamma, dbeta = sums[0, :], sums[1, :]
         # dx = (γ/σ)·(g − xc·dγ/(m·σ) − dβ/m), as t = xc·k₁ − g + k₂; t *= −γ/σ: one new
         # array and three in-place passes
         t = xc * (dgamma * inv_std / self.m)[:, None]
