@@ -130,7 +130,7 @@ def _timed_epoch(r, epoch) -> tuple[float, float]:
 
 
 def epoch_cases(model, specs, data, cfg, log=print) -> list[dict]:
-    """Full training epochs (batch 128, CLI defaults): 1 warm-up epoch, then ``epoch_repeats``
+    """Full training epochs (the model's settings: batch 128 for the MLP): 1 warm-up epoch, then ``epoch_repeats``
     epochs per implementation, round-robin."""
     state = impls.reference_state(model, cfg.dtype)
     runners, mems, rows = [], {}, []
@@ -153,36 +153,42 @@ def epoch_cases(model, specs, data, cfg, log=print) -> list[dict]:
     load1 = load_snapshot()
     for r in runners:
         wall, cpu = (list(t) for t in zip(*times[_key(r)]))
-        s, n = summarize(wall), r.n_train
-        row = {**_base_row("epoch", model, r, cfg.dtype, impls.BATCH), "train_samples": n,
-               "steps": -(-n // impls.BATCH), "samples": wall, **s, "cpu_samples": cpu,
+        s, n, bs = summarize(wall), r.n_train, r.settings["batch_size"]
+        row = {**_base_row("epoch", model, r, cfg.dtype, bs), "train_samples": n,
+               "steps": -(-n // bs), "samples": wall, **s, "cpu_samples": cpu,
                "cpu_median_s": summarize(cpu)["median_s"], "samples_per_s": n / s["median_s"],
                "memory": mems[_key(r)], "load": [load0, load1],
-               **_flop_fields(impls.epoch_flops(impls.flops_model(model), n), s["median_s"])}
+               **_flop_fields(impls.epoch_flops(impls.flops_model(model), n, bs), s["median_s"])}
         rows.append(row)
         log(f"  {model} epoch {r.impl:<18} {s['median_s']:8.3f} s median of {s['n']} "
             f"(min {s['min_s']:.3f}, max {s['max_s']:.3f}; CPU {row['cpu_median_s']:.3f} s)")
     return rows
 
 
-def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) -> list[dict]:
-    """Train with the CLI defaults (10-epoch cosine), evaluate test accuracy after each epoch
-    (evaluation time excluded from the training clock), stop once every threshold is reached
-    or after 10 epochs. Samples/s, FLOP/s and % of peak are over the whole training clock."""
+#: test accuracies timed per model; the MLP stops once it has both, cnn-fast runs its whole
+#: schedule (issue 16's target is default training: >= 99.0% within 60 s of summed epoch time)
+THRESHOLDS = {"mlp": (0.97, 0.98), "cnn-fast": (0.99,)}
+
+
+def accuracy_cases(model, specs, data, cfg, log=print) -> list[dict]:
+    """Train with the model's CLI defaults (``impls.settings``), evaluate test accuracy after
+    each epoch (evaluation time excluded from the training clock); the MLP stops once every
+    threshold is reached, cnn-fast runs all its epochs. Samples/s, FLOP/s and % of peak are
+    over the whole training clock."""
     state = impls.reference_state(model, cfg.dtype)
-    rows = []
+    thresholds, st, rows = THRESHOLDS[model], impls.settings(model), []
     for spec in specs:
         if spec.kind == "nnx" and spec.backend == "strict":
             continue  # correctness-only backend: minutes per epoch
         try:
-            r = make_runner(spec, model, state, cfg.dtype).load_data(data, impls.EPOCHS)
+            r = make_runner(spec, model, state, cfg.dtype).load_data(data)
         except Exception as e:
             rows.append({"kind": "skipped", "model": model, "spec": repr(spec), "case": "accuracy",
                          "reason": str(e)})
             continue
         load0 = load_snapshot()
         train_clock, history, reached = 0.0, [], {}
-        for epoch in range(impls.EPOCHS):
+        for epoch in range(st["epochs"]):
             dt, cpu_dt = _timed_epoch(r, epoch)
             train_clock += dt
             t1 = time.perf_counter()
@@ -196,11 +202,17 @@ def accuracy_cases(model, specs, data, cfg, thresholds=(0.97, 0.98), log=print) 
                                    "wall_s_with_eval": train_clock + sum(h["eval_s"] for h in history)}
             log(f"  {model} accuracy {r.impl:<18} epoch {epoch + 1:>2} {dt:7.2f} s "
                 f"test acc {100 * acc:.2f}%")
-            if len(reached) == len(thresholds):
+            if len(reached) == len(thresholds) and model == "mlp":
                 break
-        flops = len(history) * impls.epoch_flops(impls.flops_model(model), r.n_train)
+        log(f"  {model} accuracy {r.impl:<18} {len(history)} epochs {train_clock:.2f} s, final "
+            f"{100 * acc:.2f}%; " + ", ".join(f"{th:.1%} " + (f"in {v['train_s']:.2f} s" if v else
+                                              "not reached") for th, v in
+                                              ((th, reached.get(th)) for th in thresholds)))
+        flops = len(history) * impls.epoch_flops(impls.flops_model(model), r.n_train,
+                                                 st["batch_size"])
         rows.append({"kind": "time_to_accuracy", "model": model, "impl": r.impl,
-                     "device": r.device, "dtype": cfg.dtype, "batch_size": impls.BATCH,
+                     "device": r.device, "dtype": cfg.dtype, "batch_size": st["batch_size"],
+                     "settings": st,
                      "history": history, "final_test_acc": history[-1]["test_acc"],
                      "thresholds": {f"{th:.2f}": reached.get(th) for th in thresholds},
                      "epochs_run": len(history), "train_samples": r.n_train,

@@ -13,7 +13,9 @@ copy its loop step for step (``MirrorEpochRunner``: same shuffling, same schedul
 running loss and accuracy with a few host reads per epoch).
 
 Every implementation starts from the SAME initial weights (nnx's ``state_dict`` copied in)
-and, for the references, sees the same batches as nnx on NumPy.
+and, for the references, sees the same batches as nnx on NumPy. Models: ``mlp``, ``cnn`` (the
+``--model cnn`` preset's layers, without its dropout) and ``cnn-fast`` (the ``--model cnn-fast``
+preset, trained with that preset's CLI defaults: ``settings``).
 """
 from __future__ import annotations
 
@@ -25,16 +27,34 @@ import numpy as np
 MLP_SIZES = (784, 128, 64, 10)
 #: the CLI's default optimisation settings (nnx/train.py DEFAULTS)
 LR, MOMENTUM, WEIGHT_DECAY, BATCH, EPOCHS, VAL_SIZE, SEED = 0.1, 0.9, 5e-4, 128, 10, 5000, 0
+MODELS = ("mlp", "cnn", "cnn-fast")
+
+
+def settings(kind: str) -> dict:
+    """How ``kind`` is trained: the MLP and the suite's CNN with the CLI's MLP defaults
+    (Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, cosine over 10 epochs);
+    ``cnn-fast`` with what ``python -m nnx.train --model cnn-fast`` uses (nnx/train.py
+    ``MODEL_DEFAULTS``: Adam 3e-3, batch 64, cosine over 3 epochs)."""
+    s = {"optimizer": "nesterov", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+         "batch_size": BATCH, "epochs": EPOCHS, "schedule": "cosine", "warmup_epochs": 0.0}
+    if kind == "cnn-fast":
+        from nnx.train import DEFAULT_LR, DEFAULTS, MODEL_DEFAULTS
+
+        cli = {**DEFAULTS, **MODEL_DEFAULTS[kind]}
+        s = {k: cli[k] for k in s}
+        s["lr"] = cli["lr"] if cli["lr"] is not None else DEFAULT_LR[cli["optimizer"]]
+    return s
 
 
 # --- models ------------------------------------------------------------------------------
 def cnn_layers():
     """conv(1→32,k3,p1)→BN→ReLU→MaxPool2→conv(32→64,k3,p1)→BN→ReLU→MaxPool2→Flatten→
-    Dense(3136→128)→ReLU→Dense(128→10)."""
+    Dense(3136→128)→ReLU→Dense(128→10): the ``--model cnn`` preset without its dropout; the
+    convolutions have no bias, as in the preset (batch norm follows them)."""
     from nnx.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
-    return [Conv2D(1, 32, 3, padding=1), BatchNorm(32), ReLU(), MaxPool2D(2),
-            Conv2D(32, 64, 3, padding=1), BatchNorm(64), ReLU(), MaxPool2D(2),
+    return [Conv2D(1, 32, 3, padding=1, bias=False), BatchNorm(32), ReLU(), MaxPool2D(2),
+            Conv2D(32, 64, 3, padding=1, bias=False), BatchNorm(64), ReLU(), MaxPool2D(2),
             Flatten(), Dense(3136, 128), ReLU(), Dense(128, 10)]
 
 
@@ -46,7 +66,12 @@ def build_nnx(kind: str, backend, dtype="float32", seed: int = SEED):
     if kind == "cnn":
         return Sequential(cnn_layers(), input_shape=(1, 28, 28), backend=backend, dtype=dtype,
                           seed=seed)
-    raise ValueError(f"unknown model {kind!r}: use mlp or cnn")
+    if kind == "cnn-fast":  # the preset itself, as nnx.train builds it
+        from nnx.architectures import PRESETS, build_layers
+
+        return Sequential(build_layers(PRESETS[kind], (1, 28, 28)), input_shape=(1, 28, 28),
+                          backend=backend, dtype=dtype, seed=seed)
+    raise ValueError(f"unknown model {kind!r}: use {', '.join(MODELS)}")
 
 
 def build_torch(kind: str, device, dtype: str = "float32"):
@@ -58,10 +83,15 @@ def build_torch(kind: str, device, dtype: str = "float32"):
         mods = [m for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
         net = nn.Sequential(*mods[:-1])  # no ReLU after the last layer
     elif kind == "cnn":
-        net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                            nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64),
-                            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3136, 128),
-                            nn.ReLU(), nn.Linear(128, 10))
+        net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+                            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1, bias=False),
+                            nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                            nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10))
+    elif kind == "cnn-fast":  # each block pools before batch norm and ReLU, as the preset
+        net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                            nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, bias=False),
+                            nn.MaxPool2d(2), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(1568, 128), nn.ReLU(), nn.Linear(128, 10))
     else:
         raise ValueError(f"unknown model {kind!r}")
     import torch
@@ -212,24 +242,24 @@ class Runner:
         return self.batches[(self.k - 1) % len(self.batches)]
 
     def train_step(self):
-        return self.step(*self.next_batch(), LR)[1]
+        return self.step(*self.next_batch(), self.settings["lr"])[1]
 
     def infer(self):
         return self.predict(self.next_batch()[0])
 
-    def load_data(self, data, epochs=EPOCHS):
-        from nnx.schedules import make_schedule
-
+    def load_data(self, data, epochs=None):
+        """Epochs of ``settings(kind)``'s batch size; ``epochs``: the schedule's length
+        (default: the settings' epochs)."""
         sp = _host_splits(data, self.kind, self.dtype_name)
         self.x, self.y = self.to_device(sp["train"].x), self.to_device(sp["train"].y)
         self.xt, self.yt = self.to_device(sp["test"].x), self.to_device(sp["test"].y)
         self.n_train = len(sp["train"].y)
-        self.schedule = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
+        self.schedule = _schedule(self.settings, epochs, self.n_train)
         self.global_step = 0
         return self
 
     def train_epoch(self, epoch):
-        n, bs = self.n_train, BATCH
+        n, bs = self.n_train, self.settings["batch_size"]
         steps = math.ceil(n / bs)
         perm = self.to_device(_derived_perm(SEED, epoch, n))
         read_every = max(1, steps // 5)
@@ -251,7 +281,8 @@ class Runner:
 
 
 class NnxRunner(Runner):
-    """nnx's Sequential + SoftmaxCrossEntropy + Nesterov on one backend: the Trainer's step,
+    """nnx's Sequential + SoftmaxCrossEntropy + the optimizer of ``settings(kind)`` (Nesterov;
+    Adam for cnn-fast) on one backend: the Trainer's step,
     ``model.backward(loss.backward(), input_grad=False)``. ``input_grad=True`` (the CLI's
     ``--with-input-grad``, impl ``nnx-<backend>+dx0``) also computes the first layer's input
     gradient, as nnx's training did before ``Sequential.backward`` grew the flag. Epochs are
@@ -263,13 +294,14 @@ class NnxRunner(Runner):
         from nnx.optim import make_optimizer
 
         self.backend, self.kind, self.dtype_name = backend, kind, dtype
+        self.settings = s = settings(kind)
         self.backend_name, self.device = backend.name, device_label(backend)
         self.input_grad = bool(input_grad)
         self.impl = f"nnx-{backend.name}" + ("+dx0" if self.input_grad else "")
         self.model = build_nnx(kind, backend, dtype)
         self.model.load_state_dict(state)
-        self.opt = make_optimizer("nesterov", self.model.named_parameters(), LR,
-                                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.opt = make_optimizer(s["optimizer"], self.model.named_parameters(), s["lr"],
+                                  momentum=s["momentum"], weight_decay=s["weight_decay"])
         self.loss = SoftmaxCrossEntropy()
 
     def to_device(self, a):
@@ -285,18 +317,18 @@ class NnxRunner(Runner):
     def predict(self, x):
         return self.model.forward(x, train=False)
 
-    def load_data(self, data, epochs=EPOCHS):
+    def load_data(self, data, epochs=None):
         from nnx.data import make_splits
-        from nnx.schedules import make_schedule
         from nnx.trainer import Trainer
 
         b = self.backend
         self.splits = make_splits(data, b, b.dtype(self.dtype_name), val_size=VAL_SIZE, seed=SEED,
                                   flatten=(self.kind == "mlp"))
         self.n_train = len(self.splits["train"])
-        sched = make_schedule("cosine", LR, epochs, -(-self.n_train // BATCH))
-        self.trainer = Trainer(self.model, self.opt, sched, batch_size=BATCH, epochs=epochs,
-                               seed=SEED, progress=False, log=lambda *a, **k: None)
+        sched = _schedule(self.settings, epochs, self.n_train)
+        self.trainer = Trainer(self.model, self.opt, sched, batch_size=self.settings["batch_size"],
+                               epochs=epochs or self.settings["epochs"], seed=SEED, progress=False,
+                               log=lambda *a, **k: None)
         return self
 
     def train_epoch(self, epoch):
@@ -334,7 +366,8 @@ def _torch_cuda_bytes(device) -> dict:
 
 
 class TorchRefRunner(Runner):
-    """torch.nn.Sequential + autograd + torch.optim.SGD(nesterov=True): PyTorch eager."""
+    """torch.nn.Sequential + autograd + torch.optim.SGD(nesterov=True) (``torch.optim.Adam``
+    for cnn-fast, as ``settings``): PyTorch eager."""
 
     impl, backend_name = "torch-ref", "torch"
 
@@ -342,12 +375,19 @@ class TorchRefRunner(Runner):
         import torch
 
         self.torch, self.kind, self.dtype_name = torch, kind, dtype
+        self.settings = s = settings(kind)
         self.dev = torch.device(device)
         self.device = str(self.dev)
         self.net = load_torch_state(build_torch(kind, self.dev, dtype), state, self.dev, dtype)
         self.net.train()
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
-                                   weight_decay=WEIGHT_DECAY)
+        if s["optimizer"] == "nesterov":
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=s["lr"], momentum=s["momentum"],
+                                       nesterov=True, weight_decay=s["weight_decay"])
+        elif s["optimizer"] == "adam":  # betas (0.9, 0.999), eps 1e-8: nnx's Adam defaults
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=s["lr"],
+                                        weight_decay=s["weight_decay"])
+        else:
+            raise ValueError(f"no torch optimizer for {s['optimizer']!r}")
 
     def to_device(self, a):
         t = self.torch.from_numpy(a).to(self.dev)
@@ -449,7 +489,7 @@ class PlainNumpyRunner(Runner):
     def __init__(self, kind: str, state: dict, dtype: str = "float32"):
         if kind != "mlp":
             raise ValueError("the plain NumPy loop exists for the MLP only")
-        self.kind, self.dtype_name = kind, dtype
+        self.kind, self.dtype_name, self.settings = kind, dtype, settings(kind)
         self.net = PlainNumpyMLP(state, dtype)
 
     def to_device(self, a):
@@ -460,6 +500,14 @@ class PlainNumpyRunner(Runner):
 
     def predict(self, x):
         return self.net.forward(x)[-1]
+
+
+def _schedule(s, epochs, n_train):
+    """The learning rate per global step, as nnx.train builds it from the settings ``s``."""
+    from nnx.schedules import make_schedule
+
+    return make_schedule(s["schedule"], s["lr"], epochs or s["epochs"],
+                         -(-n_train // s["batch_size"]), warmup_epochs=s["warmup_epochs"])
 
 
 def _derived_perm(seed, epoch, n):

@@ -37,8 +37,19 @@ def _ref(rows, row):
 
 
 def _model_desc(model):
-    return ("MLP 784-128-64-10 ReLU" if model == "mlp" else
-            "CNN conv(1→32)-BN-ReLU-pool-conv(32→64)-BN-ReLU-pool-Dense(3136→128)-ReLU-Dense(128→10)")
+    return {"mlp": "MLP 784-128-64-10 ReLU",
+            "cnn": "CNN conv(1→32)-BN-ReLU-pool-conv(32→64)-BN-ReLU-pool-Dense(3136→128)-ReLU-Dense(128→10)",
+            "cnn-fast": "cnn-fast preset conv(1→16)-pool-BN-ReLU-conv(16→32)-pool-BN-ReLU-"
+                        "Dense(1568→128)-ReLU-Dense(128→10)"}[model]
+
+
+def _settings_desc(s) -> str:
+    """'Nesterov lr 0.1, momentum 0.9, wd 5e-4, cosine over 10 epochs, batch 128, seed 0'."""
+    opt = s["optimizer"].capitalize() + f" lr {s['lr']:g}"
+    if s["optimizer"] in ("momentum", "nesterov"):
+        opt += f", momentum {s['momentum']:g}"
+    return (f"{opt}, wd {s['weight_decay']:g}, {s['schedule']} over {s['epochs']} epochs, "
+            f"batch {s['batch_size']}, seed 0")
 
 
 def _rate_cells(r) -> str:
@@ -95,8 +106,8 @@ def step_table(results, kind, model) -> list[str]:
         return []
     rows.sort(key=lambda r: (r["device"], r["batch_size"], r["impl"]))
     title = "Training step" if kind == "train_step" else "Inference (forward only)"
-    what = ("forward + loss + backward + Nesterov update on one batch" if kind == "train_step"
-            else "forward pass in evaluation mode")
+    what = ("forward + loss + backward + optimizer update on one batch: Nesterov, Adam for "
+            "cnn-fast" if kind == "train_step" else "forward pass in evaluation mode")
     out = [f"### {title}: {_model_desc(model)}, {rows[0]['dtype']}", "",
            f"Time per step ({what}); median of {rows[0]['n']} samples, each the mean of "
            "`inner` back-to-back calls; IQR = interquartile range; CPU = this process's CPU time "
@@ -150,19 +161,24 @@ def accuracy_table(results, model) -> list[str]:
     if not rows:
         return []
     ths = list(rows[0]["thresholds"])
+    s = rows[0].get("settings") or {"optimizer": "nesterov", "lr": 0.1, "momentum": 0.9,
+                                    "weight_decay": 5e-4, "schedule": "cosine", "epochs": 10,
+                                    "batch_size": 128}
     head = "| device | impl | " + " | ".join(f"epochs to {float(t):.0%} | train s to {float(t):.0%}" for t in ths)
-    out = [f"### Time to accuracy: {_model_desc(model)}, CLI defaults (Nesterov lr 0.1, momentum "
-           "0.9, wd 5e-4, cosine over 10 epochs, batch 128, seed 0)", "",
+    out = [f"### Time to accuracy: {_model_desc(model)}, CLI defaults ({_settings_desc(s)})", "",
            "Test accuracy evaluated after every epoch; the clock counts training only "
-           "(evaluation excluded); '–' = not reached within 10 epochs. Samples/s, GFLOP/s and "
+           f"(evaluation excluded; train s = summed epoch time of the epochs run, "
+           f"{'stopping once every threshold is reached' if model == 'mlp' else 'all of them'}); "
+           f"'–' = not reached within {s['epochs']} epochs. Samples/s, GFLOP/s and "
            "% peak: over all epochs run, on the training clock.", "",
-           head + " | final test acc | epochs run | samples/s | GFLOP/s | % peak |",
-           "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|---:|---:|---:|"]
+           head + " | final test acc | epochs run | train s | samples/s | GFLOP/s | % peak |",
+           "|---|---|" + "---:|---:|" * len(ths) + "---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [f"{v['epochs']} | {v['train_s']:.2f}" if v else "– | –"
                  for v in (r["thresholds"][t] for t in ths)]
         out.append(f"| {r['device']} | {r['impl']} | " + " | ".join(cells)
                    + f" | {100 * r['final_test_acc']:.2f}% | {len(r['history'])} | "
+                   f"{_fmt(r.get('train_clock_s'), '.2f')} | "
                    f"{_fmt(r.get('samples_per_s'), ',.0f')} | {_rate_cells(r)} |")
     return out + [""]
 

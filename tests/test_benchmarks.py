@@ -160,9 +160,15 @@ def test_tables_show_the_numbers_put_in():
     acc = {"kind": "time_to_accuracy", "model": "mlp", "impl": "nnx-numpy", "device": "cpu",
            "history": [{"test_acc": 0.975}, {"test_acc": 0.9812}], "final_test_acc": 0.9812,
            "thresholds": {"0.97": {"epochs": 1, "train_s": 0.61}, "0.98": None},
-           "samples_per_s": 90000.0, "flop_per_s": 4.1e10, "frac_measured_peak": 0.5}
-    assert ("| cpu | nnx-numpy | 1 | 0.61 | – | – | 98.12% | 2 | 90,000 | 41.00 | 50.0 |"
+           "train_clock_s": 1.35, "samples_per_s": 90000.0, "flop_per_s": 4.1e10,
+           "frac_measured_peak": 0.5}
+    assert ("| cpu | nnx-numpy | 1 | 0.61 | – | – | 98.12% | 2 | 1.35 | 90,000 | 41.00 | 50.0 |"
             in accuracy_table({"cases": [acc]}, "mlp"))
+    fast = dict(acc, model="cnn-fast", thresholds={"0.99": {"epochs": 2, "train_s": 24.5}},
+                settings=impls.settings("cnn-fast"))
+    table = accuracy_table({"cases": [fast]}, "cnn-fast")
+    assert "Adam lr 0.003, wd 0, cosine over 3 epochs, batch 64, seed 0" in table[0]
+    assert "| cpu | nnx-numpy | 2 | 24.50 | 98.12% | 2 | 1.35 | 90,000 | 41.00 | 50.0 |" in table
 
 
 def test_accuracy_axis_follows_the_data():
@@ -190,6 +196,10 @@ def test_with_input_grad_option():
 
     p = build_parser()
     assert _resolve(p.parse_args([]), p).input_grad is False
+    # cnn-fast's step cases run at its training batch unless batch sizes are given
+    assert _resolve(p.parse_args(["--models", "cnn-fast"]), p).cnn_fast_batch_sizes == [64]
+    assert _resolve(p.parse_args(["--models", "cnn-fast", "--cnn-batch-sizes", "32"]),
+                    p).cnn_fast_batch_sizes == [32]
     assert _resolve(p.parse_args(["--with-input-grad"]), p).input_grad is True
     with pytest.raises(SystemExit):
         p.parse_args(["--skip-input-grad"])
@@ -202,6 +212,23 @@ def test_flop_count_of_the_default_mlp():
     # training skips the first layer's dx (2·784·128 per sample), as the Trainer does
     assert impls.train_step_flops(model, 32) == 32 * (3 * fwd - 2 * 784 * 128)
     assert impls.train_step_flops(model, 32, input_grad=True) == 3 * 32 * fwd
+
+
+def test_cnn_fast_is_the_preset_with_its_cli_defaults():
+    """The suite's cnn-fast is ``--model cnn-fast`` as nnx.train builds and trains it."""
+    from nnx.architectures import PRESETS, build_layers
+    from nnx.train import MODEL_DEFAULTS
+
+    model = impls.build_nnx("cnn-fast", get_backend("numpy", "cpu"))
+    preset = build_layers(PRESETS["cnn-fast"], (1, 28, 28))
+    assert [la.config() for la in model.layers] == [la.config() for la in preset]
+    assert "0.bias" not in model.state_dict() and "4.bias" not in model.state_dict()
+    s = impls.settings("cnn-fast")
+    assert {k: s[k] for k in MODEL_DEFAULTS["cnn-fast"]} == MODEL_DEFAULTS["cnn-fast"]
+    assert (s["schedule"], s["warmup_epochs"]) == ("cosine", 0.0)
+    conv1, conv2 = 2 * 16 * 28 * 28 * 9, 2 * 32 * 14 * 14 * 16 * 9
+    dense = 2 * (1568 * 128 + 128 * 10)
+    assert impls.train_step_flops(model, 2) == 2 * (3 * (conv1 + conv2 + dense) - conv1)
 
 
 def test_cnn_flop_count():
@@ -225,7 +252,7 @@ def _nnx_runner(kind, dtype="float64", input_grad=False):
     return r, state
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn-fast"])
 def test_torch_reference_matches_nnx(kind):
     torch = pytest.importorskip("torch")
     x, y = _batch(kind, n=8)
@@ -302,30 +329,39 @@ def test_with_input_grad_changes_no_parameter(kind):
     assert full.model.backward(full.loss.backward(), input_grad=skip.input_grad) is None
 
 
-def test_epoch_runners_share_batches_and_learn():
-    """One short epoch of each peer over the same shuffled batches ends with the same weights."""
+@pytest.mark.parametrize("kind", ["mlp", "cnn-fast"])
+def test_epoch_runners_share_batches_and_learn(kind):
+    """One short epoch of each peer over the same shuffled batches ends with the same weights
+    (cnn-fast: Adam, batch 64, BatchNorm, as its CLI defaults)."""
     rng = np.random.default_rng(5)
     n = impls.VAL_SIZE + 256
     data = {"train": (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
                       rng.integers(0, 10, n).astype(np.uint8)),
             "test": (rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
                      rng.integers(0, 10, 64).astype(np.uint8))}
-    state = impls.reference_state("mlp", "float64")
-    nnx_e = impls.NnxRunner(get_backend("numpy", "cpu"), "mlp", state, "float64").load_data(data, 2)
-    peers = [impls.PlainNumpyRunner("mlp", state, "float64").load_data(data, 2)]
+    state = impls.reference_state(kind, "float64")
+    nnx_e = impls.NnxRunner(get_backend("numpy", "cpu"), kind, state, "float64").load_data(data, 2)
+    peers = [impls.PlainNumpyRunner(kind, state, "float64").load_data(data, 2)] if kind == "mlp" else []
     if importlib.util.find_spec("torch"):
-        peers.append(impls.TorchRefRunner("cpu", "mlp", state, "float64").load_data(data, 2))
+        peers.append(impls.TorchRefRunner("cpu", kind, state, "float64").load_data(data, 2))
+    elif not peers:
+        pytest.skip("torch not installed")
+    assert nnx_e.trainer.batch_size == impls.settings(kind)["batch_size"]
     loss, acc = nnx_e.train_epoch(0)
     after = nnx_e.model.state_dict()
     # test accuracy, computed here from nnx's weights
-    x = data["test"][0].reshape(64, 784) / 255.0
-    expected = np.mean(np.argmax(np.asarray(nnx_e.model.forward(x)), axis=1) == data["test"][1])
+    x = data["test"][0].reshape(64, *((784,) if kind == "mlp" else (1, 28, 28))) / 255.0
+    expected = np.mean(np.argmax(np.asarray(nnx_e.model.forward(x, train=False)), axis=1)
+                       == data["test"][1])
     assert nnx_e.test_accuracy() == expected
     for peer in peers:
         loss_p, acc_p = peer.train_epoch(0)
         assert math.isclose(loss, loss_p, rel_tol=1e-9) and math.isclose(acc, acc_p, rel_tol=1e-12)
-        w = peer.net.W[0] if peer.impl == "plain-numpy" else peer.net[0].weight.detach().numpy()
-        np.testing.assert_allclose(w, after["0.weight"], rtol=1e-8, atol=1e-10, err_msg=peer.impl)
+        got = ({"0.weight": peer.net.W[0]} if peer.impl == "plain-numpy" else
+               {k: v.detach().numpy() for k, v in peer.net.state_dict().items()})
+        for k, w in got.items():  # torch: every parameter and batch-norm buffer
+            np.testing.assert_allclose(w.reshape(np.shape(after[k])), after[k], rtol=1e-8,
+                                       atol=1e-10, err_msg=f"{peer.impl} {k}")
         assert peer.test_accuracy() == expected, peer.impl
 
 
@@ -351,11 +387,23 @@ def test_accuracy_and_layer_rows_carry_rates(tmp_path):
     from benchmarks.cli import main
 
     threads_before = torch.get_num_threads()
-    assert main(["--quick", "--backends", "numpy", "--refs", "torch", "--models", "mlp,cnn",
+    assert main(["--quick", "--backends", "numpy", "--refs", "torch", "--models", "mlp,cnn,cnn-fast",
                  "--skip-steps", "--skip-epoch", "--repeats", "2", "--threads", "1",
                  "--no-charts", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    acc = [c for c in res["cases"] if c["kind"] == "time_to_accuracy"]
+    fast = [c for c in res["cases"] if c["kind"] == "time_to_accuracy" and c["model"] == "cnn-fast"]
+    # cnn-fast: its CLI defaults, the whole 3-epoch schedule (no early stop), time to 99%
+    conv1, conv2, dense = 2 * 16 * 28 * 28 * 9, 2 * 32 * 14 * 14 * 16 * 9, 2 * (1568 * 128 + 1280)
+    assert {c["impl"] for c in fast} == {"nnx-numpy", "torch-ref"}
+    for c in fast:
+        assert c["epochs_run"] == 3 and list(c["thresholds"]) == ["0.99"]
+        assert c["batch_size"] == 64 and c["settings"]["optimizer"] == "adam"
+        assert c["flops"] == 3 * 1024 * (3 * (conv1 + conv2 + dense) - conv1)
+        assert c["train_clock_s"] == pytest.approx(sum(h["epoch_s"] for h in c["history"]))
+        assert c["final_test_acc"] == c["history"][-1]["test_acc"] > 0.5  # it learns
+    assert res["config"]["settings"]["cnn-fast"]["lr"] == 3e-3
+    assert not [c for c in res["cases"] if c["kind"] == "time_to_accuracy" and c["model"] == "cnn"]
+    acc = [c for c in res["cases"] if c["kind"] == "time_to_accuracy" and c["model"] == "mlp"]
     assert {c["impl"] for c in acc} == {"nnx-numpy", "torch-ref"}
     for c in acc:
         # the stated count: 454,400 FLOP per sample per epoch (no first-layer dx), every one
@@ -381,7 +429,8 @@ def test_accuracy_and_layer_rows_carry_rates(tmp_path):
     assert bn["flops"] == 0 and bn["flop_per_s"] is None
     assert bn["samples_per_s"] == pytest.approx(n / bn["median_s"])
     md = (tmp_path / "results.md").read_text()
-    assert "| final test acc | epochs run | samples/s | GFLOP/s | % peak |" in md
+    assert "| final test acc | epochs run | train s | samples/s | GFLOP/s | % peak |" in md
+    assert "### Time to accuracy: cnn-fast preset" in md
 
 
 def test_noise_line_names_rows_with_a_wide_spread():
