@@ -47,13 +47,24 @@ def gradcheck(target, x, y=None, loss=None, eps: float = 1e-6, train: bool = Fal
     Returns ``{"input": err, "0.weight": err, ...}``; all should be < 1e-6 in float64.
     """
     xp = target.xp
-    rng = getattr(target, "rng", None)
     named = target.named_parameters()
     if x.dtype != xp.float64 or any(p.value.dtype != xp.float64 for p in named.values()):
         raise TypeError("gradcheck needs float64 inputs and parameters (float32 is too coarse)")
     x = xp.asarray(x, copy=True)
-    for layer in target.walk():  # inference forwards keep their caches only when asked
+    layers = list(target.walk())
+    before = [layer.retain for layer in layers]
+    for layer in layers:  # inference forwards keep their caches only when asked
         layer.retain = True
+    try:
+        return _check(target, x, y, loss, eps, train, seed, named, xp)
+    finally:
+        for layer, keep in zip(layers, before):
+            layer.retain = keep
+
+
+def _check(target, x, y, loss, eps, train, seed, named, xp):
+    """gradcheck's comparison, with every layer retaining its caches."""
+    rng = getattr(target, "rng", None)
 
     def run_forward():
         if train and rng is not None:
@@ -76,6 +87,4 @@ def gradcheck(target, x, y=None, loss=None, eps: float = 1e-6, train: bool = Fal
     errors = {"input": _rel_error(grad_in, _numeric_grad(f, x, eps), xp)}
     for name, p in named.items():
         errors[name] = _rel_error(analytic[name], _numeric_grad(f, p.value, eps), xp)
-    for layer in target.walk():
-        layer.retain = False
     return errors

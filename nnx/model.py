@@ -63,12 +63,12 @@ class Sequential(Chain):
         """
         return super().backward(grad, input_grad)
 
-    def skip_random(self, steps: int, batch: int) -> None:
+    def skip_steps(self, steps: int, batch: int) -> None:
         """Advance the random stream past ``steps`` training steps of ``batch`` rows without
-        computing them (``Layer.skip_random``): how a run resumed mid-epoch gets the same
-        dropout masks as one that never stopped."""
+        computing them (``Layer.skip_random`` per step): how a run resumed mid-epoch gets the
+        same dropout masks as one that never stopped."""
         for _ in range(int(steps)):
-            super().skip_random(batch)
+            self.skip_random(batch)
 
     # --- parameters ---------------------------------------------------------------------
     def parameters(self) -> list:

@@ -24,7 +24,7 @@ DEFAULTS = {
     "optimizer": "nesterov", "lr": None, "momentum": 0.9, "weight_decay": 5e-4, "clip_norm": None,
     "schedule": "cosine", "warmup_epochs": 0.0, "epochs": 10, "batch_size": 128, "val_size": 5000,
     "seed": 0, "dtype": "float32", "early_stopping": 0, "limit": None, "download": True,
-    "plots": True, "compile": False, "sync_bn": False,
+    "plots": True, "sync_bn": False,
 }
 #: settings whose default depends on --model (a BatchNorm CNN trains best with Adam)
 MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
@@ -33,7 +33,7 @@ MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download",
-                       "compile", "sync_bn"}
+                       "sync_bn"}
 NUM_INPUTS, NUM_CLASSES = 784, 10
 #: the type each setting must have (config.json of a resumed run is checked against it)
 INT_SETTINGS = ("epochs", "batch_size", "val_size", "seed", "early_stopping")
@@ -547,6 +547,7 @@ def main(argv=None) -> int:
     from .threads import set_threads
 
     set_threads(vars(args).pop("threads"))  # the machine's setting, not the run's: not in config
+    compile_step = bool(vars(args).pop("compile"))  # how to run, not a setting of the run
     vars(args).pop("debug", None)  # read by cli_main; not a setting of the run
     from .backends.overrides import set_enabled
 
@@ -613,7 +614,7 @@ def main(argv=None) -> int:
     steps_per_epoch = -(-len(splits["train"]) // cfg["batch_size"])
     schedule = make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"], steps_per_epoch,
                              warmup_epochs=cfg["warmup_epochs"])
-    if cfg.get("compile"):
+    if compile_step:
         try:
             check_compilable(model.backend)
         except CompileError as e:
@@ -634,7 +635,7 @@ def main(argv=None) -> int:
     trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
                       epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
                       run_dir=run_dir, progress=not cfg["quiet"], log=log, comm=comm,
-                      compile=bool(cfg.get("compile")), sync_bn=bool(cfg.get("sync_bn")))
+                      compile=compile_step, sync_bn=bool(cfg.get("sync_bn")))
     trainer.checkpoint_every = checkpoint_every
     if cfg.get("resume"):
         if not list_checkpoints(run_dir):
@@ -691,7 +692,7 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         if _debug_requested(argv):
             raise
-        print(f"error: {_divergence_message(str(e), run_dir)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except SaveError as e:
         if _debug_requested(argv):
@@ -716,18 +717,6 @@ def main(argv=None) -> int:
     log(f"resume: python -m nnx.train --resume {run_dir} --epochs N   "
         f"reload: nnx.load('{run_dir}')")
     return 0
-
-
-def _divergence_message(message: str, run_dir: Path) -> str:
-    """The trainer's divergence message with what is actually on disk: the last complete
-    checkpoint, or that there is none (a run that diverges in its first epoch)."""
-    from .checkpoint import list_checkpoints
-
-    kept = list_checkpoints(run_dir)
-    status = (f"the last good checkpoint, {kept[-1].name}, is kept" if kept
-              else "no checkpoint was written (it diverged before the end of its first epoch)")
-    claim = "the last good checkpoint is kept"
-    return message.replace(claim, status) if claim in message else f"{message} ({status})"
 
 
 def _explain_resume(cfg, trainer, schedule, steps_per_epoch, note) -> None:

@@ -6,13 +6,11 @@ per epoch (progress bar, NaN check) — never once per step.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, save_checkpoint, save_weights
+from .checkpoint import atomic_write_json, save_weights
 from .losses import SoftmaxCrossEntropy
 from .step import TrainStep, compile_step
 
@@ -60,13 +58,13 @@ class Trainer:
                  seed: int = 0, early_stopping: int = 0, run_dir=None, progress: bool = True,
                  log=print, loss=None, compile: bool = False, comm=None,
                  sync_bn: bool = False):
+        from .distributed import DistributedError
+
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.rank, self.world = (comm.rank, comm.size) if self.comm else (0, 1)
         if batch_size % self.world:
-            from .distributed import DistributedError
-
             raise DistributedError(f"--batch-size {batch_size} (the global batch) does not divide among "
                              f"{self.world} processes; use a multiple of {self.world}")
         if compile and self.comm:
@@ -82,6 +80,9 @@ class Trainer:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss = loss or SoftmaxCrossEntropy()
+        if not hasattr(self.loss, "train_forward"):
+            raise TypeError(f"{type(self.loss).__name__} has no train_forward(logits, targets): "
+                            "the Trainer trains classifiers with SoftmaxCrossEntropy")
         self.batch_size, self.epochs, self.seed = int(batch_size), int(epochs), int(seed)
         self.patience = int(early_stopping)
         self.run_dir = Path(run_dir) if run_dir else None
@@ -109,6 +110,10 @@ class Trainer:
     def evaluate(self, split, batch_size: int = 2048) -> tuple[float, float]:
         """(mean loss, accuracy) over a split, in eval mode; one host read at the end (and
         one reduction: distributed, each process evaluates its shard of the split)."""
+        with self.backend.activate():  # cuda:N: the work stays on GPU N
+            return self._evaluate(split, batch_size)
+
+    def _evaluate(self, split, batch_size):
         xp, n = self.xp, len(split)
         loss_sum = correct = 0.0
         first, last = (0, n) if not self.comm else ((n * self.rank) // self.world,
@@ -136,14 +141,14 @@ class Trainer:
         return cached[1]
 
     def _train_epoch(self, split, epoch: int):
-        xp, model, opt = self.xp, self.model, self.optimizer
+        model, opt = self.model, self.optimizer
         n, bs = len(split), self.batch_size
         steps = math.ceil(n / bs)
         perm = self._shuffler(derived_seed(self.seed, epoch, 1)).permutation(n)
         start = self.step_in_epoch
         model.rng.reseed(derived_seed(self.seed, epoch, 2, self.rank))  # dropout: one stream per rank
         if start:  # resumed mid-epoch: replay the dropout draws of the steps already done
-            model.skip_random(start, bs // self.world)
+            model.skip_steps(start, bs // self.world)
         # global rows [lo, hi) of each step, and this process's rows [a, b) of its epoch order
         bounds = [(k * bs, min((k + 1) * bs, n)) for k in range(steps)]
         local = [0]
@@ -350,7 +355,7 @@ class Trainer:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "partial": self.partial,
                 "rng": {"seed": self.seed, "scheme": "derived per (seed, epoch); mid-epoch "
-                        "resume replays the steps done (Sequential.skip_random)"},
+                        "resume replays the steps done (Sequential.skip_steps)"},
                 "early_stopping": {"patience": self.patience,
                                    "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
                                    "bad_epochs": self.bad_epochs,

@@ -211,3 +211,55 @@ def test_inductor_compiled_step_matches_eager():
     torch._dynamo.reset()
     for k in eager:
         np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_compile_with_distributed_is_a_clear_error():
+    from nnx.distributed import DistributedError
+    from nnx.schedules import make_schedule
+    from nnx.trainer import Trainer
+
+    class TwoRanks:  # only what the Trainer reads before refusing
+        rank, size = 0, 2
+
+    model, optimizer = build(nnx.get_backend("numpy"), "float64", "sgd", None, flat=True)
+    with pytest.raises(DistributedError, match="--compile"):
+        Trainer(model, optimizer, make_schedule("constant", 0.1, 1, 1), batch_size=16,
+                compile=True, comm=TwoRanks())
+
+
+def test_trainer_refuses_a_loss_without_train_forward():
+    from nnx.schedules import make_schedule
+    from nnx.trainer import Trainer
+
+    model, optimizer = build(nnx.get_backend("numpy"), "float64", "sgd", None, flat=True)
+    with pytest.raises(TypeError, match="SoftmaxCrossEntropy"):
+        Trainer(model, optimizer, make_schedule("constant", 0.1, 1, 1), loss=nnx.MSE())
+
+
+def test_compile_is_how_to_run_not_a_setting_of_the_run(tmp_path, monkeypatch):
+    """--compile is not stored in config.json, so a compiled run resumes on any backend
+    (torch.compile itself is replaced by a recorder: the CLI path is what is tested)."""
+    pytest.importorskip("torch")
+    import json
+
+    import nnx.datasets as ds
+    import nnx.step as step_module
+    import nnx.trainer as trainer_module
+    from nnx.train import main
+    from test_training import synthetic_digits
+
+    data = synthetic_digits(n_train=300, n_test=60)
+    monkeypatch.setattr(ds, "load", lambda *a, **k: data)
+    compiled = []
+    monkeypatch.setattr(step_module, "check_compilable", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_module, "compile_step",
+                        lambda step, backend: compiled.append(step) or step)
+    run = tmp_path / "run"
+    quick = ["--layers", "784,8,10", "--batch-size", "50", "--val-size", "50", "--quiet",
+             "--no-plots", "--out", str(run)]
+    assert main(["--backend", "torch", "--compile", "--epochs", "1", *quick]) == 0
+    assert len(compiled) == 1
+    assert "compile" not in json.loads((run / "config.json").read_text())
+    assert main(["--resume", str(run), "--backend", "numpy", "--epochs", "2", "--quiet",
+                 "--no-plots"]) == 0
+    assert len(compiled) == 1

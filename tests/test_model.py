@@ -345,7 +345,7 @@ def test_skip_random_replays_exactly_the_training_draws(backend):
         m.rng.reseed(11)
     for _ in range(3):
         stepped.forward(x, train=True)
-    skipped.skip_random(3, 5)
+    skipped.skip_steps(3, 5)
     a = backend.to_numpy(stepped.forward(x, train=True))
     b = backend.to_numpy(skipped.forward(x, train=True))
     np.testing.assert_array_equal(a, b)
@@ -365,11 +365,11 @@ def test_a_random_layer_without_skip_random_warns():
     LAYER_TYPES.pop("Noisy")  # a throwaway class: keep the registry as it was
     m = Sequential([Dense(3, 3), Noisy()], input_shape=(3,), backend=nnx.get_backend("numpy"))
     with pytest.warns(RuntimeWarning, match="Noisy .* skip_random"):
-        m.skip_random(1, 4)
+        m.skip_steps(1, 4)
     plain = Sequential([Dense(3, 3), ReLU(), Dropout(0.5)], input_shape=(3,),
                        backend=nnx.get_backend("numpy"))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plain.skip_random(2, 4)  # Dropout replays, ReLU draws nothing: no warning
+        plain.skip_steps(2, 4)  # Dropout replays, ReLU draws nothing: no warning

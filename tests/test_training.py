@@ -112,7 +112,7 @@ def _interrupt_at(trainer, global_step):
 def test_resume_reaches_the_same_weights(tmp_path, stop_step, dropout):
     """Ctrl-C (a real SIGINT) at an epoch end (step 15 is the last of 16) or mid-epoch, then
     resume: bit-identical final weights — with dropout too, since the resumed epoch replays
-    the masks of the steps already done (``Sequential.skip_random``)."""
+    the masks of the steps already done (``Sequential.skip_steps``)."""
     b = nnx.get_backend("numpy")
     ref, s = make_trainer(b, run_dir=tmp_path / "ref", epochs=3, dropout=dropout)  # 16 steps/epoch
     ref.fit(s["train"], s["val"])
