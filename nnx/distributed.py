@@ -149,7 +149,8 @@ class Communicator:
 
 class NCCLCommunicator(Communicator):
     """CuPy arrays summed on the GPUs by NCCL; MPI only bootstraps it (the unique id) and
-    carries the scalar reductions. One GPU per local rank: ``device = local_rank``.
+    carries the scalar reductions. NCCL runs on the backend's GPU (``cuda:<local rank>``
+    unless ``--device cuda:N`` named one), so arrays and communicator never disagree.
 
     UNVERIFIED: written against ``cupy.cuda.nccl`` but never run (no GPU where it was made);
     docs/distributed.md says how to check it.
@@ -157,13 +158,15 @@ class NCCLCommunicator(Communicator):
 
     name = "nccl"
 
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, device_id=None):
         super().__init__(mpi_comm)
         import cupy
         from cupy.cuda import nccl
 
         self.cupy, self.nccl = cupy, nccl
-        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        if device_id is None:
+            device_id = self.local_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(int(device_id)).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.comm.bcast(uid, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
@@ -184,10 +187,10 @@ class NCCLCommunicator(Communicator):
 
 def create_communicator(backend=None) -> Communicator:
     """The communicator for ``backend``: NCCL for CuPy, MPI otherwise. Also puts the process
-    on its GPU (CuPy: local rank; the caller picks ``cuda:<local rank>`` for torch)."""
+    on its GPU: the backend's (the caller picks ``cuda:<local rank>`` for plain ``cuda``)."""
     global _ACTIVE
     if backend is not None and getattr(backend, "name", "") == "cupy":
-        comm = NCCLCommunicator()
+        comm = NCCLCommunicator(device_id=getattr(backend.device, "id", None))
     else:
         comm = Communicator()
     _ACTIVE = comm

@@ -632,6 +632,8 @@ def main(argv=None) -> int:
         return 1
     for line in clean_run_folder(run_dir) if rank == 0 else ():
         note(f"{run_dir}: {line} (left by a process that was killed or ran out of disk space)")
+    if comm:  # every rank looks for checkpoints only after rank 0 has tidied the folder
+        comm.barrier()
     trainer = Trainer(model, optimizer, schedule, batch_size=cfg["batch_size"],
                       epochs=cfg["epochs"], seed=cfg["seed"], early_stopping=cfg["early_stopping"],
                       run_dir=run_dir, progress=not cfg["quiet"], log=log, comm=comm,
