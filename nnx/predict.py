@@ -50,11 +50,13 @@ def predict_proba(model, x, batch_size: int = 2048) -> np.ndarray:
     on_host = isinstance(x, np.ndarray)
     n = int(x.shape[0])
     out = []
-    for start in range(0, n, batch_size):
-        xb = x[start:min(start + batch_size, n), ...]  # in-bounds stop (Array API)
-        if on_host:
-            xb = backend.from_numpy(np.ascontiguousarray(xb, dtype=np.float32), dtype=model.dtype)
-        out.append(np.asarray(backend.to_numpy(model.probabilities(xb)), dtype=np.float64))
+    with backend.activate():  # cuda:N: the work stays on GPU N
+        for start in range(0, n, batch_size):
+            xb = x[start:min(start + batch_size, n), ...]  # in-bounds stop (Array API)
+            if on_host:
+                xb = backend.from_numpy(np.ascontiguousarray(xb, dtype=np.float32),
+                                        dtype=model.dtype)
+            out.append(np.asarray(backend.to_numpy(model.probabilities(xb)), dtype=np.float64))
     if not out:
         return np.zeros((0, int(math.prod(model.output_shape))))
     return np.concatenate(out)
