@@ -78,10 +78,7 @@ class BatchNorm(Layer):
         out = super().build(backend, dtype, rng, input_shape)
         xp, dev, f = self.xp, backend.device, self.num_features
         self.in_shape = tuple(input_shape)
-        if len(self.in_shape) == 1:
-            self.axes, self.bshape = (0,), (1, f)
-        else:
-            self.axes, self.bshape = (0, 2, 3), (1, f, 1, 1)
+        self.axes = (0,) if len(self.in_shape) == 1 else (0, 2, 3)  # what a statistic sums over
         self.weight = self.add_param("weight", xp.ones((f,), dtype=dtype, device=dev))
         self.bias = self.add_param("bias", xp.zeros((f,), dtype=dtype, device=dev))
         self.buffers["running_mean"] = xp.zeros((f,), dtype=dtype, device=dev)
@@ -98,10 +95,6 @@ class BatchNorm(Layer):
         return input_shape
 
     # --- passes -------------------------------------------------------------------------
-    def _stat(self, v):
-        """(F,) statistic → broadcastable (1, F) or (1, F, 1, 1)."""
-        return self.xp.reshape(v, self.bshape)
-
     def _rows(self, x):
         """x as (F, m): one row per feature. A view when the features are the slowest axis in
         memory — what a Conv2D output (channel-major) is; a copy otherwise."""
