@@ -55,12 +55,17 @@ CONV_CASES = [  # (C, O, k, s, p, H, W)
     (2, 2, 1, 1, 0, 3, 4),
     (1, 2, 5, 2, 2, 5, 7),
     (2, 2, 5, 1, 2, 6, 7),  # "same" 5x5: im2col on flattened rows, two wrapped columns
+    (1, 4, 3, 1, 1, 5, 6),  # "same" with k·C < O: "fast" picks "gather", not "rows"
 ]
+#: stride-1 "same" cases: where "gather" and "rows" differ from the other paths
+SAME_CASES = [cs for cs in CONV_CASES if cs[3] == 1 and 2 * cs[4] == cs[2] - 1 and cs[2] > 1]
 #: 3x3 stride-1 cases for Winograd: even and odd output sizes, padding 0, 1 and 2
 WINO_CASES = [(2, 3, 3, 1, 1, 5, 5), (2, 2, 3, 1, 0, 7, 6), (1, 2, 3, 1, 2, 4, 5),
               (3, 2, 3, 1, 1, 6, 7)]
-#: (method, case): every path on every case it implements (Winograd falls back to "fast")
+#: (method, case): every path on every case it implements (Winograd falls back to "gather",
+#: "rows" to "gather" off the stride-1 "same" cases; "fast" is one of the two)
 CONV_METHOD_CASES = ([(m, c) for m in ("im2col", "fast") for c in CONV_CASES]
+                     + [(m, c) for m in ("gather", "rows") for c in SAME_CASES]
                      + [("winograd", c) for c in WINO_CASES])
 conv_id = lambda mc: "{}-C{}O{}k{}s{}p{}_{}x{}".format(mc[0], *mc[1])
 
@@ -73,14 +78,14 @@ def test_conv_gradcheck(backend, mc):
     assert_gradcheck(m, backend.from_numpy(host((2, c, h, w))))
 
 
-@pytest.mark.parametrize("method", ["im2col", "fast", "winograd"])
+@pytest.mark.parametrize("method", ["im2col", "fast", "gather", "rows", "winograd"])
 def test_conv_without_bias(backend, method):
     m = model_of(backend, [Conv2D(2, 2, 3, padding=1, bias=False, method=method)], (2, 4, 5))
     assert list(m.named_parameters()) == ["0.weight"]
     assert_gradcheck(m, backend.from_numpy(host((2, 2, 4, 5))))
 
 
-@pytest.mark.parametrize("method", ["fast", "winograd"])
+@pytest.mark.parametrize("method", ["fast", "gather", "rows", "winograd"])
 @pytest.mark.parametrize("case", CONV_CASES + WINO_CASES[1:] + [(3, 4, 3, 1, 1, 8, 8)],
                          ids=lambda c: "C{}O{}k{}s{}p{}_{}x{}".format(*c))
 def test_conv_methods_match_the_reference(backend, method, case):
@@ -106,6 +111,19 @@ def test_conv_methods_match_the_reference(backend, method, case):
         results.append([backend.to_numpy(a) for a in (y, dx, dw, db)])
     for ref, got in zip(*results):
         assert_close(got, ref)
+
+
+def test_fast_picks_rows_for_wide_same_convolutions(backend):
+    """``"fast"`` runs the row-split path where its k·C-row column matrix is smaller than
+    the k·O row-partial outputs it makes (the preset's second convolution), else "gather"."""
+    picks = {}
+    for c, o, k, s, p in [(32, 64, 3, 1, 1), (1, 32, 3, 1, 1), (32, 64, 3, 2, 1), (32, 64, 3, 1, 0),
+                          (8, 8, 1, 1, 0), (8, 16, 5, 1, 2)]:
+        conv = Conv2D(c, o, k, stride=s, padding=p)
+        nnx.Sequential([conv], (c, 9, 9), backend=backend, dtype="float32")
+        picks[c, o, k, s, p] = conv._rows()
+    assert picks == {(32, 64, 3, 1, 1): True, (1, 32, 3, 1, 1): False, (32, 64, 3, 2, 1): False,
+                     (32, 64, 3, 1, 0): False, (8, 8, 1, 1, 0): False, (8, 16, 5, 1, 2): True}
 
 
 POOL_CASES = [  # (k, stride, padding, H, W)

@@ -3,7 +3,7 @@ CNN preset's layer shapes, one thread, NumPy, float32:
 
     python tools/ab_conv.py [--repeats 20] [--batch 128]
 
-Each repeat times every method once, in rotating order, on the same input (channel-major,
+Each repeat times every method once, in a shuffled order, on the same input (channel-major,
 as the layer before hands it on) and the same upstream gradient; prints medians in ms and
 each method's ratio to the im2col reference from the same run. ``fwd`` is a training
 forward, ``bwd`` the backward (the first layer skips its input gradient, as in training),
@@ -12,6 +12,7 @@ forward, ``bwd`` the backward (the first layer skips its input gradient, as in t
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--methods", default="im2col,fast,winograd")
+    ap.add_argument("--methods", default="im2col,gather,rows,fast,winograd")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -55,7 +56,7 @@ def main(argv=None):
             layers[meth] = m.layers[0]
         times = {(meth, k): [] for meth in methods for k in ("fwd", "bwd", "inf")}
         for r in range(args.repeats + 2):
-            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            order = random.Random(r).sample(methods, len(methods))  # no fixed predecessor
             for meth in order:
                 layer = layers[meth]
                 for k, fn in (("fwd", lambda: layer.forward(x, train=True)),

@@ -168,9 +168,34 @@ def main(argv=None):
         passes(model, ins_n, grads, args.repeats)
 
 
+def rows_passes(xp, layer, x, g, i, tag, stage):
+    """The stages of Conv2D's row-split path (``method="rows"``), as the layer runs them."""
+    from nnx.layers.conv import shifted, unshifted_sum
+
+    n, c, h, w = x.shape
+    k, p, o = layer.kernel_size, layer.padding, layer.out_channels
+    xf = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (c, n, h * w))
+    cols = stage(f"{tag}: im2col over the kernel's columns (k shifted copies)", lambda: xp.reshape(
+        shifted(xp, xf, w, [(0, j - p) for j in range(k)]), (k * c, n * h * w)))
+    wr = xp.reshape(xp.permute_dims(layer.weight.value, (2, 0, 3, 1)), (k * o, k * c))
+    z = stage(f"{tag}: matmul Z = W_r·cols (k row-partial outputs)",
+              lambda: xp.reshape(wr @ cols, (k, o, n, h * w)))
+    stage(f"{tag}: sum of the row-shifted Z (k − 1 contiguous +=)",
+          lambda: unshifted_sum(xp, z, w, [(p - r, 0) for r in range(k)]))
+    gf = xp.reshape(xp.permute_dims(g, (1, 0, 2, 3)), (o, n, h * w))
+    dz = stage(f"{tag}: backward dZ = g row-shifted (k copies)", lambda: xp.reshape(
+        shifted(xp, gf, w, [(p - r, 0) for r in range(k)]), (k * o, n * h * w)))
+    stage(f"{tag}: matmul dW_r = dZ·colsᵀ", lambda: dz @ cols.T)
+    if i == 0:
+        return
+    dcols = stage(f"{tag}: matmul dcols = W_rᵀ·dZ",
+                  lambda: xp.reshape(wr.T @ dz, (k, c, n, h * w)))
+    stage(f"{tag}: col2im over the kernel's columns (k − 1 contiguous +=)",
+          lambda: unshifted_sum(xp, dcols, w, [(0, j - p) for j in range(k)]))
+
+
 def passes(model, ins, grads, repeats):
     """Time the stages of nnx's Conv2D / BatchNorm / MaxPool2D one by one (NumPy)."""
-    import numpy as np
 
     from nnx.layers.conv import gather, out_size, scatter
 
@@ -185,7 +210,9 @@ def passes(model, ins, grads, repeats):
     for _ in range(repeats):
         for i, layer in enumerate(model.layers):
             kind, x, g, tag = type(layer).__name__, ins[i], grads[i], f"{i} {layer.describe()}"
-            if kind == "Conv2D":  # the "fast" method's stages
+            if kind == "Conv2D" and layer._rows():  # the row-split method's stages
+                rows_passes(xp, layer, x, g, i, tag, stage)
+            elif kind == "Conv2D":  # the "gather" method's stages
                 n, c, hh, ww = x.shape
                 k, s, p, o = layer.kernel_size, layer.stride, layer.padding, layer.out_channels
                 ho, wo = out_size(hh, k, s, p), out_size(ww, k, s, p)

@@ -3,10 +3,12 @@ one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
 
     python tools/step_time.py --arch cnn-fast --batch 128,256 [--repeats 20]
     python tools/step_time.py --arch cnn,cnn-fast --torch   # also torch eager, same layers
+    python tools/step_time.py --arch cnn --conv-method gather,fast --torch --infer
 
 Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
 PyTorch eager (torch.nn modules with the same weights, autograd, torch.optim.Adam) and the
-nnx/torch ratio from the same run.
+nnx/torch ratio from the same run. ``--conv-method`` builds one model per Conv2D method (an
+A/B of the convolution inside whole steps); ``--infer`` also times inference forwards.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def main(argv=None):
     ap.add_argument("--batch", default="128")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--conv-method", default="", help="comma-separated Conv2D methods to compare")
+    ap.add_argument("--infer", action="store_true", help="also time inference forwards")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -46,18 +50,25 @@ def main(argv=None):
     for arch in archs:
         spec = PRESETS.get(arch, arch)
         for b in (int(v) for v in args.batch.split(",")):
-            model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
-                               backend=get_backend("numpy"), dtype="float32", seed=0)
-            opt = make_optimizer("adam", model.named_parameters(), 1e-3)
-            loss = SoftmaxCrossEntropy()
             x = rng.random((b, 1, 28, 28), dtype=np.float32)
             y = rng.integers(0, 10, b)
+            for meth in args.conv_method.split(",") if args.conv_method else [None]:
+                model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
+                                   backend=get_backend("numpy"), dtype="float32", seed=0)
+                for layer in model.walk():
+                    if meth and type(layer).__name__ == "Conv2D":
+                        layer.method = meth
+                opt = make_optimizer("adam", model.named_parameters(), 1e-3)
+                loss = SoftmaxCrossEntropy()
 
-            def step(model=model, opt=opt, loss=loss, x=x, y=y):
-                loss.forward(model.forward(x, train=True), y)
-                model.backward(loss.backward(), input_grad=False)
-                opt.step(1e-3)
-            runs[f"nnx {arch} b{b}"] = (step, b)
+                def step(model=model, opt=opt, loss=loss, x=x, y=y):
+                    loss.forward(model.forward(x, train=True), y)
+                    model.backward(loss.backward(), input_grad=False)
+                    opt.step(1e-3)
+                tag = f" {meth}" if meth else ""
+                runs[f"nnx {arch} b{b}{tag}"] = (step, b)
+                if args.infer:
+                    runs[f"nnx {arch} b{b}{tag} infer"] = (lambda model=model, x=x: model.forward(x), b)
             if args.torch:
                 from profile_cnn import torch_module
 
@@ -71,6 +82,13 @@ def main(argv=None):
                     torch.nn.functional.cross_entropy(net(xt), yt).backward()
                     topt.step()
                 runs[f"torch {arch} b{b}"] = (tstep, b)
+                if args.infer:
+                    def tinfer(net=net, xt=xt):
+                        net.eval()
+                        with torch.inference_mode():
+                            net(xt)
+                        net.train()
+                    runs[f"torch {arch} b{b} infer"] = (tinfer, b)
     times = {k: [] for k in runs}
     keys = list(runs)
     for r in range(args.repeats + 3):
@@ -83,7 +101,8 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     med = {k: statistics.median(v[3:]) for k, v in times.items()}
     for k in keys:
-        twin = "torch" + k[3:] if k.startswith("nnx") else None
+        words = k.split()
+        twin = f"torch {words[1]} {words[2]}" + (" infer" if words[-1] == "infer" else "")
         ratio = f"{med[k] / med[twin]:.2f}" if twin in med else ""
         print(f"| {k} | {med[k]:.1f} | {1000 * med[k] / runs[k][1]:.1f} | {ratio} |")
 

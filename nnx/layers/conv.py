@@ -3,8 +3,11 @@
 Written against the Array API standard only (no pad, conv, einsum, as_strided or scatter):
 
 * im2col copies the k·k strided window slices of the input into one column matrix (the
-  reference method pads with concatenated zero blocks first; the default ``"fast"`` method
-  assigns each slice's in-image part straight from the unpadded input);
+  reference method pads with concatenated zero blocks first; ``"gather"`` assigns each
+  slice's in-image part straight from the unpadded input);
+* ``method="rows"`` (what the default ``"fast"`` picks for wide stride-1 "same" layers)
+  builds the column matrix over the kernel's columns only and applies the kernel's rows as
+  whole-row shifts of the matmul's output;
 * col2im adds each of the k·k window gradients into its strided slice of the input gradient
   with ``+=`` — one strided slice never names an element twice, so no scatter-add is needed;
 * ``method="winograd"`` computes 3×3 stride-1 convolutions as Winograd F(2×2, 3×3), its
@@ -150,53 +153,67 @@ def _wrapped(dj: int, w: int):
 
 
 def _gather_same(xp, x, k: int, p: int):
-    """``gather`` for stride 1 and "same" padding (2p = k − 1), on images flattened to
-    L = H·W: window (i, j) is x shifted by δ = (i − p)·W + (j − p) positions, so each block
-    is ONE copy of contiguous runs of L − |δ| values (instead of H runs of W − |j − p|),
-    plus zeros where the shift reads above/below the image (the first or last |δ| positions)
-    or wraps around a row end (the columns ``_wrapped`` names: a strided slice each)."""
+    """``gather`` for stride 1 and "same" padding (2p = k − 1): the k·k shifted copies
+    ``shifted`` makes of the flattened images, offset (i, j) shifted by (i − p, j − p)."""
     *lead, h, w = x.shape
-    n = h * w
-    xf = xp.reshape(x, (*lead, n))
-    out = xp.empty((k * k, *lead, n), dtype=x.dtype, device=x.device)
-    for i in range(k):
-        for j in range(k):
-            d, q = (i - p) * w + (j - p), i * k + j
-            lo = min(n, max(0, -d))                          # out[f] = x[f + d] for lo <= f < hi
-            hi = max(lo, min(n, n - d))                      # (empty when |d| >= H·W)
-            if hi > lo:
-                out[q, ..., lo:hi] = xf[..., lo + d:hi + d]
-            if lo > 0:
-                out[q, ..., :lo] = 0
-            if hi < n:
-                out[q, ..., hi:] = 0
-            for b in _wrapped(j - p, w):
-                out[q, ..., b::w] = 0
+    xf = xp.reshape(x, (*lead, h * w))
+    out = shifted(xp, xf, w, [(i - p, j - p) for i in range(k) for j in range(k)])
     return xp.reshape(out, (k * k, *lead, h, w))
 
 
 def _scatter_same(xp, cols, k: int, p: int):
-    """``scatter`` for stride 1 and "same" padding, the transpose of ``_gather_same``: zero
-    the entries of ``cols`` that ``_gather_same`` zeroed (their gradients belong to padding),
-    then add block (i, j) shifted by δ into the centre block, one contiguous-run ``+=``
-    each. ``cols`` is the caller's scratch (changed in place)."""
+    """``scatter`` for stride 1 and "same" padding, the transpose of ``_gather_same``
+    (``unshifted_sum`` into the centre block). ``cols`` is the caller's scratch."""
     *lead, h, w = cols.shape[1:]
-    n = h * w
-    cf = xp.reshape(cols, (k * k, *lead, n))
-    centre = p * k + p
-    for i in range(k):
-        for j in range(k):
-            if i * k + j != centre:
-                for b in _wrapped(j - p, w):
-                    cf[i * k + j, ..., b::w] = 0
-    dx = cf[centre, ...]
-    for i in range(k):
-        for j in range(k):
-            d = (i - p) * w + (j - p)
-            lo, hi = max(0, -d), min(n, n - d)
-            if i * k + j != centre and hi > lo:
-                dx[..., lo + d:hi + d] += cf[i * k + j, ..., lo:hi]
+    cf = xp.reshape(cols, (k * k, *lead, h * w))
+    dx = unshifted_sum(xp, cf, w, [(i - p, j - p) for i in range(k) for j in range(k)])
     return xp.reshape(dx, (*lead, h, w))
+
+
+def shifted(xp, xf, w: int, shifts):
+    """Copies of the images ``xf`` (..., L), flattened from (..., H, W) with L = H·W, each
+    shifted by one (di, dj) of ``shifts``: out[q][..., a·W + b] = x[..., a + di, b + dj], and
+    0 where that falls outside the image. Shape (len(shifts), ..., L).
+
+    In flat positions f = a·W + b the shift is by δ = di·W + dj, so each block is ONE copy of
+    a contiguous run of L − |δ| values per image, plus zeros where the shift reads above or
+    below the image (the first or last |δ| positions) or wraps around a row end (the columns
+    ``_wrapped`` names, a strided slice each)."""
+    *lead, n = xf.shape
+    out = xp.empty((len(shifts), *lead, n), dtype=xf.dtype, device=xf.device)
+    for q, (di, dj) in enumerate(shifts):
+        d = di * w + dj
+        lo = min(n, max(0, -d))                          # out[f] = x[f + d] for lo <= f < hi
+        hi = max(lo, min(n, n - d))                      # (none when |δ| >= L)
+        if hi > lo:  # writes index ``out`` itself (the standard leaves writes through views open)
+            out[q, ..., lo:hi] = xf[..., lo + d:hi + d]
+        if lo > 0:
+            out[q, ..., :lo] = 0
+        if hi < n:
+            out[q, ..., hi:] = 0
+        for b in _wrapped(dj, w):
+            out[q, ..., b::w] = 0
+    return out
+
+
+def unshifted_sum(xp, cf, w: int, shifts):
+    """The transpose of ``shifted``: Σ_q of block q of ``cf`` (len(shifts), ..., L) moved
+    back by its shift, as (..., L). The block whose shift is (0, 0) is the start of the sum
+    and the others are added into it in place, one contiguous-run ``+=`` each, after zeroing
+    the entries that wrapped around a row end (they belong to padding); so ``cf`` is the
+    caller's scratch, and the result is a view of it."""
+    centre = shifts.index((0, 0))
+    n = cf.shape[-1]
+    for q, (di, dj) in enumerate(shifts):
+        if q != centre:
+            for b in _wrapped(dj, w):
+                cf[q, ..., b::w] = 0
+    for q, (di, dj) in enumerate(shifts):
+        d = di * w + dj
+        lo, hi = max(0, -d), min(n, n - d)
+        if q != centre and hi > lo:
+            cf[centre, ..., lo + d:hi + d] += cf[q, ..., lo:hi]
+    return cf[centre, ...]
 
 
 def crop2d(x, p: int):
@@ -219,7 +236,7 @@ def _kron(P, Q):
 
 
 #: Conv2D's ways to compute the same convolution (docs/cnn.md, "Where the time goes")
-METHODS = ("fast", "im2col", "winograd")
+METHODS = ("fast", "im2col", "gather", "rows", "winograd")
 
 
 class Conv2D(Layer):
@@ -240,12 +257,17 @@ class Conv2D(Layer):
 
     * ``"im2col"`` — the reference: pad with concatenations, stack the k·k window slices,
       col2im into a zero-filled padded buffer;
-    * ``"fast"`` (default, fastest measured on NumPy) — the same matmuls, with im2col
-      written straight from the unpadded input (no padded copy) and col2im accumulating into
-      the centre offset's block of dcols (no zero fill, no crop);
+    * ``"gather"`` — the same matmuls, with im2col written straight from the unpadded input
+      (no padded copy) and col2im accumulating into the centre offset's block of dcols (no
+      zero fill, no crop);
+    * ``"rows"`` — for stride-1 "same" convolutions (others fall back to ``"gather"``):
+      im2col over the kernel's columns only, k·C rows instead of k·k·C, and one matmul giving
+      k row-partial outputs that are summed shifted by whole rows (a col2im that never wraps);
+    * ``"fast"`` (default, fastest measured on NumPy) — ``"rows"`` where it moves fewer
+      values than ``"gather"`` (k·C ≥ O), else ``"gather"``;
     * ``"winograd"`` — F(2×2, 3×3) for 3×3 stride-1 kernels: 16 products of (O×C)·(C×tiles)
       instead of one of (O×9C)·(9C×N·L), 2.25× fewer multiplies, with the transforms as
-      small matrix products. Other kernels fall back to ``"fast"``.
+      small matrix products. Other kernels fall back to ``"gather"``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -285,6 +307,18 @@ class Conv2D(Layer):
     def _winograd(self):
         return self.method == "winograd" and self.kernel_size == 3 and self.stride == 1
 
+    def _rows(self):
+        """Whether this layer runs the row-split im2col: on stride-1 "same" convolutions,
+        for ``"rows"``, and for ``"fast"`` when k·C ≥ O: there its column matrix (k·C rows)
+        and row-partial outputs (k·O rows) stream about as much as the full column matrix
+        (k²·C rows) or less, in fewer passes and with faster matmul shapes; with few input
+        channels (a first layer) the k·O rows of partial outputs dwarf it (docs/cnn.md
+        measures both sides)."""
+        k, c, o = self.kernel_size, self.in_channels, self.out_channels
+        if self.stride != 1 or 2 * self.padding != k - 1 or k == 1:
+            return False
+        return self.method == "rows" or (self.method == "fast" and k * c >= o)
+
     # --- passes -------------------------------------------------------------------------
     def forward(self, x, train=False):
         xp = self.xp
@@ -296,6 +330,8 @@ class Conv2D(Layer):
         self.xshape = (n, c, h, w)
         if self._winograd():
             y = self._winograd_forward(x, train)
+        elif self._rows():
+            y = self._rows_forward(x, train)
         else:
             if self.method == "im2col":
                 xc = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p)       # (C, N, Hp, Wp)
@@ -320,6 +356,8 @@ class Conv2D(Layer):
         ho, wo = grad.shape[2], grad.shape[3]
         if self._winograd():
             return self._winograd_backward(grad, input_grad)
+        if self._rows():
+            return self._rows_backward(grad, input_grad)
         g2 = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n * ho * wo))
         if self.use_bias:
             self.bias.grad = xp.sum(g2, axis=1)
@@ -337,6 +375,49 @@ class Conv2D(Layer):
             for j in range(k):
                 put(dxc, i, j, s, ho, wo, dcols[i * k + j, ...])
         return xp.permute_dims(crop2d(dxc, p), (1, 0, 2, 3))
+
+    # --- row-split im2col (docs/cnn.md derives it) ---------------------------------------
+    def _rows_forward(self, x, train):
+        """Stride 1, "same" padding, on images flattened to L = H·W. im2col over the kernel's
+        columns only: cols_j (k·C, N·L) holds the k copies of x shifted by (0, j − p). One
+        matmul with the weight laid out as W_r (k·O, k·C), row i·O + o, column j·C + c holding
+        W[o, c, i, j], gives the k row-partial outputs Z_i (O, N·L) (kernel row i only, not yet
+        shifted); y[a, b] = Σ_i Z_i[a + i − p, b], the sum of the Z_i shifted by whole rows
+        (``unshifted_sum``: a col2im that never wraps). The output is the centre block of Z,
+        channel-major."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        k, p, o = self.kernel_size, self.padding, self.out_channels
+        xf = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (c, n, h * w))
+        cols = xp.reshape(shifted(xp, xf, w, [(0, j - p) for j in range(k)]), (k * c, n * h * w))
+        wr = xp.reshape(xp.permute_dims(self.weight.value, (2, 0, 3, 1)), (k * o, k * c))
+        z = xp.reshape(wr @ cols, (k, o, n, h * w))
+        if self.use_bias:  # into the centre row's block: it is the start of the sum
+            z[p, ...] += xp.reshape(self.bias.value, (o, 1, 1))
+        y = unshifted_sum(xp, z, w, [(p - i, 0) for i in range(k)])      # (O, N, L)
+        if self.keeps(train):
+            self.cols, self.w2 = cols, wr
+        return xp.reshape(y, (o, n, h, w))
+
+    def _rows_backward(self, grad, input_grad):
+        """The transpose of each step: the row-partial gradients dZ_i are g shifted by the row
+        shifts (``shifted``, (k·O, N·L)); ∂W_r = dZ @ colsᵀ, dcols = W_rᵀ @ dZ, and col2im over
+        the k column shifts (``unshifted_sum``)."""
+        xp = self.xp
+        n, c, h, w = self.xshape
+        k, p, o = self.kernel_size, self.padding, self.out_channels
+        gf = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n, h * w))
+        if self.use_bias:
+            self.bias.grad = xp.sum(xp.reshape(gf, (o, n * h * w)), axis=1)
+        dz = xp.reshape(shifted(xp, gf, w, [(p - i, 0) for i in range(k)]), (k * o, n * h * w))
+        dwr = dz @ self.cols.T                                            # (k·O, k·C)
+        self.weight.grad = xp.permute_dims(xp.reshape(dwr, (k, o, k, c)), (1, 3, 0, 2))
+        self.cols = None
+        if not input_grad:
+            return None
+        dcols = xp.reshape(self.w2.T @ dz, (k, c, n, h * w))
+        dx = unshifted_sum(xp, dcols, w, [(0, j - p) for j in range(k)])  # (C, N, L)
+        return xp.permute_dims(xp.reshape(dx, (c, n, h, w)), (1, 0, 2, 3))
 
     # --- Winograd F(2×2, 3×3) (docs/cnn.md derives it) ------------------------------------
     def _winograd_forward(self, x, train):
