@@ -44,18 +44,19 @@ def _model(kind, backend, flat, dtype="float32"):
 
     if kind == "mlp":
         return nnx.mlp(backend=backend, flat=flat, dtype=dtype)
-    return nnx.Sequential(build_layers(PRESETS["cnn"], (1, 28, 28)), input_shape=(1, 28, 28),
+    return nnx.Sequential(build_layers(PRESETS[kind], (1, 28, 28)), input_shape=(1, 28, 28),
                           backend=backend, flat=flat, dtype=dtype)
 
 
-def _setup(kind, opt_name, backend, lean, batch=128, n=1024):
-    """A zero-argument function doing one training step the lean or the reference way."""
+def _setup(kind, opt_name, backend, lean, batch=128, n=1024, for_compile=False):
+    """A zero-argument function doing one training step the lean or the reference way
+    (``for_compile``: one array per parameter, as ``compile_step`` needs)."""
     from nnx.losses import SoftmaxCrossEntropy
     from nnx.optim import make_optimizer
     from nnx.step import TrainStep
 
     xp = backend.xp
-    model = _model(kind, backend, flat=lean)
+    model = _model(kind, backend, flat=lean and not for_compile)
     opt = make_optimizer(opt_name, model.named_parameters(), 0.01, weight_decay=5e-4, xp=model.xp)
     g = np.random.default_rng(0)
     shape = (n, 784) if kind == "mlp" else (n, 1, 28, 28)
@@ -124,7 +125,8 @@ def time_steps(kind, rounds, batch=128):
     impls["nnx-numpy"] = run
     run, step, args = _setup(kind, "nesterov", tb, lean=True, batch=batch)
     impls["nnx-torch eager"] = run
-    run_c, step_c, (batch_of, hyper) = _setup(kind, "nesterov", tb, lean=True, batch=batch)
+    run_c, step_c, (batch_of, hyper) = _setup(kind, "nesterov", tb, lean=True, batch=batch,
+                                              for_compile=True)
     compiled = compile_step(step_c, tb)
     count = [0]
 

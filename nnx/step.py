@@ -53,8 +53,15 @@ def cxx_compiler() -> str | None:
     return None
 
 
-def check_compilable(backend, compiler: str = "inductor") -> None:
-    """Raise CompileError, saying what to do, unless ``compile_step`` can work here."""
+def check_compilable(backend, compiler: str = "inductor", model=None) -> None:
+    """Raise CompileError, saying what to do, unless ``compile_step`` can work here.
+
+    The model must keep one array per parameter (``flat=False``): torch.compile (2.13)
+    mis-replays views of views of one flat buffer in conv nets and fails, and it fuses the
+    per-parameter updates into few kernels by itself."""
+    if model is not None and model.flat is not None:
+        raise CompileError("compile a model built with flat=False (torch.compile cannot replay "
+                           "parameters that are views of one flat array)")
     if backend.name != "torch":
         raise CompileError(f"--compile needs the torch backend (this run uses {backend.name}); "
                            "add --backend torch")
@@ -70,7 +77,7 @@ def compile_step(step: TrainStep, backend, mode: str | None = None, compiler: st
     kernels and CUDA graphs, ``mode="reduce-overhead"``, on CUDA). Only the torch backend
     compiles; CuPy's equivalent is its fused kernels. ``compiler`` is torch.compile's
     ``backend`` ("eager" traces without generating code: tests use it)."""
-    check_compilable(backend, compiler)
+    check_compilable(backend, compiler, step.model)
     import torch
 
     on_cuda = str(backend.device).startswith("cuda")

@@ -525,8 +525,9 @@ def run_config(cfg: dict, backend) -> dict:
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
-def build_model(cfg: dict, backend):
-    """The MLP from --layers/--activation/--dropout, or the --model/--arch spec network."""
+def build_model(cfg: dict, backend, flat: bool = True):
+    """The MLP from --layers/--activation/--dropout, or the --model/--arch spec network
+    (``flat``: parameters in one array; ``nnx.step.compile_step`` needs it off)."""
     from .model import Sequential, mlp
 
     if cfg["arch"] or cfg["model"] != "mlp":
@@ -535,10 +536,10 @@ def build_model(cfg: dict, backend):
         spec = arch_spec(cfg)
         shape = spec_input_shape(spec)
         return Sequential(build_layers(spec, shape), shape, backend=backend, dtype=cfg["dtype"],
-                          seed=cfg["seed"])
+                          seed=cfg["seed"], flat=flat)
     sizes = [int(s) for s in str(cfg["layers"]).split(",")]
     return mlp(sizes, activation=cfg["activation"], dropout=cfg["dropout"], backend=backend,
-               dtype=cfg["dtype"], seed=cfg["seed"])
+               dtype=cfg["dtype"], seed=cfg["seed"], flat=flat)
 
 
 @abort_on_failure  # distributed: a failure on one process stops all of them
@@ -606,7 +607,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    model = build_model(cfg, backend)
+    model = build_model(cfg, backend, flat=not compile_step)
     splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
                          limit=cfg["limit"], flatten=len(model.input_shape) == 1,
                          num_classes=NUM_CLASSES)
@@ -618,7 +619,7 @@ def main(argv=None) -> int:
                              warmup_epochs=cfg["warmup_epochs"])
     if compile_step:
         try:
-            check_compilable(model.backend)
+            check_compilable(model.backend, model=model)
         except CompileError as e:
             if _debug_requested(argv):
                 raise

@@ -45,6 +45,7 @@ def reference_run(backend, dtype, opt, clip, lrs):
 
 
 def step_run(backend, dtype, opt, clip, lrs, flat, compiler=None):
+    """The lean step over ``lrs``; compiled (one array per parameter) with ``compiler``."""
     model, optimizer = build(backend, dtype, opt, clip, flat=flat)
     x, _, onehot = data(backend, dtype)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer)
@@ -160,9 +161,14 @@ def test_loss_train_forward_agrees_with_forward_and_argmax():
 
 
 # --- torch.compile ---------------------------------------------------------------------------
-def test_compile_needs_the_torch_backend():
+def test_compile_needs_the_torch_backend_and_one_array_per_parameter():
     with pytest.raises(CompileError, match="--backend torch"):
         check_compilable(nnx.get_backend("numpy"))
+    pytest.importorskip("torch")
+    b = nnx.get_backend("torch", "cpu")
+    model, _ = build(b, "float64", "sgd", None, flat=True)
+    with pytest.raises(CompileError, match="flat=False"):
+        check_compilable(b, model=model)
 
 
 def test_compiled_step_traces_once_over_epochs_with_a_changing_learning_rate(monkeypatch):
@@ -186,7 +192,7 @@ def test_compiled_step_traces_once_over_epochs_with_a_changing_learning_rate(mon
     split = type("Split", (), {"x": x, "y": y, "__len__": lambda self: 70})()
     results = []
     for compiled in (False, True):
-        model, optimizer = build(b, "float64", "adam", 1.0, flat=True)
+        model, optimizer = build(b, "float64", "adam", 1.0, flat=not compiled)
         Trainer = trainer_module.Trainer
         t = Trainer(model, optimizer, make_schedule("cosine", 0.05, 2, 5), batch_size=16,
                     epochs=2, progress=False, log=lambda *a: None, compile=compiled)
@@ -207,7 +213,7 @@ def test_inductor_compiled_step_matches_eager():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     b = nnx.get_backend("torch", "cpu")
     _, eager = step_run(b, "float32", "nesterov", None, LRS, flat=True)
-    _, compiled = step_run(b, "float32", "nesterov", None, LRS, flat=True, compiler="inductor")
+    _, compiled = step_run(b, "float32", "nesterov", None, LRS, flat=False, compiler="inductor")
     torch._dynamo.reset()
     for k in eager:
         np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -263,3 +269,34 @@ def test_compile_is_how_to_run_not_a_setting_of_the_run(tmp_path, monkeypatch):
     assert main(["--resume", str(run), "--backend", "numpy", "--epochs", "2", "--quiet",
                  "--no-plots"]) == 0
     assert len(compiled) == 1
+
+
+def test_inductor_compiles_a_conv_net_with_one_array_per_parameter():
+    """A small batch-norm conv net through inductor: same weights as eager (float32)."""
+    torch = pytest.importorskip("torch")
+    from nnx.step import cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
+    b = nnx.get_backend("torch", "cpu")
+    g = np.random.default_rng(2)
+    x = b.from_numpy(g.standard_normal((3 * 8, 1, 8, 8)), dtype=b.float32)
+    onehot = b.from_numpy(np.eye(5)[g.integers(0, 5, 24)], dtype=b.float32)
+    results = []
+    for compiled in (False, True):
+        layers = [nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.BatchNorm(4), nnx.ReLU(),
+                  nnx.MaxPool2D(2), nnx.Flatten(), nnx.Dense(64, 5)]
+        model = nnx.Sequential(layers, (1, 8, 8), backend=b, flat=not compiled, seed=1)
+        opt = make_optimizer("adam", model.named_parameters(), 0.01, xp=model.xp)
+        step = TrainStep(model, SoftmaxCrossEntropy(), opt)
+        if compiled:
+            step = compile_step(step, b)
+        hyper = opt.hyper_table(0, [0.01] * 3, b, model.dtype)
+        for k in range(3):
+            step(x[k * 8:(k + 1) * 8, ...], onehot[k * 8:(k + 1) * 8, ...],
+                 tuple(col[k] for col in hyper))
+            opt.steps += 1
+        results.append(model.state_dict())
+    torch._dynamo.reset()
+    for k in results[0]:
+        np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, err_msg=k)

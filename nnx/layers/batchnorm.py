@@ -115,7 +115,9 @@ class BatchNorm(Layer):
         xp = self.xp
         if tuple(x.shape[1:]) != self.in_shape:
             self.check_features(x, self.in_shape)
-        m = math.prod(x.shape[a] for a in self.axes)
+        m = 1
+        for a in self.axes:  # (a loop, not math.prod: torch.compile traces it)
+            m *= x.shape[a]
         self.train_mode, self.shape = bool(train), tuple(x.shape)
         x2 = self._rows(x)                                             # (F, m)
         if train:
