@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", default=None,
                    help="run each training step through torch.compile (torch backend only; "
                         "the math stays nnx's hand-written backprop; needs a C++ compiler on "
-                        "the CPU; the first steps take seconds to compile)")
+                        "the CPU; the first steps take seconds to compile; on the CPU it speeds "
+                        "up MLPs and slows conv nets: docs/benchmarks.md)")
     g.add_argument("--no-fused", action="store_true", default=None,
                    help="use the standard Array-API code everywhere, not the backend's fused "
                         "kernels (CuPy replaces relu, softmax-cross-entropy and the optimizer "
