@@ -33,8 +33,9 @@ class ArchitectureError(ValueError):
     """A spec token that cannot be parsed or does not fit the shape reaching it."""
 
 
-def split_top_level(spec: str) -> list[str]:
-    """Split on commas that are not inside ``res[...]`` brackets."""
+def split_top_level(spec: str, keep_empty: bool = False) -> list[str]:
+    """Split on commas that are not inside ``res[...]`` brackets (``keep_empty``: keep
+    empty items, so a checker can report them)."""
     parts, depth, current = [], 0, ""
     for ch in spec:
         if ch == "[":
@@ -51,7 +52,7 @@ def split_top_level(spec: str) -> list[str]:
     if depth:
         raise ArchitectureError(f"unbalanced '[' in {spec!r}")
     parts.append(current.strip())
-    return [p for p in parts if p]
+    return parts if keep_empty else [p for p in parts if p]
 
 
 def spec_input_shape(spec: str) -> tuple:

@@ -325,35 +325,17 @@ def input_shape_for_spec(spec: str) -> tuple:
 NO_ARGUMENT_TOKENS = ("relu", "tanh", "sigmoid", "gap", "bn", "flatten", "softmax")
 
 
-def _split_items(spec: str) -> list[str]:
-    """Top-level comma-separated items, keeping empty ones (to report them)."""
-    parts, depth, current = [], 0, ""
-    for ch in spec:
-        depth += (ch == "[") - (ch == "]")
-        if depth < 0:
-            raise ValueError(f"unbalanced ']' in {spec!r}")
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    if depth:
-        raise ValueError(f"unbalanced '[' in {spec!r}")
-    parts.append(current.strip())
-    return parts
-
-
 def check_arch(spec: str, shape=None):
     """Build the layer objects of ``spec`` (no parameters allocated) and return them with
     the shape after each; ValueError for an empty spec or item, arguments on layers that
     take none, bad numbers, or a residual branch that changes the shape."""
-    from .architectures import build_layers
+    from .architectures import build_layers, split_top_level
 
     if not spec.strip():
         raise ValueError("the layer spec is empty; give layers like 'conv:16,relu,flatten,dense:10'")
     shape = tuple(shape) if shape is not None else input_shape_for_spec(spec)
     layers, shapes = [], []
-    for item in _split_items(spec):
+    for item in split_top_level(spec, keep_empty=True):
         if not item:
             raise ValueError(f"empty item in {spec!r} (two commas in a row, or one at an end)")
         if item.lower().startswith("res["):
