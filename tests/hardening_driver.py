@@ -6,26 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
 
 import nnx.checkpoint as ck  # noqa: E402
 import nnx.datasets as ds  # noqa: E402
 
-
-def synthetic_digits(n_train, n_test, seed=0):
-    """tests/test_training.py's synthetic digits (copied: importing it would load torch)."""
-    g = np.random.default_rng(seed)
-
-    def make(n):
-        y = g.integers(0, 10, n).astype(np.uint8)
-        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for c in range(10):
-            r, col = 7 * (c // 4), 7 * (c % 4)
-            x[y == c, r:r + 7, col:col + 7] = 255
-        return x, y
-
-    return {"train": make(n_train), "test": make(n_test)}
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests_helpers_train import synthetic_digits  # noqa: E402
 
 _data = synthetic_digits(n_train=600, n_test=120)
 ds.load = lambda *a, **k: _data

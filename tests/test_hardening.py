@@ -23,7 +23,8 @@ import nnx
 import nnx.checkpoint as ck
 import nnx.datasets as ds
 from nnx.checkpoint import CheckpointError, list_checkpoints
-from test_training import make_trainer, synthetic_digits
+from test_training import make_trainer
+from tests_helpers_train import synthetic_digits
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "hardening_driver.py"

@@ -252,7 +252,7 @@ def test_compile_is_how_to_run_not_a_setting_of_the_run(tmp_path, monkeypatch):
     import nnx.step as step_module
     import nnx.trainer as trainer_module
     from nnx.train import main
-    from test_training import synthetic_digits
+    from tests_helpers_train import synthetic_digits
 
     data = synthetic_digits(n_train=300, n_test=60)
     monkeypatch.setattr(ds, "load", lambda *a, **k: data)

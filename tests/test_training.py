@@ -16,21 +16,7 @@ from nnx.schedules import make_schedule
 from nnx.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 from mnist_location import SKIP_REASON, mnist_dir
-
-
-def synthetic_digits(n_train=1200, n_test=300, seed=0):
-    """28x28 uint8 images where class c lights a 7x7 block at a fixed spot, plus noise."""
-    g = np.random.default_rng(seed)
-
-    def make(n):
-        y = g.integers(0, 10, n).astype(np.uint8)
-        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for c in range(10):
-            r, col = 7 * (c // 4), 7 * (c % 4)
-            x[y == c, r:r + 7, col:col + 7] = 255
-        return x, y
-
-    return {"train": make(n_train), "test": make(n_test)}
+from tests_helpers_train import synthetic_digits
 
 
 def make_trainer(backend, run_dir=None, epochs=3, dropout=0.0, seed=0, data=None, sizes=(784, 32, 10),

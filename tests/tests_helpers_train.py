@@ -1,5 +1,6 @@
-"""A few training steps of a small MLP through the lean TrainStep (as the Trainer runs them),
-shared by the override and GPU tests."""
+"""Shared by several test files: synthetic digits (MNIST-shaped data that trains in seconds)
+and a few training steps of a small MLP through the lean TrainStep (as the Trainer runs
+them)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,3 +28,18 @@ def train_steps(backend, optimizer, steps=6, dtype="float64"):
             opt.steps += 1
             step(x[lo:lo + 8], t[lo:lo + 8], opt.hyper(opt.steps, opt.lr))
         return np.concatenate([backend.to_numpy(p.value).ravel() for p in model.parameters()])
+
+
+def synthetic_digits(n_train=1200, n_test=300, seed=0):
+    """28x28 uint8 images where class c lights a 7x7 block at a fixed spot, plus noise."""
+    g = np.random.default_rng(seed)
+
+    def make(n):
+        y = g.integers(0, 10, n).astype(np.uint8)
+        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for c in range(10):
+            r, col = 7 * (c // 4), 7 * (c % 4)
+            x[y == c, r:r + 7, col:col + 7] = 255
+        return x, y
+
+    return {"train": make(n_train), "test": make(n_test)}
