@@ -50,6 +50,9 @@ class Trainer:
     """
 
     READS_PER_EPOCH = 5  # host reads of the running loss per epoch (progress + NaN check)
+    #: the first steps of a run, timed apart (torch.compile traces, CuPy compiles its kernels
+    #: and backend overrides check themselves there): the epoch's time leaves them out
+    WARMUP_STEPS = 2
     #: checkpoint every N epochs (and always at the last one, on stopping or Ctrl-C):
     #: ``--checkpoint-every``; a per-epoch fsync would dominate ~20 ms GPU epochs
     checkpoint_every = 1
@@ -105,6 +108,8 @@ class Trainer:
         self.best_weights = None
         self.history: list[dict] = []
         self._stop_requested = False
+        self._warmup_left = self.WARMUP_STEPS
+        self._warmup = [0.0, 0]  # this epoch's warm-up: seconds, rows
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, split, batch_size: int = 2048) -> tuple[float, float]:
@@ -177,8 +182,16 @@ class Trainer:
                 step = self.compiled_step if self.compiled_step and hi - lo == bs else self.step
                 share = ((b - a) / (hi - lo),) if self.comm else ()  # this rank's gradient weight
                 idx = perm[a:b]
+                warming = self._warmup_left > 0
+                if warming:
+                    t = time.perf_counter()
                 p, c = step(take(split.x, idx), take(onehot, idx),
                             tuple(col[k - start] for col in hyper), *share)
+                if warming:  # (a host synchronisation on a run's first steps only)
+                    self.backend.synchronize()
+                    self._warmup_left -= 1
+                    self._warmup[0] += time.perf_counter() - t
+                    self._warmup[1] += hi - lo
                 opt.steps += 1
                 self.global_step += 1
                 seen += hi - lo
@@ -272,6 +285,7 @@ class Trainer:
             epoch = self.epoch
             t0 = time.perf_counter()
             seen_before = self.partial["seen"]
+            self._warmup = [0.0, 0]
             try:
                 train_loss, train_acc = self._train_epoch(train, epoch)
             except _Interrupt as it:
@@ -284,11 +298,14 @@ class Trainer:
                     self.comm.barrier()
                 raise TrainingInterrupted(path) from None
             self.backend.synchronize()
-            elapsed = time.perf_counter() - t0
+            warmup_s, warmup_rows = self._warmup
+            elapsed = time.perf_counter() - t0 - warmup_s
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "lr": self.schedule(max(0, self.global_step - 1)),
                    "epoch_time_s": round(elapsed, 4),
-                   "samples_per_s": round((len(train) - seen_before) / elapsed, 1)}
+                   "samples_per_s": round((len(train) - seen_before - warmup_rows) / elapsed, 1)}
+            if warmup_rows:
+                row["warmup_s"] = round(warmup_s, 4)
             if val is not None:
                 row["val_loss"], row["val_acc"] = self.evaluate(val)
             self.epoch += 1
