@@ -355,3 +355,28 @@ def test_cli_rejects_too_large_validation_split(capsys):
     with pytest.raises(SystemExit):
         run_cli(["--val-size", "60000"])
     assert "--val-size must be between 0 and 49999" in capsys.readouterr().err
+
+
+def test_the_first_steps_are_timed_apart_from_the_epoch():
+    """A slow first step (as a compilation is) lands in warmup_s of epoch 1, not in its
+    epoch time or samples/s; later epochs have no warm-up."""
+    import time as _time
+
+    t, s = make_trainer(nnx.get_backend("numpy"), epochs=2)
+    base, calls = t.step, []
+
+    def slow_first(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            _time.sleep(0.5)
+        return base(*args)
+
+    t.step = slow_first
+    history = t.fit(s["train"], s["val"])
+    assert history[0]["warmup_s"] >= 0.5
+    assert "warmup_s" not in history[1]
+    steps = math.ceil(len(s["train"]) / 64)
+    rows = len(s["train"]) - 2 * 64
+    assert history[0]["samples_per_s"] == pytest.approx(rows / history[0]["epoch_time_s"],
+                                                         rel=0.03)  # (times are rounded)
+    assert len(calls) == 2 * steps
