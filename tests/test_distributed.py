@@ -108,6 +108,33 @@ def test_float32_within_tolerance_and_only_rank_0_writes(tmp_path):
 
 
 @needs_mpi
+def test_resume_under_mpirun_reaches_the_one_process_weights(tmp_path):
+    """Two processes train one epoch in float64 (constant learning rate: a cosine schedule
+    would be stretched by the resume), and resume for a second from rank 0's checkpoint: the
+    weights equal one process trained for two epochs straight."""
+    data = mnist_dir()
+    if data is None:
+        pytest.skip("MNIST not found (set NNX_DATA_DIR; see tests/mnist_location.py)")
+    common = ["--limit", "1024", "--val-size", "128", "--layers", "784,16,10", "--batch-size",
+              "64", "--dtype", "float64", "--schedule", "constant", "--quiet", "--no-plots",
+              "--no-download",
+              "--data-dir", str(data)]
+    train = [sys.executable, "-m", "nnx.train"]
+    r1 = run(train + common + ["--epochs", "2", "--out", str(tmp_path / "one")])
+    r2 = run(train + common + ["--epochs", "1", "--out", str(tmp_path / "two")], k=2)
+    r3 = run(train + ["--resume", str(tmp_path / "two"), "--epochs", "2", "--quiet",
+                      "--no-plots", "--data-dir", str(data)], k=2)
+    for r in (r1, r2, r3):
+        assert r.returncode == 0, r.stdout + r.stderr
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name in a:
+        assert relative(a[name], b[name]) <= 1e-10, name
+
+
+@needs_mpi
 def test_batch_that_does_not_divide_is_one_clear_error(tmp_path):
     """Every rank fails the same way: one message (rank 0's; the others' are held back),
     every process stops, nothing is left running."""
