@@ -377,6 +377,8 @@ class TorchRefRunner(Runner):
         self.torch, self.kind, self.dtype_name = torch, kind, dtype
         self.settings = s = settings(kind)
         self.dev = torch.device(device)
+        if self.dev.type == "cuda" and self.dev.index is None:  # one label everywhere: cuda:N
+            self.dev = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self.dev)
         self.net = load_torch_state(build_torch(kind, self.dev, dtype), state, self.dev, dtype)
         self.net.train()
