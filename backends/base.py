@@ -13,6 +13,11 @@ class BackendError(RuntimeError):
     """A backend cannot be used here (library or device missing), with what to install."""
 
 
+class CompileError(RuntimeError):
+    """A training step cannot be compiled here (wrong backend, no C++ compiler), with what
+    to do."""
+
+
 class BackendMismatchError(ValueError):
     """Arrays from two backends or devices were mixed in one model."""
 
@@ -107,6 +112,17 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued device work (timing); a no-op on synchronous CPU libraries."""
+
+    def compile(self, fn, mode=None, compiler="inductor"):
+        """``fn`` compiled by the library (``nnx.step.compile_step`` uses it); only the torch
+        backend compiles (CuPy's counterpart is its fused kernels, ``backends/overrides.py``)."""
+        self.check_compile(compiler)
+        return fn
+
+    def check_compile(self, compiler="inductor") -> None:
+        """Raise CompileError, saying what to do, unless ``compile`` can work here."""
+        raise CompileError(f"--compile needs the torch backend (this run uses {self.name}); "
+                           "add --backend torch")
 
     def take_rows(self, x, index):
         """``x[index]`` along the first axis for a 1-D array of non-negative indices (the

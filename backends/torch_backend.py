@@ -1,7 +1,7 @@
 """PyTorch tensors (CPU or CUDA) through array-api-compat; autograd is never used."""
 import numpy as np
 
-from .base import Backend, BackendError
+from .base import Backend, BackendError, CompileError
 
 
 class TorchRNG:
@@ -80,6 +80,24 @@ class TorchBackend(Backend):
     def device_of(self, x):
         return x.device
 
+    def check_compile(self, compiler="inductor"):
+        if compiler == "inductor" and self.device.type != "cuda" and cxx_compiler() is None:
+            raise CompileError("--compile on the CPU needs a C++ compiler for torch.compile's "
+                               "generated code: install g++ (e.g. apt install g++, or conda "
+                               "install gxx) or set CXX, or train without --compile")
+
+    def compile(self, fn, mode=None, compiler="inductor"):
+        """``torch.compile``: C++/OpenMP kernels on the CPU; Triton kernels and CUDA graphs
+        (``mode="reduce-overhead"``) on CUDA. ``compiler`` is torch.compile's backend
+        ("eager" traces without generating code: tests use it)."""
+        self.check_compile(compiler)
+        torch = self._torch
+        if compiler != "inductor":
+            return torch.compile(fn, backend=compiler, dynamic=False)
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        return torch.compile(fn, mode=mode, dynamic=False)
+
     def take_rows(self, x, index):
         # array-api-compat's take wraps negative indices first (three more kernels per call);
         # the trainer's indices never are
@@ -103,3 +121,14 @@ class TorchBackend(Backend):
                     f"{p.total_memory / 2**30:.0f} GiB)")
         n = t.get_num_threads()
         return f"torch {t.__version__} on CPU ({n} thread{'s' * (n != 1)})"
+
+
+def cxx_compiler():
+    """The C++ compiler torch.compile's CPU code generation would use, if any."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None

@@ -74,11 +74,9 @@ class Optimizer:
         """``hyper`` for steps first_step+1, first_step+2, ... with learning rates ``lrs``,
         one device array per value (index it with the step's position): made once per
         epoch, so steps neither copy from the host nor see changing Python constants."""
-        import numpy as np
-
         rows = [self.hyper(first_step + 1 + i, lr) for i, lr in enumerate(lrs)]
-        cols = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1).T
-        return tuple(backend.from_numpy(np.ascontiguousarray(c), dtype=dtype) for c in cols)
+        return tuple(backend.xp.asarray([row[j] for row in rows], dtype=dtype,
+                                        device=backend.device) for j in range(len(rows[0])))
 
     # --- the update ---------------------------------------------------------------------
     def step(self, lr: float | None = None) -> None:

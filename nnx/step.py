@@ -8,12 +8,7 @@ nnx's hand-written backprop, no autograd — and what keeps a GPU from waiting o
 """
 from __future__ import annotations
 
-import os
-import shutil
-
-
-class CompileError(RuntimeError):
-    """``--compile`` cannot work here (wrong backend, no C++ compiler), with what to do."""
+from .backends.base import CompileError  # noqa: F401  (raised here, and re-exported)
 
 
 class TrainStep:
@@ -45,14 +40,6 @@ class TrainStep:
         return picked, correct
 
 
-def cxx_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU code generation would use, if any."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def check_compilable(backend, compiler: str = "inductor", model=None) -> None:
     """Raise CompileError, saying what to do, unless ``compile_step`` can work here.
 
@@ -62,30 +49,14 @@ def check_compilable(backend, compiler: str = "inductor", model=None) -> None:
     if model is not None and model.flat is not None:
         raise CompileError("compile a model built with flat=False (torch.compile cannot replay "
                            "parameters that are views of one flat array)")
-    if backend.name != "torch":
-        raise CompileError(f"--compile needs the torch backend (this run uses {backend.name}); "
-                           "add --backend torch")
-    on_cuda = str(backend.device).startswith("cuda")
-    if compiler == "inductor" and not on_cuda and cxx_compiler() is None:
-        raise CompileError("--compile on the CPU needs a C++ compiler for torch.compile's "
-                           "generated code: install g++ (e.g. apt install g++, or conda install "
-                           "gxx) or set CXX, or train without --compile")
+    backend.check_compile(compiler)
 
 
 def compile_step(step: TrainStep, backend, mode: str | None = None, compiler: str = "inductor"):
-    """``step`` compiled with ``torch.compile`` (C++/OpenMP kernels on the CPU; Triton
-    kernels and CUDA graphs, ``mode="reduce-overhead"``, on CUDA). Only the torch backend
-    compiles; CuPy's equivalent is its fused kernels. ``compiler`` is torch.compile's
-    ``backend`` ("eager" traces without generating code: tests use it)."""
+    """``step`` compiled by the backend (``Backend.compile``: torch.compile on the torch
+    backend), the first call run eagerly."""
     check_compilable(backend, compiler, step.model)
-    import torch
-
-    on_cuda = str(backend.device).startswith("cuda")
-    if compiler != "inductor":
-        return _EagerFirst(step, torch.compile(step, backend=compiler, dynamic=False))
-    if mode is None:
-        mode = "reduce-overhead" if on_cuda else "default"
-    return _EagerFirst(step, torch.compile(step, mode=mode, dynamic=False))
+    return _EagerFirst(step, backend.compile(step, mode, compiler))
 
 
 class _EagerFirst:

@@ -224,16 +224,14 @@ class Trainer:
     def _local_rows(self, perm, bounds):
         """This rank's rows of the epoch order ``perm`` (its shard of every global batch, in
         step order) and where each step's rows start in them."""
-        import numpy as np
-
         from .distributed import shard
 
         rows, local = [], [0]
         for lo, hi in bounds:
             a, b = shard(hi - lo, self.rank, self.world)
-            rows.append(np.arange(lo + a, lo + b))
+            rows.extend(range(lo + a, lo + b))
             local.append(local[-1] + b - a)
-        index = self.backend.from_numpy(np.concatenate(rows).astype(np.int64))
+        index = self.xp.asarray(rows, dtype=self.xp.int64, device=self.backend.device)
         return self.xp.take(perm, index, axis=0), local
 
     def _reduce(self, picked, correct, stop):

@@ -207,7 +207,7 @@ def test_compiled_step_traces_once_over_epochs_with_a_changing_learning_rate(mon
 def test_inductor_compiled_step_matches_eager():
     """One real compilation (C++ kernels on the CPU): float32 weights within tolerance."""
     torch = pytest.importorskip("torch")
-    from nnx.step import cxx_compiler
+    from nnx.backends.torch_backend import cxx_compiler
 
     if cxx_compiler() is None:
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
@@ -274,7 +274,7 @@ def test_compile_is_how_to_run_not_a_setting_of_the_run(tmp_path, monkeypatch):
 def test_inductor_compiles_a_conv_net_with_one_array_per_parameter():
     """A small batch-norm conv net through inductor: same weights as eager (float32)."""
     torch = pytest.importorskip("torch")
-    from nnx.step import cxx_compiler
+    from nnx.backends.torch_backend import cxx_compiler
 
     if cxx_compiler() is None:
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
