@@ -22,7 +22,7 @@ def build_parser():
         prog="python -m benchmarks",
         description="Benchmark nnx (per backend and device) against a PyTorch eager reference "
                     "and a plain NumPy loop: training step and inference per batch size, a full "
-                    "MNIST epoch, time to 97%%/98%% test accuracy (99%% for the cnn-fast preset), "
+                    "MNIST epoch, time to 97%/98% test accuracy (99% for the cnn-fast preset), "
                     "memory. Writes results.json, results.md and PNG charts.",
         epilog="examples:\n"
                "  python -m benchmarks                         # everything present here\n"

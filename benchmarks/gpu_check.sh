@@ -7,14 +7,62 @@
 #
 #     bash benchmarks/gpu_check.sh [WHEELS_DIR (default wheels)] [OUT_DIR]
 #
-# At most ~7.5 minutes (the parts' time limits add up to 455 s) and writes at most 8 files into OUT_DIR (default
-# benchmarks/results/gpu-check-<date>): environment.txt, pytest-gpu.txt, parity.txt,
-# train.txt, bench.txt, bench-results.json, bench-results.md, summary.txt. Each part has its own time
-# limit; one that fails or runs out of time is marked in summary.txt and the rest still run.
+# First it checks that CuPy or PyTorch can reach a CUDA device; if neither can, it says so in
+# one line and exits 2 without writing anything. Otherwise it takes at most ~7.5 minutes (the
+# parts' time limits add up to 455 s) and writes at most 8 files into OUT_DIR (default
+# runs/gpu-check-<date>, git-ignored; copy it to benchmarks/results/ to commit it):
+# environment.txt, pytest-gpu.txt, parity.txt, train.txt, bench.txt, bench-results.json,
+# bench-results.md, summary.txt. Each part has its own time limit; one that fails or runs out
+# of time is marked in summary.txt (ok, SKIPPED when all its tests/rows were skipped, FAILED,
+# TIMED OUT) and the rest still run.
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${1:-wheels}
-OUT=${2:-benchmarks/results/gpu-check-$(date +%Y-%m-%d-%H%M)}
+OUT=${2:-runs/gpu-check-$(date +%Y-%m-%d-%H%M)}
+
+# --- a usable CUDA backend, before anything else ------------------------------------------
+# nnx's own check (nnx.backends, or the checkout's backends/ when nnx is not installed); before
+# array-api-compat is installed from the wheels, CuPy and PyTorch are asked directly
+if ! PYTHONDONTWRITEBYTECODE=1 python - <<'EOF'
+import sys
+why = {}
+try:
+    import array_api_compat  # noqa: F401  (the backends need it)
+except ImportError:
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            why["cupy"] = "no CUDA device"
+    except Exception as e:
+        why["cupy"] = f"{type(e).__name__}: {e}"
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            why["torch"] = "torch.cuda.is_available() is False"
+    except Exception as e:
+        why["torch"] = f"{type(e).__name__}: {e}"
+else:
+    try:
+        from nnx.backends import BackendError, get_backend
+    except ImportError:
+        from backends import BackendError, get_backend
+    for name in ("cupy", "torch"):
+        try:
+            get_backend(name, "cuda")
+        except BackendError as e:
+            why[name] = str(e.__cause__ or e)
+        except Exception as e:
+            why[name] = f"{type(e).__name__}: {e}"
+if len(why) == 2:
+    print(f"no usable GPU: cupy@cuda: {why['cupy']}; torch@cuda: {why['torch']}. "
+          "Install CuPy for the machine's CUDA (pip install cupy-cuda12x or cupy-cuda13x) "
+          "and/or a CUDA build of PyTorch, and check that nvidia-smi sees a GPU", file=sys.stderr)
+    sys.exit(2)
+EOF
+then
+    exit 2
+fi
+
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)            # run folders and the full benchmark output stay out of OUT
@@ -22,12 +70,31 @@ trap 'rm -rf "$WORK"' EXIT
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-step() {  # step NAME SECONDS LOGFILE command...: run with a time limit, note the outcome
+all_skipped() {  # all_skipped PART_LOG [RESULTS_JSON]: the step ran, but only skips
+    if [ -n "${2:-}" ]; then  # a benchmark: every row of results.json is a skipped one
+        [ -f "$2" ] && python - "$2" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1])).get("cases", [])
+sys.exit(0 if all(r.get("kind") == "skipped" for r in rows) else 1)
+EOF
+        return
+    fi
+    # pytest -q's last line, e.g. "12 skipped, 300 deselected in 2.1s": skips, nothing passed
+    local last; last=$(tail -n 1 "$1")
+    [[ $last == *" skipped"* && $last != *passed* && $last != *failed* && $last != *error* ]]
+}
+step() {  # [STEP_RESULTS=results.json] step NAME SECONDS LOGFILE command...: run with a time
+          # limit, note the outcome (ok, SKIPPED, FAILED, TIMED OUT)
     local name=$1 limit=$2 log=$3; shift 3
-    local t0=$SECONDS rc
+    local t0=$SECONDS rc part="$WORK/part.log"
     echo "== $name (limit ${limit}s)" | tee -a "$log"
-    timeout "$limit" "$@" >> "$log" 2>&1; rc=$?
-    local what=ok; [ $rc -eq 124 ] && what="TIMED OUT" || { [ $rc -ne 0 ] && what="FAILED (rc $rc)"; }
+    timeout "$limit" "$@" > "$part" 2>&1; rc=$?
+    cat "$part" >> "$log"
+    local what=ok
+    if [ $rc -eq 124 ]; then what="TIMED OUT"
+    elif [ $rc -ne 0 ]; then what="FAILED (rc $rc)"
+    elif all_skipped "$part" "${STEP_RESULTS:-}"; then what=SKIPPED
+    fi
     printf '%-34s %-14s %4ss  (%s)\n' "$name" "$what" "$((SECONDS - t0))" "$(basename "$log")" | tee -a "$SUMMARY"
 }
 
@@ -102,8 +169,8 @@ step "train cnn-fast cuda" 45 "$OUT/train.txt" python -m nnx.train $TR --model c
 grep -h "test accuracy\|^test:\|nnx:" "$OUT/train.txt" | sed 's/^/  /' >> "$SUMMARY"
 
 # --- 4. the benchmark suite's CUDA rows (nnx cupy and torch-CUDA, PyTorch reference) -------
-step "benchmarks cuda" 100 "$OUT/bench.txt" \
-    python -m benchmarks --devices cuda --backends cupy,torch --refs torch --models mlp,cnn \
+STEP_RESULTS="$WORK/bench/results.json" step "benchmarks cuda" 100 "$OUT/bench.txt" \
+    python -m benchmarks --threads 1 --devices cuda --backends cupy,torch --refs torch --models mlp,cnn \
         --batch-sizes 128,1024 --cnn-batch-sizes 128 --repeats 3 --warmup 3 --min-time 0.02 \
         --epoch-repeats 1 --skip-accuracy --skip-layers --no-charts --out "$WORK/bench"
 for f in results.json results.md; do
