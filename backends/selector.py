@@ -26,7 +26,8 @@ def get_backend(name: str = "auto", device: str = "cpu") -> Backend:
     if name == "numpy":
         if device != "cpu":
             raise BackendError(f"the numpy backend runs on the CPU only (got --device {device}); "
-                               "use --device cuda for CuPy")
+                               + ("use --backend cupy (or auto) for CUDA" if _is_cuda(device)
+                                  else "use --device cpu, or cuda / cuda:N with --backend cupy"))
         from .numpy_backend import NumpyBackend
 
         return NumpyBackend()

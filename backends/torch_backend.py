@@ -128,7 +128,9 @@ def cxx_compiler():
     import os
     import shutil
 
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
+    if os.environ.get("CXX"):  # torch.compile uses $CXX when it is set, and only it
+        return shutil.which(os.environ["CXX"])
+    for name in ("g++", "c++", "clang++"):
+        if shutil.which(name):
             return shutil.which(name)
     return None

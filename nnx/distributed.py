@@ -282,7 +282,9 @@ def abort_on_failure(main):
             raise
         finally:
             comm = _ACTIVE
-            if code not in (0, None) and comm is not None and comm.size > 1:
+            # 130/143: Ctrl-C or SIGTERM, which the ranks agreed on and stopped at together
+            # (checkpoint saved): an orderly exit, not a failure to abort
+            if code not in (0, None, 130, 143) and comm is not None and comm.size > 1:
                 error = sys.exc_info()[1]
                 if error is not None and not isinstance(error, SystemExit):  # --debug
                     import traceback
