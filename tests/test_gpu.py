@@ -107,11 +107,11 @@ def test_cupy_fused_training_matches_numpy_and_unfused(optimizer):
     runs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed self-check would warn
-        runs["numpy"] = train_steps(nnx.get_backend("numpy"), optimizer)
-        runs["fused"] = train_steps(b, optimizer)
+        runs["numpy"] = train_steps(nnx.get_backend("numpy"), optimizer)[0]
+        runs["fused"] = train_steps(b, optimizer)[0]
         overrides.set_enabled(False)
         try:
-            runs["unfused"] = train_steps(b, optimizer)
+            runs["unfused"] = train_steps(b, optimizer)[0]
         finally:
             overrides.set_enabled(True)
     for k in ("fused", "unfused"):

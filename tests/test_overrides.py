@@ -13,8 +13,6 @@ import nnx
 from nnx.backends import overrides
 from nnx.backends.numpy_backend import NumpyBackend
 from nnx.losses import SoftmaxCrossEntropy
-from nnx.optim import make_optimizer
-from nnx.step import TrainStep
 
 
 class FakeBackend(NumpyBackend):
@@ -90,26 +88,11 @@ def _register(name, ops):
 
 
 def _train(backend, optimizer, steps=6, dtype="float64"):
-    """A few steps of a small MLP (the lean TrainStep, as the Trainer runs it); returns the
-    final flat weights and the per-step (Σ log p, correct)."""
-    rng = np.random.default_rng(0)
-    x = backend.from_numpy(rng.standard_normal((32, 12)), dtype=backend.dtype(dtype))
-    y = rng.integers(0, 4, 32)
-    t = backend.from_numpy(np.eye(4)[y], dtype=backend.dtype(dtype))
-    model = nnx.mlp([12, 16, 8, 4], backend=backend, dtype=dtype, seed=3)
-    opt = make_optimizer(optimizer, model.named_parameters(), lr=0.05, weight_decay=0.01,
-                         clip_norm=1.0, xp=model.xp)
-    loss = SoftmaxCrossEntropy()
-    opt.backend = loss.backend = backend  # what the Trainer does
-    step = TrainStep(model, loss, opt)
-    stats = []
-    for k in range(steps):
-        lo = (8 * k) % 32
-        opt.steps += 1
-        hyper = opt.hyper(opt.steps, opt.lr)
-        p, c = step(x[lo:lo + 8], t[lo:lo + 8], hyper)
-        stats.append((float(p), float(c)))
-    return np.concatenate([backend.to_numpy(p.value).ravel() for p in model.parameters()]), stats
+    """A few steps of a small MLP (the lean TrainStep, as the Trainer runs it): the final
+    flat weights and the per-step (Σ log p, correct)."""
+    from tests_helpers_train import train_steps
+
+    return train_steps(backend, optimizer, steps, dtype)
 
 
 @pytest.mark.parametrize("optimizer", ["nesterov", "adam", "adamw"])

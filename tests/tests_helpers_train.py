@@ -12,7 +12,8 @@ from nnx.step import TrainStep
 
 
 def train_steps(backend, optimizer, steps=6, dtype="float64"):
-    """Final weights (flat, on the host) after ``steps`` steps with clipping and decay."""
+    """Final weights (flat, on the host) after ``steps`` steps with clipping and decay, and
+    each step's (Σ log p, correct)."""
     with backend.activate():
         rng = np.random.default_rng(0)
         x = backend.from_numpy(rng.standard_normal((32, 12)), dtype=backend.dtype(dtype))
@@ -23,11 +24,14 @@ def train_steps(backend, optimizer, steps=6, dtype="float64"):
         loss = SoftmaxCrossEntropy()
         opt.backend = loss.backend = backend  # what the Trainer does
         step = TrainStep(model, loss, opt)
+        stats = []
         for k in range(steps):
             lo = (8 * k) % 32
             opt.steps += 1
-            step(x[lo:lo + 8], t[lo:lo + 8], opt.hyper(opt.steps, opt.lr))
-        return np.concatenate([backend.to_numpy(p.value).ravel() for p in model.parameters()])
+            p, c = step(x[lo:lo + 8], t[lo:lo + 8], opt.hyper(opt.steps, opt.lr))
+            stats.append((float(p), float(c)))
+        weights = [backend.to_numpy(p.value).ravel() for p in model.parameters()]
+        return np.concatenate(weights), stats
 
 
 def synthetic_digits(n_train=1200, n_test=300, seed=0):
