@@ -31,11 +31,16 @@ class SoftmaxCrossEntropy:
     Fusing keeps it stable (log-softmax subtracts the row max) and the gradient collapses to
     (softmax(z) − y) / N (docs/backprop.md). ``target`` is integer class labels (N,) or a
     probability matrix (N, C).
+
+    ``check_labels=True`` makes ``forward`` refuse labels outside 0..C−1 (a ValueError, as
+    torch raises) at the cost of one host read per call; by default labels are trusted (the
+    trainer's data are checked once when loaded) and an out-of-range label matches no class.
     """
 
-    def __init__(self):
+    def __init__(self, check_labels: bool = False):
         self._classes = None
         self._ns_type = self.xp = None
+        self.check_labels = bool(check_labels)
 
     def one_hot(self, y, num_classes, dtype):
         xp = self.xp
@@ -54,6 +59,9 @@ class SoftmaxCrossEntropy:
         if target.ndim == 1:
             if target.shape[0] != n:
                 raise ShapeError(f"SoftmaxCrossEntropy: {n} logits rows but {target.shape[0]} labels")
+            if self.check_labels and n and bool(xp.any((target < 0) | (target >= c))):
+                raise ValueError(f"SoftmaxCrossEntropy: labels must be in 0..{c - 1} for {c} "
+                                 "classes; some are outside")
             target = self.one_hot(target, c, logits.dtype)
         elif tuple(target.shape) != (n, c):
             raise ShapeError(f"SoftmaxCrossEntropy: target shape {tuple(target.shape)} does not "

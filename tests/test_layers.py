@@ -414,3 +414,21 @@ def test_mse_matches_numpy(backend, rng):
     value = loss.forward(arr(backend, o_np, backend.float64), arr(backend, t_np, backend.float64))
     assert float(value) == pytest.approx(np.mean((o_np - t_np) ** 2), rel=1e-12)
     np.testing.assert_allclose(host(backend, loss.backward()), 2 * (o_np - t_np) / 12, rtol=1e-12)
+
+
+def test_cross_entropy_checks_labels_on_request(backend):
+    """By default an out-of-range label matches no class (no per-step host read); with
+    check_labels=True it is refused, as torch refuses it."""
+    torch = pytest.importorskip("torch")
+    z_np = np.random.default_rng(0).standard_normal((3, 4))
+    z = arr(backend, z_np, backend.float64)
+    bad = arr(backend, np.array([0, 4, 1]))
+    assert np.isfinite(float(nnx.SoftmaxCrossEntropy().forward(z, bad)))
+    with pytest.raises(ValueError, match="0..3"):
+        nnx.SoftmaxCrossEntropy(check_labels=True).forward(z, bad)
+    with pytest.raises((IndexError, RuntimeError)):
+        torch.nn.functional.cross_entropy(torch.tensor(z_np), torch.tensor([0, 4, 1]))
+    good = arr(backend, np.array([0, 3, 1]))
+    expected = float(torch.nn.functional.cross_entropy(torch.tensor(z_np), torch.tensor([0, 3, 1])))
+    assert float(nnx.SoftmaxCrossEntropy(check_labels=True).forward(z, good)) == pytest.approx(
+        expected, rel=1e-12)
