@@ -281,18 +281,31 @@ def check_position(state: dict, steps_per_epoch: int, where="checkpoint") -> Non
             "run's own data and settings")
 
 
+def _normalized(architecture):
+    """Layer specs as today's layers write them (arguments added since, like Conv2D's
+    ``method``, filled in with their defaults), so older checkpoints compare equal."""
+    from .spec import layer_from_spec, layer_to_spec
+
+    try:
+        return [layer_to_spec(layer_from_spec(s)) for s in architecture]
+    except (ValueError, TypeError, KeyError):
+        return architecture
+
+
 def check_architecture(model, state: dict, where) -> None:
     """Refuse to load a checkpoint into a model of another shape, saying what differs."""
-    have, want = model.architecture(), state["architecture"]
+    have, want = model.architecture(), _normalized(state["architecture"])
     if have != want or list(model.input_shape) != list(state["input_shape"]):
         describe = lambda arch: " → ".join(
             str(s.get("type")) + (f"({s.get('in_features')}→{s.get('out_features')})"
                                   if s.get("type") == "Dense" else "")
             for s in arch if isinstance(s, dict))
+        differ = next((f"\n  first difference, layer {i}: checkpoint {w} vs model {h}"
+                       for i, (w, h) in enumerate(zip(want, have)) if w != h), "")
         raise CheckpointError(
             f"{where}: checkpoint architecture does not match the model\n"
             f"  checkpoint: input {state['input_shape']}: {describe(want)}\n"
-            f"  model:      input {list(model.input_shape)}: {describe(have)}")
+            f"  model:      input {list(model.input_shape)}: {describe(have)}{differ}")
 
 
 # --- the Trainer's persistence (Trainer.save / Trainer.resume call these) ---------------------

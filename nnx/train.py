@@ -530,10 +530,36 @@ def run_config(cfg: dict, backend) -> dict:
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
-def build_model(cfg: dict, backend, flat: bool = True):
+def _saved_architecture(run_dir):
+    """(layer specs, input shape) of a run's latest checkpoint, or None (no checkpoint yet,
+    or an unreadable one: the resume reports that)."""
+    from .checkpoint import CheckpointError, latest_checkpoint, read_state
+
+    try:
+        state = read_state(latest_checkpoint(run_dir))
+        return state["architecture"], tuple(state["input_shape"])
+    except (CheckpointError, KeyError, TypeError):
+        return None
+
+
+def build_model(cfg: dict, backend, flat: bool = True, saved=None):
     """The MLP from --layers/--activation/--dropout, or the --model/--arch spec network
-    (``flat``: parameters in one array; ``nnx.step.compile_step`` needs it off)."""
+    (``flat``: parameters in one array; ``nnx.step.compile_step`` needs it off). A resumed
+    run passes its checkpoint's ``saved`` (layer specs, input shape): the model is rebuilt
+    exactly as it was trained, also when the spec builder has changed since (e.g. the
+    presets' convolutions lost their bias before batch norm)."""
     from .model import Sequential, mlp
+
+    if saved is not None:
+        from .spec import layer_from_spec
+
+        try:
+            layers = [layer_from_spec(s) for s in saved[0]]
+        except (ValueError, TypeError, KeyError):
+            layers = None  # the resume's checks name what is wrong with the checkpoint
+        if layers is not None:
+            return Sequential(layers, saved[1], backend=backend, dtype=cfg["dtype"],
+                              seed=cfg["seed"], flat=flat)
 
     if cfg["arch"] or cfg["model"] != "mlp":
         from .architectures import build_layers, spec_input_shape
@@ -625,7 +651,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    model = build_model(cfg, backend, flat=not compile_step)
+    model = build_model(cfg, backend, flat=not compile_step,
+                        saved=_saved_architecture(run_dir) if cfg.get("resume") else None)
     splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
                          limit=cfg["limit"], flatten=len(model.input_shape) == 1,
                          num_classes=NUM_CLASSES)

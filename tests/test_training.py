@@ -380,3 +380,26 @@ def test_the_first_steps_are_timed_apart_from_the_epoch():
     sps, secs = history[0]["samples_per_s"], history[0]["epoch_time_s"]  # (times are rounded)
     assert abs(sps - rows / secs) < abs(sps - (rows + 2 * 64) / secs)  # warm-up rows left out
     assert len(calls) == 2 * steps
+
+
+def test_a_resume_rebuilds_the_model_its_checkpoint_was_trained_as():
+    """A checkpoint's own layer specs rebuild the model, also when the spec builder changed
+    since (the CNN presets' convolutions had a bias before batch norm, and Conv2D had no
+    ``method`` argument): architecture checks compare with today's defaults filled in."""
+    from nnx.checkpoint import check_architecture
+    from nnx.train import DEFAULTS, build_model
+
+    old_specs = [{"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3,
+                  "stride": 1, "padding": 1, "bias": True, "init": "he_normal"},
+                 {"type": "BatchNorm", "num_features": 4, "eps": 1e-5, "momentum": 0.1},
+                 {"type": "Flatten"}, {"type": "Dense", "in_features": 3136, "out_features": 10,
+                                       "init": "he_normal", "bias": True}]
+    cfg = dict(DEFAULTS, arch="conv:4,bn,flatten,dense:10")
+    b = nnx.get_backend("numpy")
+    model = build_model(cfg, b, saved=(old_specs, (1, 28, 28)))
+    assert model.layers[0].use_bias  # as trained, not as today's builder would make it
+    check_architecture(model, {"architecture": old_specs, "input_shape": [1, 28, 28]}, "ckpt")
+    today = build_model(cfg, b)
+    assert not today.layers[0].use_bias
+    with pytest.raises(CheckpointError, match="first difference, layer 0"):
+        check_architecture(today, {"architecture": old_specs, "input_shape": [1, 28, 28]}, "ckpt")
