@@ -11,8 +11,17 @@ INSTALL_HINT = (
 
 class CupyRNG:
     """Dropout masks and shuffles drawn on the GPU (no host copies) by one counter-based
-    generator (Philox4x32-10): ``reseed`` restarts it from a seed without creating a cuRAND
-    generator, so the per-epoch reseeding costs one tiny state-initialisation kernel."""
+    generator (Philox4x32-10, cuRAND's device API through ``cupy.random.Generator``; no
+    host-side cuRAND generator is created). ``reseed`` restarts it from a seed: a fresh
+    ``Philox4x3210`` of ``STATES`` states (16 MiB, one initialisation kernel).
+
+    CuPy's generator kernels give element i the (i // size)-th draw of state i % size, and
+    ``size`` defaults to 2048 x the GPU's SM count, so the numbers for a seed would differ
+    between GPU models; a fixed ``size`` makes them depend on the seed alone.
+    ``Generator`` has no ``permutation`` (cupy/cupy#4557): orders are argsorted uniforms."""
+
+    #: cuRAND states per generator (Philox4x3210's ``size``): fixed, see above
+    STATES = 1 << 18  # about what CuPy picks on a 128-SM GPU
 
     def __init__(self, backend, seed):
         import cupy
@@ -24,7 +33,8 @@ class CupyRNG:
     def reseed(self, seed):
         self.seed = int(seed)
         with self.backend.device:
-            self._gen = self._cupy.random.Generator(self._cupy.random.Philox4x3210(self.seed))
+            self._gen = self._cupy.random.Generator(
+                self._cupy.random.Philox4x3210(self.seed, size=self.STATES))
 
     def normal(self, shape, std=1.0, dtype=None):
         with self.backend.device:
@@ -91,8 +101,9 @@ class CupyBackend(Backend):
         except Exception as e:
             raise BackendError(f"CuPy is installed but no CUDA GPU is usable ({e}); "
                                "check the NVIDIA driver, or use --device cpu") from e
-        if index >= count:
-            raise BackendError(f"{device}: only {count} CUDA device(s) visible")
+        if not 0 <= index < count:
+            raise BackendError(f"{device}: only {count} CUDA device(s) visible "
+                               f"(cuda:0 to cuda:{count - 1})")
         self._cupy = cupy
         self.xp = xp_cupy
         self.device = _labelled_device_class()(index)  # str(): "cuda:N"
@@ -116,7 +127,9 @@ class CupyBackend(Backend):
         return x.get()
 
     def device_of(self, x):
-        return x.device
+        # the same label as self.device ("cuda:N", not "<CUDA Device N>"); compares equal
+        # to any cupy.cuda.Device of that id
+        return _labelled_device_class()(x.device.id)
 
     def synchronize(self):
         self.device.synchronize()

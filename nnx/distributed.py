@@ -163,25 +163,47 @@ class NCCLCommunicator(Communicator):
         import cupy
         from cupy.cuda import nccl
 
+        if not getattr(nccl, "available", True):  # CuPy without NCCL: no names to call
+            raise DistributedError("CuPy cannot load NCCL (cupy.cuda.nccl.available is False): "
+                                   "install NCCL where CuPy finds it (CuPy's installation "
+                                   "guide, 'Optional libraries'), or train with --device cpu")
         self.cupy, self.nccl = cupy, nccl
         if device_id is None:
             device_id = self.local_rank % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(int(device_id)).use()
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = self.comm.bcast(uid, root=0)
-        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self.device_id = int(device_id)
+        # CuPy 14: get_unique_id() -> bytes, NcclCommunicator(ndev, commId: bytes, rank);
+        # older CuPy used a tuple for both: passed through unchanged, either works. The
+        # communicator belongs to the device current when it is made: this one, which also
+        # stays the process's current device (create_communicator's promise).
+        self.device = cupy.cuda.Device(self.device_id)
+        self.device.use()
+        with self.device:
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            uid = self.comm.bcast(uid, root=0)
+            self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._kinds = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
+                       "float16": nccl.NCCL_FLOAT16}
 
     def allreduce_sum_(self, x):
         if self.size == 1 or host_buffer(x) is not None:
             return super().allreduce_sum_(x)
-        nccl = self.nccl
-        kinds = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
-                 "float16": nccl.NCCL_FLOAT16}
-        if not x.flags.c_contiguous:
-            raise DistributedError("NCCL allreduce needs a contiguous array")
-        stream = self.cupy.cuda.get_current_stream()
-        self.nccl_comm.allReduce(x.data.ptr, x.data.ptr, x.size, kinds[str(x.dtype)],
-                                 nccl.NCCL_SUM, stream.ptr)
+        kind = self._kinds.get(str(x.dtype))
+        if kind is None:
+            raise DistributedError(f"NCCL allreduce: no NCCL type for {x.dtype} here "
+                                   f"(use {', '.join(self._kinds)})")
+        if x.data.device_id != self.device_id:
+            raise DistributedError(f"NCCL allreduce: array on cuda:{x.data.device_id}, "
+                                   f"communicator on cuda:{self.device_id}")
+        if x.size == 0:
+            return x
+        with self.device:  # the stream of the communicator's device, whatever is current
+            buf = x if x.flags.c_contiguous else self.cupy.ascontiguousarray(x)
+            stream = self.cupy.cuda.get_current_stream()
+            # allReduce(sendbuf, recvbuf, count, datatype, op, stream): in place is allowed
+            self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind,
+                                     self.nccl.NCCL_SUM, stream.ptr)
+            if buf is not x:  # a strided view: write the sum back
+                x[...] = buf
         return x
 
 

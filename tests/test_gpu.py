@@ -55,12 +55,22 @@ def _op_cases(b, dtype):
     relu.build(b, b.dtype(dtype), None, (300,))
     x = a(257, 300)
     x[0, :3] = 0.0
-    logits = a(1000, 10) * 4
-    onehot = b.from_numpy(np.eye(10)[rng.integers(0, 10, 1000)], dtype=b.dtype(dtype))
     cases = [("relu_forward", relu._train_forward, (x,)),
-             ("relu_backward", _times, (a(257, 300), b.xp.astype(x > 0, x.dtype))),
-             ("softmax_xent", SoftmaxCrossEntropy._softmax_xent,
-              (SoftmaxCrossEntropy(), logits, onehot))]
+             ("relu_backward", _times, (a(257, 300), b.xp.astype(x > 0, x.dtype)))]
+    conv = ReLU()
+    conv.build(b, b.dtype(dtype), None, (3, 5, 5))
+    cases.append(("relu_forward", conv._train_forward, (a(4, 3, 5, 5)[:, :, 1:, :],)))  # strided
+    # the softmax kernel is one 256-thread block striding over rows, each thread looping
+    # over its rows' classes: fewer rows than threads, not a multiple of 256, >1024 of each
+    for n, c in ((1000, 10), (1, 10), (3, 1500), (1025, 1025), (300, 1)):
+        logits = a(n, c) * 4
+        logits[0, 1 % c] = logits[0, 0]  # a tie: both count, as on the standard path
+        onehot = b.from_numpy(np.eye(c)[rng.integers(0, c, n)], dtype=b.dtype(dtype))
+        cases.append(("softmax_xent", SoftmaxCrossEntropy._softmax_xent,
+                      (SoftmaxCrossEntropy(), logits, onehot)))
+    soft = b.from_numpy(rng.dirichlet(np.ones(10), 50), dtype=b.dtype(dtype))  # soft targets
+    cases.append(("softmax_xent", SoftmaxCrossEntropy._softmax_xent,
+                  (SoftmaxCrossEntropy(), a(50, 10), soft)))
     for name, wd in (("nesterov", 0.0), ("nesterov", 5e-4), ("adam", 0.0), ("adam", 0.01),
                      ("adamw", 0.01)):
         p = Parameter("w", a(10_007))
@@ -81,16 +91,42 @@ def test_cupy_kernels_match_the_standard_path(dtype):
     rtol, atol = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}[dtype]
     copy = lambda args: overrides._copy(b, args)
     seen = set()
-    for name, reference, args in _op_cases(b, dtype):
-        impl = overrides.REGISTRY["cupy"][name]
-        ref_in, new_in = copy(args), copy(args)
-        want = [b.to_numpy(v) for v in overrides._arrays((reference(*ref_in), ref_in))]
-        got = [b.to_numpy(v) for v in overrides._arrays((impl(*new_in), new_in))]
-        assert len(got) == len(want), name
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=name)
-        seen.add(name)
+    with b.activate():
+        for name, reference, args in _op_cases(b, dtype):
+            impl = overrides.REGISTRY["cupy"][name]
+            ref_in, new_in = copy(args), copy(args)
+            want = [b.to_numpy(v) for v in overrides._arrays((reference(*ref_in), ref_in))]
+            got = [b.to_numpy(v) for v in overrides._arrays((impl(*new_in), new_in))]
+            assert len(got) == len(want), name
+            shape = [tuple(v.shape) for v in overrides._arrays(args)]
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype, (name, shape)
+                np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{name} {shape}")
+            seen.add(name)
     assert seen == set(overrides.listed("cupy")) and cupy_kernels is not None
+
+
+@pytest.mark.gpu
+def test_cupy_rng_draws_on_its_device_and_restarts():
+    """Philox through cupy.random.Generator: shapes and dtypes asked for, a true
+    permutation, the same numbers after reseed with the same seed."""
+    b = _cupy_or_skip()
+    cupy = b._cupy
+    rng = b.device_rng(7)
+    u = rng.uniform((1000,), 2.0, 3.0, dtype=cupy.float64)
+    z = rng.normal((4, 5), std=2.0)
+    m = rng.bernoulli((3, 1000), 0.25, dtype=cupy.float64)
+    perm = rng.permutation(1001)
+    assert u.dtype == cupy.float64 and z.dtype == cupy.float32 and z.shape == (4, 5)
+    assert m.dtype == cupy.float64 and m.shape == (3, 1000)
+    assert perm.dtype == cupy.int64 and u.device.id == b.device.id
+    assert 2.0 <= float(u.min()) and float(u.max()) <= 3.0
+    assert 0.15 < float(m.mean()) < 0.35
+    np.testing.assert_array_equal(np.sort(b.to_numpy(perm)), np.arange(1001))
+    rng.reseed(7)
+    np.testing.assert_array_equal(b.to_numpy(rng.uniform((1000,), 2.0, 3.0,
+                                                         dtype=cupy.float64)), b.to_numpy(u))
+    assert str(b.device_of(u)) == str(b.device)
 
 
 @pytest.mark.gpu
