@@ -160,7 +160,17 @@ def test_disabled_overrides_are_not_called(fresh):
     assert not overrides._CHECKED
 
 
-def test_no_fused_option_turns_overrides_off(fresh, tmp_path, monkeypatch):
+@pytest.fixture
+def synthetic(monkeypatch):
+    """The CLI sees synthetic digits (no MNIST needed)."""
+    import nnx.datasets as ds
+    from tests_helpers_train import synthetic_digits
+
+    data = synthetic_digits(n_train=700, n_test=120)
+    monkeypatch.setattr(ds, "load", lambda *a, **k: data)
+
+
+def test_no_fused_option_turns_overrides_off(fresh, tmp_path, monkeypatch, synthetic):
     """Through the CLI: a backend's counting override runs in a normal run and not under
     --no-fused."""
     import nnx.backends
@@ -178,7 +188,7 @@ def test_no_fused_option_turns_overrides_off(fresh, tmp_path, monkeypatch):
     assert overrides.enabled() and calls
 
 
-def test_checkpoint_every(tmp_path, monkeypatch):
+def test_checkpoint_every(tmp_path, monkeypatch, synthetic):
     """Checkpoints are written after epochs 2 and 4 (every 2nd) and 5 (the last) only —
     counted as they are written (the folder keeps just the newest two)."""
     import nnx.checkpoint as checkpoint
