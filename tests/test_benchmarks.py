@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 
+from mnist_location import SKIP_REASON, mnist_dir
+
 from benchmarks import impls
 from benchmarks.timing import summarize
 from nnx.backends import get_backend
@@ -386,6 +388,8 @@ def test_accuracy_and_layer_rows_carry_rates(tmp_path):
     torch = pytest.importorskip("torch")
     from benchmarks.cli import main
 
+    if mnist_dir() is None:  # the suite skips accuracy on synthetic data
+        pytest.skip(SKIP_REASON)
     threads_before = torch.get_num_threads()
     assert main(["--quick", "--backends", "numpy", "--refs", "torch", "--models", "mlp,cnn,cnn-fast",
                  "--skip-steps", "--skip-epoch", "--repeats", "2", "--threads", "1",
