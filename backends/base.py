@@ -124,6 +124,11 @@ class Backend:
         raise CompileError(f"--compile needs the torch backend (this run uses {self.name}); "
                            "add --backend torch")
 
+    def host_view(self, x):
+        """A NumPy array sharing ``x``'s memory (writes reach ``x``), or None when the library
+        cannot give one (a GPU array): MPI then sums ``x`` in place (nnx.distributed)."""
+        return None
+
     def take_rows(self, x, index):
         """``x[index]`` along the first axis for a 1-D array of non-negative indices (the
         trainer's batch gather): ``xp.take``, unless the library has a cheaper call."""

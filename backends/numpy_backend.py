@@ -20,6 +20,9 @@ class NumpyBackend(Backend):
     def device_of(self, x):
         return "cpu"
 
+    def host_view(self, x):
+        return x
+
     def describe(self):
         try:
             from threadpoolctl import threadpool_info

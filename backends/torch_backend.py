@@ -98,6 +98,9 @@ class TorchBackend(Backend):
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         return torch.compile(fn, mode=mode, dynamic=False)
 
+    def host_view(self, x):
+        return x.detach().numpy() if x.device.type == "cpu" else None
+
     def take_rows(self, x, index):
         # array-api-compat's take wraps negative indices first (three more kernels per call);
         # the trainer's indices never are

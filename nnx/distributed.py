@@ -53,22 +53,6 @@ def _mpi():
     return MPI
 
 
-def host_buffer(x):
-    """A NumPy array sharing ``x``'s memory (writes reach ``x``), or None when ``x`` lives
-    on a GPU. NumPy arrays are their own buffer, array-api-strict wraps one, torch CPU
-    tensors expose theirs through ``.numpy()``."""
-    import numpy as np
-
-    if isinstance(x, np.ndarray):
-        return x
-    inner = getattr(x, "_array", None)  # array_api_strict.Array
-    if isinstance(inner, np.ndarray):
-        return inner
-    if type(x).__module__.startswith("torch"):
-        return x.detach().numpy() if x.device.type == "cpu" else None
-    return None
-
-
 class Communicator:
     """``rank``/``size`` of this process among the K, and the collectives training needs.
 
@@ -78,8 +62,9 @@ class Communicator:
 
     name = "mpi"
 
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, backend=None):
         MPI = _mpi()
+        self.backend = backend  # the arrays' backend: how to reach their memory (host_view)
         self.MPI = MPI
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -91,14 +76,12 @@ class Communicator:
         """Sum ``x`` over all processes, in place; returns ``x``."""
         if self.size == 1:
             return x
-        buf = host_buffer(x)
-        if buf is None:  # a torch CUDA tensor: stage through the host
-            import numpy as np
-            import torch
-
-            host = np.ascontiguousarray(x.detach().cpu().numpy())
+        backend = self._backend_of(x)
+        buf = backend.host_view(x)
+        if buf is None:  # a GPU array without NCCL (torch CUDA): stage through the host
+            host = backend.to_numpy(x)
             self.comm.Allreduce(self.MPI.IN_PLACE, host)
-            x.copy_(torch.from_numpy(host))
+            x[...] = backend.from_numpy(host, dtype=x.dtype)
             return x
         if buf.flags.c_contiguous:
             self.comm.Allreduce(self.MPI.IN_PLACE, buf)
@@ -109,6 +92,13 @@ class Communicator:
             self.comm.Allreduce(self.MPI.IN_PLACE, tmp)
             buf[...] = tmp
         return x
+
+    def _backend_of(self, x):
+        if self.backend is None or not isinstance(x, self.backend.array_type):
+            from .backends import backend_of
+
+            self.backend = backend_of(x)
+        return self.backend
 
     def allreduce_scalars(self, values) -> list[float]:
         """Sums over all processes of a few numbers (0-D arrays are read from the device)."""
@@ -158,8 +148,8 @@ class NCCLCommunicator(Communicator):
 
     name = "nccl"
 
-    def __init__(self, mpi_comm=None, device_id=None):
-        super().__init__(mpi_comm)
+    def __init__(self, mpi_comm=None, device_id=None, backend=None):
+        super().__init__(mpi_comm, backend)
         import cupy
         from cupy.cuda import nccl
 
@@ -185,7 +175,7 @@ class NCCLCommunicator(Communicator):
                        "float16": nccl.NCCL_FLOAT16}
 
     def allreduce_sum_(self, x):
-        if self.size == 1 or host_buffer(x) is not None:
+        if self.size == 1 or self._backend_of(x).host_view(x) is not None:
             return super().allreduce_sum_(x)
         kind = self._kinds.get(str(x.dtype))
         if kind is None:
@@ -212,9 +202,9 @@ def create_communicator(backend=None) -> Communicator:
     on its GPU: the backend's (the caller picks ``cuda:<local rank>`` for plain ``cuda``)."""
     global _ACTIVE
     if backend is not None and getattr(backend, "name", "") == "cupy":
-        comm = NCCLCommunicator(device_id=getattr(backend.device, "id", None))
+        comm = NCCLCommunicator(device_id=getattr(backend.device, "id", None), backend=backend)
     else:
-        comm = Communicator()
+        comm = Communicator(backend=backend)
     _ACTIVE = comm
     return comm
 

@@ -275,3 +275,13 @@ def test_mismatch_error_is_a_value_error():
     # callers catching ValueError for bad inputs also catch device mix-ups
     assert issubclass(BackendMismatchError, ValueError)
     assert issubclass(BackendError, RuntimeError)
+
+
+def test_host_view_shares_memory_on_cpu_backends(backend):
+    """MPI sums gradients in place through host_view: a write to the view reaches the array."""
+    x = backend.from_numpy(np.zeros(3), dtype=backend.float64)
+    view = backend.host_view(x)
+    if view is None:
+        pytest.skip(f"{backend} gives no host view (arrays are staged through the host)")
+    view[1] = 5.0
+    np.testing.assert_array_equal(backend.to_numpy(x), [0.0, 5.0, 0.0])
