@@ -56,6 +56,14 @@ def one_error_line(err: str) -> str:
 
 # --- CLI values ------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--layers", "784,64,9"], "must start at 784"),
+    (["--layers", "100,64,10"], "must start at 784"),
+    (["--backend", "nope"], "invalid choice"),
+    (["--dropout", "1.5"], "--dropout must be in"),
+    (["--arch", "conv:8,flatten,dense:7"], "must end with 10 outputs"),
+    (["--arch", "conv:8,wat"], "unknown layer token"),
     (["--lr", "inf"], "--lr: must be a finite number"),
     (["--lr", "nan"], "--lr: must be a finite number"),
     (["--weight-decay", "nan"], "--weight-decay: must be a finite number"),
