@@ -134,6 +134,32 @@ class Backend:
         trainer's batch gather): ``xp.take``, unless the library has a cheaper call."""
         return self.xp.take(x, index, axis=0)
 
+    def affine(self, x, w, b=None):
+        """``x @ wᵀ + b`` (Dense's forward; ``b`` may be None): libraries with a fused
+        multiply-add (torch's ``addmm``) do it in one call."""
+        y = x @ w.T
+        if b is not None:
+            y += b  # in place: y is the matmul's fresh output (saves a copy)
+        return y
+
+    def matmul(self, a, b, out=None):
+        """``a @ b``, written into ``out`` when one is given (a parameter's gradient view in
+        flat storage, ``Parameter.grad_out``): libraries with ``out=`` write it there
+        directly; the standard path copies the product in."""
+        y = a @ b
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
+    def sum(self, x, axis, out=None):
+        """``xp.sum(x, axis=axis)``, written into ``out`` when one is given (see ``matmul``)."""
+        y = self.xp.sum(x, axis=axis)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
     def describe(self) -> str:
         """One line: library, version, device (and memory where known)."""
         raise NotImplementedError

@@ -25,12 +25,13 @@ def _kernels():
 
     k = {}
     k["relu_forward"] = cupy.ElementwiseKernel(
-        "T x", "T y, T mask",
-        # max(0, x) with NaN passed through, as xp.maximum does; mask = 1 where x > 0
-        "mask = x > (T)0 ? (T)1 : (T)0; y = (x > (T)0 || x != x) ? x : (T)0;",
+        "T x", "T y",
+        # max(0, x) with NaN passed through, as xp.maximum does
+        "y = (x > (T)0 || x != x) ? x : (T)0;",
         "nnx_relu_forward", options=_OPTIONS)
-    k["relu_backward"] = cupy.ElementwiseKernel(
-        "T g, T mask", "T y", "y = g * mask;", "nnx_relu_backward", options=_OPTIONS)
+    k["relu_backward"] = cupy.ElementwiseKernel(  # grad · [y > 0], y the forward's output
+        "T g, T y", "T dx", "dx = g * (y > (T)0 ? (T)1 : (T)0);", "nnx_relu_backward",
+        options=_OPTIONS)
     # Nesterov (torch's convention): d = g + λp; v ← μv + d; p ← p − lr·(d + μv)
     k["nesterov"] = cupy.ElementwiseKernel(
         "T g, T lr, T mu, T wd", "T p, T v",
@@ -125,8 +126,8 @@ def relu_forward(x):
 
 
 @register("cupy", "relu_backward")
-def relu_backward(grad, mask):
-    return _kernels()["relu_backward"](grad, mask)
+def relu_backward(grad, y):
+    return _kernels()["relu_backward"](grad, y)
 
 
 @register("cupy", "softmax_xent")

@@ -23,6 +23,12 @@ class NumpyBackend(Backend):
     def host_view(self, x):
         return x
 
+    def matmul(self, a, b, out=None):
+        return np.matmul(a, b, out=out)
+
+    def sum(self, x, axis, out=None):
+        return np.sum(x, axis=axis, out=out)
+
     def describe(self):
         try:
             from threadpoolctl import threadpool_info

@@ -2,7 +2,8 @@
 
 Layers, losses and optimizers keep their Array-API code as the *reference* implementation
 and call it through ``backend.op(name, reference)``. A backend may register a faster
-implementation of a named operation here (CuPy's fused kernels, ``backends/cupy_kernels.py``);
+implementation of a named operation here (CuPy's fused kernels, ``backends/cupy_kernels.py``;
+PyTorch's fused calls, ``backends/torch_ops.py``);
 every other backend gets the reference back unchanged, so nothing branches on the library.
 
 An override takes the same arguments as the reference it replaces and returns the same
@@ -14,8 +15,8 @@ the op, and the reference is used for the rest of the run. ``set_enabled(False)`
 
 Named operations (arguments as the call sites pass them):
 
-- ``relu_forward(x) -> (y, mask)``            ReLU in training: max(0, x) and its 0/1 mask
-- ``relu_backward(grad, mask) -> grad·mask``  ReLU's backward
+- ``relu_forward(x) -> y``                     ReLU in training: max(0, x)
+- ``relu_backward(grad, y) -> grad·[y > 0]``   ReLU's backward from its output y
 - ``softmax_xent(loss, logits, target) -> (Σ log p(target), correct, dlogits)``
   softmax-cross-entropy forward, running loss/accuracy terms and backward in one pass
 - ``nesterov_update(opt, p, g, slots, hyper)``  one Nesterov step over flat buffers (in place)
@@ -59,16 +60,28 @@ def enabled() -> bool:
     return _STATE["enabled"]
 
 
+#: the module registering each backend's overrides, imported on first use (needs no GPU)
+PROVIDERS = {"cupy": "cupy_kernels", "torch": "torch_ops"}
+
+
+def _load(backend_name: str) -> dict:
+    module = PROVIDERS.get(backend_name)
+    if module is not None:
+        import importlib
+
+        importlib.import_module(f"{__package__}.{module}")  # registers on import
+    return REGISTRY.get(backend_name, {})
+
+
 def listed(backend_name: str) -> list[str]:
     """The ops ``backend_name`` replaces (after loading its kernels), in ``OPS`` order."""
-    if backend_name == "cupy":
-        from . import cupy_kernels  # noqa: F401  (registers on import; needs no GPU)
-    return [name for name in OPS if name in REGISTRY.get(backend_name, {})]
+    ops = _load(backend_name)
+    return [name for name in OPS if name in ops]
 
 
 def bind(backend, name: str, reference):
     """``reference`` itself, or ``backend``'s override of ``name`` wrapped in its self-check."""
-    impl = REGISTRY.get(backend.name, {}).get(name)
+    impl = _load(backend.name).get(name)
     if impl is None:
         return reference
     return Checked(backend, name, impl, reference)
@@ -160,9 +173,9 @@ def _sample_relu_forward(backend, args, rng):
 
 
 def _sample_relu_backward(backend, args, rng):
-    grad, mask = args
-    m = (rng.standard_normal((7, 5)) > 0).astype(np.float64)
-    return _like(backend, rng, grad, (7, 5)), backend.from_numpy(m, dtype=mask.dtype)
+    grad, y = args
+    a = np.maximum(rng.standard_normal((7, 5)), 0.0)  # an output of ReLU: zeros included
+    return _like(backend, rng, grad, (7, 5)), backend.from_numpy(a, dtype=y.dtype)
 
 
 def _sample_softmax_xent(backend, args, rng):

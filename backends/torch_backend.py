@@ -106,6 +106,16 @@ class TorchBackend(Backend):
         # the trainer's indices never are
         return self._torch.index_select(x, 0, index)
 
+    def affine(self, x, w, b=None):
+        return x @ w.T if b is None else self._torch.addmm(b, x, w.T)
+
+    def matmul(self, a, b, out=None):
+        return a @ b if out is None else self._torch.matmul(a, b, out=out)
+
+    def sum(self, x, axis, out=None):
+        t = self._torch
+        return t.sum(x, dim=axis) if out is None else t.sum(x, dim=axis, out=out)
+
     def synchronize(self):
         if self.device.type == "cuda":
             self._torch.cuda.synchronize(self.device)

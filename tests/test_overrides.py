@@ -33,7 +33,7 @@ def _right(calls):
         return g
 
     def relu_forward(x):
-        return np.maximum(x, np.zeros_like(x)), (x > 0).astype(x.dtype)
+        return np.maximum(x, np.zeros_like(x))
 
     def softmax_xent(loss, logits, target):
         return SoftmaxCrossEntropy._softmax_xent(loss, logits, target)
@@ -42,7 +42,7 @@ def _right(calls):
         type(opt).update(opt, p, g, slots, hyper)
 
     return {"relu_forward": count("relu_forward", relu_forward),
-            "relu_backward": count("relu_backward", lambda g, m: g * m),
+            "relu_backward": count("relu_backward", lambda g, y: g * (y > 0)),
             "softmax_xent": count("softmax_xent", softmax_xent),
             "nesterov_update": count("nesterov_update", update),
             "adam_update": count("adam_update", update)}
@@ -53,8 +53,7 @@ def _wrong(calls):
     right = _right(calls)
 
     def relu_forward(x):
-        y, m = right["relu_forward"](x)
-        return y * 1.01, m
+        return right["relu_forward"](x) * 1.01
 
     def softmax_xent(loss, logits, target):
         picked, correct, grad = right["softmax_xent"](loss, logits, target)
@@ -64,7 +63,7 @@ def _wrong(calls):
         type(opt).update(opt, p, g, slots, hyper)
         p += 1e-3
 
-    return {"relu_forward": relu_forward, "relu_backward": lambda g, m: g * m + 1.0,
+    return {"relu_forward": relu_forward, "relu_backward": lambda g, y: g * (y > 0) + 1.0,
             "softmax_xent": softmax_xent, "nesterov_update": update, "adam_update": update}
 
 

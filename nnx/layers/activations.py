@@ -7,48 +7,50 @@ from .base import Layer
 class ReLU(Layer):
     """max(0, x); f' is 1 where x > 0, else 0 (0 at exactly 0, like PyTorch).
 
-    Training keeps f' as a 0/1 array of x's dtype, so backward is one multiply (cheaper than
-    ``where`` with a zeros array on NumPy; docs/architecture.md lists such speed habits).
-    ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch does. Its
-    second operand is a zeros array of x's shape: NumPy, torch and array-api-strict take a
-    slow broadcasting path for ``maximum(x, 0.0)``. Training keeps that array between steps
-    (a smaller last batch uses a slice of it, so the cache never changes shape); inference
-    makes a temporary one and keeps nothing, so big evaluation batches leave no memory.
+    Training keeps the output y (the next layer's input, so no extra memory): y > 0 exactly
+    where x > 0 (NaN included), and backward is grad·[y > 0], as torch's ReLU backward reads
+    its output. ``maximum`` (not x·mask) keeps relu(−inf) = 0 and lets NaN through, as torch
+    does. Its second operand is a zeros array of x's shape: NumPy, torch and array-api-strict
+    take a slow broadcasting path for ``maximum(x, 0.0)``. Training keeps that array between
+    steps (a smaller last batch uses a slice of it, so the cache never changes shape);
+    inference makes a temporary one and keeps nothing, so big evaluation batches leave no
+    memory. Both passes are named operations a backend may replace ("relu_forward",
+    "relu_backward": backends/overrides.py).
     """
 
     _zeros = _ops = None
 
     def forward(self, x, train=False):
         if not train:
-            return self._forward(x, False)
-        y, self.mask = self._op("relu_forward", self._train_forward)(x)
-        self.x = None
-        return y
+            y = self._forward(x, False)
+            self.y = y if self.retain else None
+            return y
+        self.y = self._op("relu_forward", self._train_forward)(x)
+        return self.y
 
     def _train_forward(self, x):
-        """(max(0, x), 0/1 mask): the standard path of the "relu_forward" operation."""
-        return self._forward(x, True), self.mask
+        """max(0, x): the standard path of the "relu_forward" operation."""
+        return self._forward(x, True)
 
     def _forward(self, x, train):
         xp = self.xp
         if train:
-            self.mask, self.x = xp.astype(x > 0, x.dtype), None
             zeros = self._zeros
             if (zeros is None or zeros.shape[1:] != x.shape[1:] or zeros.shape[0] < x.shape[0]
                     or zeros.dtype != x.dtype or zeros.device != x.device):
                 zeros = self._zeros = xp.zeros_like(x)  # never written to: safe to reuse
             elif zeros.shape[0] > x.shape[0]:  # an epoch's smaller last batch: a view, and
                 zeros = zeros[:x.shape[0], ...]  # the cache stays as the full batches need it
-        else:  # inference: no mask; x only when asked to retain (gradcheck)
-            self.mask, self.x = None, (x if self.retain else None)
+        else:
             zeros = xp.zeros_like(x)
         return xp.maximum(x, zeros)
 
     def backward(self, grad, input_grad=True):
-        mask = self.mask
-        if mask is None:
-            mask = self.xp.astype(self.x > 0, grad.dtype)
-        return self._op("relu_backward", _times)(grad, mask)
+        return self._op("relu_backward", self._backward)(grad, self.y)
+
+    def _backward(self, grad, y):
+        """grad · [y > 0]: the standard path of the "relu_backward" operation."""
+        return grad * self.xp.astype(y > 0, grad.dtype)
 
     def _op(self, name, reference):
         """The backend's version of a named operation (backends/overrides.py), bound once."""
@@ -61,11 +63,6 @@ class ReLU(Layer):
         if fn is None:
             fn = ops[1][name] = self.backend.op(name, reference)
         return fn
-
-
-def _times(grad, mask):
-    """grad · mask: the standard path of the "relu_backward" operation."""
-    return grad * mask
 
 
 class LeakyReLU(Layer):

@@ -59,8 +59,16 @@ class Parameter:
             self._grad = g
         else:
             view = self._flat[1]
-            view[...] = g
+            if g is not view:  # already written there through ``grad_out``: nothing to copy
+                view[...] = g
             self._grad = view
+
+    @property
+    def grad_out(self):
+        """Where a layer may write this parameter's gradient directly (``out=`` of the
+        backend's ``matmul``/``sum``): its view of the flat gradient array, or None (one
+        array per parameter: the layer's result is kept as it is, nothing to copy)."""
+        return None if self._flat is None else self._flat[1]
 
     @property
     def shape(self):

@@ -46,15 +46,14 @@ class Dense(Layer):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             self.check_features(x, (self.in_features,))
         self.x = x if self.keeps(train) else None
-        y = x @ self.weight.value.T
-        if self.use_bias:
-            y += self.bias.value  # in place: y is the matmul's fresh output (saves a copy)
-        return y
+        return self.backend.affine(x, self.weight.value, self.bias.value if self.use_bias else None)
 
     def backward(self, grad, input_grad=True):
-        self.weight.grad = grad.T @ self.x
-        if self.use_bias:
-            self.bias.grad = self.xp.sum(grad, axis=0)
+        # written straight into the flat gradient array where the model has one (grad_out)
+        w, b = self.weight, self.bias if self.use_bias else None
+        w.grad = self.backend.matmul(grad.T, self.x, out=w.grad_out)
+        if b is not None:
+            b.grad = self.backend.sum(grad, axis=0, out=b.grad_out)
         if not input_grad:
             return None
         return grad @ self.weight.value

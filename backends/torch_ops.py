@@ -1,0 +1,83 @@
+"""PyTorch's fused calls: the "torch" backend's overrides of named operations.
+
+The standard Array-API path spells each operation out in the primitives the standard has
+(``maximum``, ``*``, ``+=``), one library call each; torch has single calls that do several
+of those at once (``relu``, ``log_softmax``, ``add(alpha=)``,
+``addcmul_``). Fewer calls is what matters on a GPU, where each is a kernel launch (and on
+the CPU each costs a dispatch). The arithmetic is the same; torch may fuse a multiply-add
+into one rounding, which the self-check's tolerance allows (backends/overrides.py checks
+each the first time it runs, and tests/test_overrides.py against the standard path on
+every dtype). Nothing here uses autograd.
+"""
+from __future__ import annotations
+
+from .overrides import register
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+@register("torch", "relu_forward")
+def relu_forward(x):
+    return _torch().relu(x)
+
+
+@register("torch", "relu_backward")
+def relu_backward(grad, y):
+    # grad·[y > 0] with the comparison's bool promoted inside the multiply (no cast pass).
+    # torch's own threshold_backward would be one call, but passes the gradient where y is
+    # NaN; this keeps the standard path's 0 there
+    return _torch().mul(grad, y > 0)
+
+
+@register("torch", "softmax_xent")
+def softmax_xent(loss, logits, target):
+    torch = _torch()
+    n = logits.shape[0]
+    logp = torch.log_softmax(logits, 1)
+    probs = torch.exp(logp)
+    loss.probs, loss.target, loss.n, loss._grad = probs, target, n, None
+    picked = torch.sum(logp * target)
+    # a row is correct when its target's logit is the row maximum (ties count, as on the
+    # standard path's z − max z == 0)
+    correct = torch.sum((logits == torch.amax(logits, 1, keepdim=True)) * target)
+    grad = torch.sub(probs, target)
+    grad *= 1.0 / n
+    return picked, correct, grad
+
+
+@register("torch", "nesterov_update")
+def nesterov_update(opt, p, g, slots, hyper):
+    # d = g + λp; v ← μv + d; p ← p − lr·(d + μv)
+    torch = _torch()
+    (v,) = slots
+    d = torch.add(g, p, alpha=opt.weight_decay) if opt.weight_decay else g
+    v.mul_(opt.momentum).add_(d)
+    _sub_scaled(p, torch.add(d, v, alpha=opt.momentum), hyper[0])
+
+
+@register("torch", "adam_update")
+def adam_update(opt, p, g, slots, hyper):
+    # m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; p ← p − step·m / (√v / √(1−β₂ᵗ) + ε)
+    torch = _torch()
+    m, v = slots
+    if opt.weight_decay:
+        if opt.decoupled:
+            p.mul_(hyper[3])
+        else:
+            g = torch.add(g, p, alpha=opt.weight_decay)
+    m.mul_(opt.beta1).add_(g, alpha=1.0 - opt.beta1)
+    v.mul_(opt.beta2).addcmul_(g, g, value=1.0 - opt.beta2)
+    denom = torch.sqrt(v).mul_(hyper[2]).add_(opt.eps)
+    _sub_scaled(p, torch.div(m, denom), hyper[1])
+
+
+def _sub_scaled(p, t, scale):
+    """p ← p − scale·t in one call; ``scale`` a 0-D tensor (the hyper table) or a float."""
+    if not isinstance(scale, _torch().Tensor):
+        p.add_(t, alpha=-scale)
+    else:
+        p.addcmul_(t, scale, value=-1)
