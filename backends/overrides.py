@@ -61,7 +61,7 @@ def enabled() -> bool:
 
 
 #: the module registering each backend's overrides, imported on first use (needs no GPU)
-PROVIDERS = {"cupy": "cupy_kernels", "torch": "torch_ops"}
+PROVIDERS = {"cupy": "cupy_kernels", "torch": "torch_ops", "numpy": "numpy_ops"}
 
 
 def _load(backend_name: str) -> dict:
