@@ -178,6 +178,20 @@ class Backend:
 
         return bind(self, name, reference)
 
+    def offers(self, name: str) -> bool:
+        """Whether this backend replaces the forward/backward pair ``name`` (and overrides
+        are on): the layer then runs ``pair(name, reference)`` instead of its own passes."""
+        from .overrides import offers
+
+        return offers(self, name)
+
+    def pair(self, name: str, reference):
+        """This backend's forward/backward pair ``name``, checked against ``reference`` (an
+        object with the same ``forward``/``backward``) the first time it runs."""
+        from .overrides import bind_pair
+
+        return bind_pair(self, name, reference)
+
     def overrides(self) -> list[str]:
         """Names of the operations this backend replaces (empty: the standard path only)."""
         from .overrides import listed

@@ -29,6 +29,9 @@ import warnings
 import numpy as np
 
 OPS = ("relu_forward", "relu_backward", "softmax_xent", "nesterov_update", "adam_update")
+#: named forward/backward PAIRS (see ``CheckedPair``): a layer whose backend offers one
+#: (``offers``) runs the pair instead of its own passes
+PAIRS = ("conv2d", "batchnorm", "maxpool")
 
 #: {backend name: {op name: implementation}}
 REGISTRY: dict[str, dict] = {}
@@ -41,8 +44,8 @@ TOLERANCE = {"float32": (2e-4, 2e-5), "float64": (1e-10, 1e-12)}
 
 def register(backend_name: str, op_name: str, impl=None):
     """Register ``impl`` as ``backend_name``'s version of ``op_name`` (usable as a decorator)."""
-    if op_name not in OPS:
-        raise ValueError(f"unknown op {op_name!r}; named ops are {', '.join(OPS)}")
+    if op_name not in OPS + PAIRS:
+        raise ValueError(f"unknown op {op_name!r}; named ops are {', '.join(OPS + PAIRS)}")
 
     def add(f):
         REGISTRY.setdefault(backend_name, {})[op_name] = f
@@ -76,7 +79,19 @@ def _load(backend_name: str) -> dict:
 def listed(backend_name: str) -> list[str]:
     """The ops ``backend_name`` replaces (after loading its kernels), in ``OPS`` order."""
     ops = _load(backend_name)
-    return [name for name in OPS if name in ops]
+    return [name for name in OPS + PAIRS if name in ops]
+
+
+def offers(backend, name: str) -> bool:
+    """Whether ``backend`` replaces the pair ``name`` and overrides are on: a layer then
+    runs ``bind_pair``'s passes (which fall back to the pair's reference if the override
+    fails its check) instead of its own."""
+    return _STATE["enabled"] and name in _load(backend.name)
+
+
+def bind_pair(backend, name: str, reference):
+    """``backend``'s override of the pair ``name`` wrapped in its self-check (CheckedPair)."""
+    return CheckedPair(backend, name, _load(backend.name).get(name), reference)
 
 
 def bind(backend, name: str, reference):
@@ -112,16 +127,22 @@ class Checked:
             _CHECKED[key] = self._compare(args, key[3])
         return _CHECKED[key]
 
-    def _compare(self, args, dtype_name) -> bool:
+    def _compare_outputs(self, args):
+        """(override's, reference's) arrays: results, then the inputs (in-place updates)."""
         backend = self.backend
         sample = SAMPLES[self.name](backend, args, np.random.default_rng(12))
         ref_in, new_in = _copy(backend, sample), _copy(backend, sample)
+        ref_out = self.reference(*ref_in)
+        new_out = self.impl(*new_in)
+        return (new_out, new_in), (ref_out, ref_in)
+
+    def _compare(self, args, dtype_name) -> bool:
+        backend = self.backend
         try:
-            ref_out = self.reference(*ref_in)
-            new_out = self.impl(*new_in)
+            new, ref = self._compare_outputs(args)
             backend.synchronize()
-            got = [backend.to_numpy(a) for a in _arrays((new_out, new_in))]
-            want = [backend.to_numpy(a) for a in _arrays((ref_out, ref_in))]
+            got = [backend.to_numpy(a) for a in _arrays(new)]
+            want = [backend.to_numpy(a) for a in _arrays(ref)]
             if len(got) != len(want):
                 raise ValueError(f"returned {len(got)} arrays, the standard path {len(want)}")
             rtol, atol = TOLERANCE.get(dtype_name, TOLERANCE["float32"])
@@ -140,6 +161,49 @@ class Checked:
                           RuntimeWarning, stacklevel=4)
             return False
         return True
+
+
+class CheckedPair:
+    """A forward/backward pair (``forward(*args) -> (out, saved)``, ``backward(saved, grad,
+    *extra) -> results``) whose override is checked against the reference pair the first
+    time its forward runs for a (backend, device, pair, dtype): both run forward and then
+    backward on small random inputs shaped like the real call, and their ``out`` and
+    backward results must agree (what each keeps in ``saved`` is its own business, so it
+    is not compared). ``saved`` remembers which of the two made it, so backward always
+    matches its forward. A mismatch gives one warning and the reference for the rest of
+    the run, as for single operations."""
+
+    __slots__ = ("backend", "name", "impl", "reference", "ok")
+
+    def __init__(self, backend, name, impl, reference):
+        self.backend, self.name, self.impl, self.reference = backend, name, impl, reference
+        self.ok = None
+
+    def forward(self, *args):
+        use = self.reference
+        if self.impl is not None and _STATE["enabled"]:
+            if self.ok is None:
+                self.ok = Checked._check(self, args)
+            use = self.impl if self.ok else self.reference
+        out, saved = use.forward(*args)
+        return out, (use, saved)
+
+    def backward(self, saved, grad, *extra):
+        use, saved = saved
+        return use.backward(saved, grad, *extra)
+
+    def _compare_outputs(self, args):
+        """(override's, reference's) arrays: forward outputs, then backward results."""
+        fwd, extra = PAIR_SAMPLES[self.name](self.backend, args, np.random.default_rng(12))
+        results = []
+        for pair in (self.impl, self.reference):
+            out, saved = pair.forward(*_copy(self.backend, fwd))
+            first = out[0] if isinstance(out, tuple) else out
+            grad = _like(self.backend, np.random.default_rng(13), first, tuple(first.shape))
+            results.append((out, pair.backward(saved, grad, *extra)))
+        return results[0], results[1]
+
+    _compare = Checked._compare
 
 
 def _arrays(obj):
@@ -200,3 +264,33 @@ def _sample_update(backend, args, rng):
 SAMPLES = {"relu_forward": _sample_relu_forward, "relu_backward": _sample_relu_backward,
            "softmax_xent": _sample_softmax_xent, "nesterov_update": _sample_update,
            "adam_update": _sample_update}
+
+
+# --- small random inputs for the pairs' self-check: (forward args, backward extras) ------
+def _sample_conv2d(backend, args, rng):
+    x, w, b, stride, padding = args
+    o, c, k = (int(d) for d in w.shape[:3])
+    size = max(k + 2, 2 * k - 2 * padding)
+    xs = _like(backend, rng, x, (2, c, size + 1, size))
+    ws = _like(backend, rng, w, (o, c, k, k))
+    bs = None if b is None else _like(backend, rng, b, (o,))
+    return (xs, ws, bs, stride, padding), (True,)
+
+
+def _sample_batchnorm(backend, args, rng):
+    x, weight, bias, eps = args
+    shape = (5, *(int(d) for d in x.shape[1:2]), *((3, 4) if x.ndim == 4 else ()))
+    return (_like(backend, rng, x, shape), _like(backend, rng, weight, tuple(weight.shape)),
+            _like(backend, rng, bias, tuple(bias.shape)), eps), (True,)
+
+
+def _sample_maxpool(backend, args, rng):
+    x, k, s, p = args
+    c = int(x.shape[1])
+    a = rng.standard_normal((2, c, 2 * k + 3, 2 * k + 2))
+    a[0, 0, :2, :2] = 1.0  # a tie inside a window: the first maximum takes the gradient
+    return (backend.from_numpy(a, dtype=x.dtype), k, s, p), (True,)
+
+
+PAIR_SAMPLES = {"conv2d": _sample_conv2d, "batchnorm": _sample_batchnorm,
+                "maxpool": _sample_maxpool}

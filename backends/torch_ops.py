@@ -81,3 +81,47 @@ def _sub_scaled(p, t, scale):
         p.add_(t, alpha=-scale)
     else:
         p.addcmul_(t, scale, value=-1)
+
+
+# --- forward/backward pairs (overrides.CheckedPair): a layer whose backend offers one runs
+# it instead of its own passes; each keeps in ``saved`` what its backward needs ------------
+@register("torch", "conv2d")
+class TorchConv2D:
+    """torch's convolution (oneDNN on the CPU, cuDNN on CUDA) and its backward, one call
+    each, instead of im2col's window copies and col2im's window sums (tens of calls)."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding):
+        torch = _torch()
+        y = torch.nn.functional.conv2d(x, w, b, stride, padding)
+        return y, (x, w, b is not None, stride, padding)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        x, w, has_bias, s, p = saved
+        dx, dw, db = _torch().ops.aten.convolution_backward.default(
+            grad, x, w, [w.shape[0]] if has_bias else None, [s, s], [p, p], [1, 1], False,
+            [0, 0], 1, [bool(input_grad), True, has_bias])
+        return dx, dw, db
+
+
+@register("torch", "batchnorm")
+class TorchBatchNorm:
+    """torch's batch-norm kernels in training (batch statistics, no running statistics: the
+    layer updates those), one call each way. The biased variance the layer needs for its
+    running statistics comes back from torch's 1/σ: var = σ⁻² − eps."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        torch = _torch()
+        y, mean, invstd = torch.ops.aten.native_batch_norm.default(
+            x, weight, bias, None, None, True, 0.0, eps)
+        var = torch.pow(invstd, -2)
+        var -= eps
+        return (y, mean, var), (x, weight, mean, invstd, eps)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        x, weight, mean, invstd, eps = saved
+        return _torch().ops.aten.native_batch_norm_backward.default(
+            grad, x, weight, None, None, mean, invstd, True, eps, [bool(input_grad), True, True])

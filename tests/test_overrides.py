@@ -148,6 +148,85 @@ def test_registry_lists_what_each_backend_replaces(fresh):
     assert nnx.get_backend("numpy").op("softmax_xent", ref) is ref
 
 
+class _WrongConvPair:
+    """The standard im2col pair with its weight gradient off by 1%: a wrong override."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(x, w, b, s, p):
+        from nnx.layers.conv import Im2colPair
+
+        _WrongConvPair.calls += 1
+        return Im2colPair.forward(x, w, b, s, p)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        from nnx.layers.conv import Im2colPair
+
+        dx, dw, db = Im2colPair.backward(saved, grad, input_grad)
+        return dx, dw * 1.01, db
+
+
+def _conv_bn_steps(backend, steps=3):
+    """Final weights of a few training steps of a small conv + batch-norm net."""
+    from nnx.architectures import build_layers
+    from nnx.optim import make_optimizer
+
+    model = nnx.Sequential(build_layers("conv:3,bn,relu,flatten,dense:4", (2, 5, 5)),
+                           input_shape=(2, 5, 5), backend=backend, dtype="float64", seed=1)
+    opt = make_optimizer("nesterov", model.named_parameters(), 0.05, xp=model.xp)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((8, 2, 5, 5)), rng.integers(0, 4, 8)
+    loss = SoftmaxCrossEntropy()
+    for _ in range(steps):
+        loss.forward(model.forward(x, train=True), y)
+        model.backward(loss.backward())
+        opt.step()
+    return [np.array(p.value) for p in model.parameters()]
+
+
+def test_wrong_pair_falls_back_to_the_standard_pair_with_one_warning(fresh):
+    """A pair whose backward is wrong: one warning, then the standard pair for forward AND
+    backward, so the run equals a run without the override."""
+    fake = _register("fake-pair", {"conv2d": _WrongConvPair})
+    _WrongConvPair.calls = 0
+    with pytest.warns(RuntimeWarning) as record:
+        got = _conv_bn_steps(fake)
+    messages = [str(w.message) for w in record if "override" in str(w.message)]
+    assert len(messages) == 1 and "'conv2d'" in messages[0]
+    assert _WrongConvPair.calls == 1  # the self-check only
+    for g, w in zip(got, _conv_bn_steps(NumpyBackend())):  # im2col against NumPy's "rows"
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_correct_pair_is_used(fresh):
+    from nnx.layers.batchnorm import BatchNormPair
+    from nnx.layers.conv import Im2colPair
+
+    class Counting:
+        calls = 0
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def forward(self, *args):
+            Counting.calls += 1
+            return self.inner.forward(*args)
+
+        def backward(self, *args):
+            return self.inner.backward(*args)
+
+    fake = _register("fake-pair-ok", {"conv2d": Counting(Im2colPair),
+                                      "batchnorm": Counting(BatchNormPair)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _conv_bn_steps(fake)
+    assert Counting.calls == 2 * (1 + 3)  # two pairs: the self-check, then every step
+    for g, w in zip(got, _conv_bn_steps(NumpyBackend())):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
 def test_disabled_overrides_are_not_called(fresh):
     calls = {}
     fake = _register("fake-off", _wrong(calls))

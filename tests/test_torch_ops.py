@@ -32,7 +32,7 @@ def _np(t):
 
 
 def test_torch_registers_every_named_operation(torch_backend):
-    assert torch_backend.overrides() == list(overrides.OPS)
+    assert torch_backend.overrides() == list(overrides.OPS) + ["conv2d", "batchnorm"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -133,3 +133,101 @@ def test_backend_primitives_match_xp_and_write_into_out(backend):
         np.testing.assert_array_equal(host[2:14].reshape(3, 4), backend.to_numpy(dw))
         np.testing.assert_array_equal(host[14:17], backend.to_numpy(db))
         assert not host[:2].any() and not host[17:].any()  # nothing written outside the views
+
+
+# --- the pairs: forward, then backward, against the standard path's pair -----------------
+def _pair_results(pair, fwd, grad, input_grad=True):
+    out, saved = pair.forward(*fwd)
+    return out, pair.backward(saved, grad, input_grad)
+
+
+def _close(got, want, dtype):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if isinstance(g, (tuple, list)):
+            _close(g, w, dtype)
+        elif w is None:
+            assert g is None
+        else:
+            assert tuple(g.shape) == tuple(w.shape)
+            w = _np(w)
+            # float32 sums of many products: absolute error grows with the magnitudes
+            scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+            tol = TOL[dtype] if dtype == "float64" else dict(rtol=1e-5, atol=1e-5 * scale)
+            np.testing.assert_allclose(_np(g), w, **tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("c,o,k,s,p,hw", [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)),
+                                          (2, 3, 5, 1, 2, (6, 6)), (4, 2, 1, 1, 0, (3, 5)),
+                                          (2, 2, 4, 3, 1, (10, 7))])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_conv2d_pair_matches_im2col(torch_backend, dtype, c, o, k, s, p, hw, bias, input_grad):
+    from nnx.layers.conv import Im2colPair, out_size
+
+    b, rng = torch_backend, np.random.default_rng(11)
+    arr = lambda *shape: b.from_numpy(rng.standard_normal(shape), dtype=b.dtype(dtype))
+    x, w = arr(3, c, *hw), arr(o, c, k, k)
+    bb = arr(o) if bias else None
+    grad = arr(3, o, out_size(hw[0], k, s, p), out_size(hw[1], k, s, p))
+    want = _pair_results(Im2colPair, (x, w, bb, s, p), grad, input_grad)
+    got = _pair_results(_impl("conv2d"), (x, w, bb, s, p), grad, input_grad)
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(6, 4), (5, 3, 4, 7)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_batchnorm_pair_matches_the_standard_path(torch_backend, dtype, shape, input_grad):
+    from nnx.layers.batchnorm import BatchNormPair
+
+    b, rng = torch_backend, np.random.default_rng(12)
+    arr = lambda a: b.from_numpy(a, dtype=b.dtype(dtype))
+    x = arr(rng.standard_normal(shape) * 3 + 1)
+    weight, bias = arr(rng.standard_normal(shape[1])), arr(rng.standard_normal(shape[1]))
+    grad = arr(rng.standard_normal(shape))
+    want = _pair_results(BatchNormPair, (x, weight, bias, 1e-5), grad, input_grad)
+    got = _pair_results(_impl("batchnorm"), (x, weight, bias, 1e-5), grad, input_grad)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == "float32" else TOL[dtype]
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        if w is None:
+            assert g is None
+        else:
+            np.testing.assert_allclose(_np(g), _np(w), **tol)
+
+
+def test_layers_run_the_library_pairs_on_torch_and_match_im2col(torch_backend):
+    """A conv + batch-norm net on torch: the default Conv2D and training BatchNorm run
+    torch's pairs, and a model built with overrides off (the standard path throughout)
+    reaches the same weights after a few steps."""
+    import nnx
+    from nnx.architectures import build_layers
+
+    def train(enabled):
+        overrides.set_enabled(enabled)
+        try:
+            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,flatten,dense:10", (1, 8, 8)),
+                                   input_shape=(1, 8, 8), backend=torch_backend, dtype="float64", seed=3)
+            conv = model.layers[0]
+            assert conv._library() == enabled
+            opt = make_optimizer("adam", model.named_parameters(), 1e-2, xp=model.xp)
+            rng = np.random.default_rng(0)
+            x = torch_backend.from_numpy(rng.standard_normal((16, 1, 8, 8)))
+            y = torch_backend.from_numpy(rng.integers(0, 10, 16))
+            loss = SoftmaxCrossEntropy()
+            for _ in range(4):
+                loss.forward(model.forward(x, train=True), y)
+                model.backward(loss.backward())
+                opt.step()
+            return [_np(p.value) for p in model.parameters()], model
+        finally:
+            overrides.set_enabled(True)
+
+    got, model = train(True)
+    assert isinstance(model.layers[0].saved, type(None))  # freed by backward
+    want, _ = train(False)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)

@@ -95,22 +95,6 @@ class BatchNorm(Layer):
         return input_shape
 
     # --- passes -------------------------------------------------------------------------
-    def _rows(self, x):
-        """x as (F, m): one row per feature. A view when the features are the slowest axis in
-        memory — what a Conv2D output (channel-major) is; a copy otherwise."""
-        xp = self.xp
-        if x.ndim == 2:
-            return xp.permute_dims(x, (1, 0))
-        return xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (x.shape[1], -1))
-
-    def _unrows(self, y2, shape):
-        """Undo ``_rows`` for an (F, m) result: the input's shape, features in their place."""
-        xp = self.xp
-        if len(shape) == 2:
-            return xp.permute_dims(y2, (1, 0))
-        n, f, h, w = shape
-        return xp.permute_dims(xp.reshape(y2, (f, n, h, w)), (1, 0, 2, 3))
-
     def forward(self, x, train=False):
         xp = self.xp
         if tuple(x.shape[1:]) != self.in_shape:
@@ -118,26 +102,25 @@ class BatchNorm(Layer):
         m = 1
         for a in self.axes:  # (a loop, not math.prod: torch.compile traces it)
             m *= x.shape[a]
-        self.train_mode, self.shape = bool(train), tuple(x.shape)
-        x2 = self._rows(x)                                             # (F, m)
-        if train:
-            if m < 2 and self.sync is None:
-                raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
-                                 f"value per feature, got input of shape {tuple(x.shape)}")
-            if self.sync is None:
-                total = m
-                mean = xp.sum(x2, axis=-1) / m
-            else:  # global batch: Σx and the count over all processes, one message
-                total, mean = self._global_mean(x2, m)
+        self.train_mode, self.shape, self.saved = bool(train), tuple(x.shape), None
+        if train and m < 2 and self.sync is None:
+            raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
+                             f"value per feature, got input of shape {tuple(x.shape)}")
+        if train and self.sync is None:  # the batch's own statistics: a pair a backend may replace
+            pair = self._pair()
+            (y, mean, var), saved = pair.forward(x, self.weight.value, self.bias.value, self.eps)
+            self._update_running(mean, var, m)
+            self.saved = (pair, saved)
+            return y
+        x2 = rows(xp, x)                                               # (F, m)
+        if train:  # synchronised: the global batch's statistics (module docstring)
+            total, mean = self._global_mean(x2, m)
             xc = x2 - mean[:, None]
-            sq = xp.vecdot(xc, xc, axis=-1)                             # Σ(x − μ)², one pass
-            if self.sync is not None:
-                sq = self.sync.allreduce_sum_(sq)
-            var = sq / total                                            # biased: / m (or M)
+            var = self.sync.allreduce_sum_(xp.vecdot(xc, xc, axis=-1)) / total
             self._update_running(mean, var, total)
+            self.share = m / total                                      # w = m/M (0-D array)
         else:  # running statistics: y = x·(γ/σ) + (β − μ·γ/σ), two passes over x
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-            xc = None
         inv_std = 1.0 / xp.sqrt(var + self.eps)                         # (F,)
         scale = self.weight.value * inv_std
         if train:
@@ -149,9 +132,17 @@ class BatchNorm(Layer):
         if self.keeps(train):  # backward needs x − μ (kept instead of x̂: one array fewer)
             self.xc = xc if train else x2 - mean[:, None]
             self.inv_std, self.m = inv_std, m
-            if train and self.sync is not None:
-                self.share = m / total                                   # w = m/M (0-D array)
-        return self._unrows(y, x.shape)
+        return unrows(xp, y, x.shape)
+
+    def _pair(self):
+        """The "batchnorm" pair: the backend's (backends/overrides.py) where it offers one,
+        else the standard path, ``BatchNormPair``."""
+        if not self.backend.offers("batchnorm"):
+            return BatchNormPair
+        pair = getattr(self, "_bound_pair", None)
+        if pair is None or pair.backend is not self.backend:
+            pair = self._bound_pair = self.backend.pair("batchnorm", BatchNormPair)
+        return pair
 
     def _global_mean(self, x2, m):
         """Synchronised: (M, μ) of the global batch from this process's (F, m) rows; M is a
@@ -176,8 +167,12 @@ class BatchNorm(Layer):
         b["running_var"] = (1.0 - factor) * b["running_var"] + factor * unbiased
 
     def backward(self, grad, input_grad=True):
+        if self.saved is not None:  # trained with the batch's own statistics: the pair's backward
+            (pair, saved), self.saved = self.saved, None
+            dx, self.weight.grad, self.bias.grad = pair.backward(saved, grad, input_grad)
+            return dx
         xp, xc, inv_std = self.xp, self.xc, self.inv_std
-        g = self._rows(grad)                                           # (F, m)
+        g = rows(xp, grad)                                             # (F, m)
         dbeta = xp.sum(g, axis=-1)
         dgamma = xp.vecdot(g, xc, axis=-1) * inv_std                    # Σ g·x̂
         self.weight.grad, self.bias.grad = dgamma, dbeta
@@ -186,17 +181,10 @@ class BatchNorm(Layer):
             return None
         a = self.weight.value * inv_std                                # γ/σ
         if not self.train_mode:                                        # μ, σ constants: ĝ/σ
-            return self._unrows(g * a[:, None], self.shape)
-        if self.sync is not None:  # the w-weighted sums over processes (module docstring)
-            sums = self.sync.allreduce_sum_(xp.stack([dgamma, dbeta]) * self.share)
-            dgamma, dbeta = sums[0, :], sums[1, :]
-        # dx = (γ/σ)·(g − xc·dγ/(m·σ) − dβ/m), as t = xc·k₁ − g + k₂; t *= −γ/σ: one new
-        # array and three in-place passes
-        t = xc * (dgamma * inv_std / self.m)[:, None]
-        t -= g
-        t += (dbeta / self.m)[:, None]
-        t *= -a[:, None]
-        return self._unrows(t, self.shape)
+            return unrows(xp, g * a[:, None], self.shape)
+        # synchronised: the w-weighted sums over processes (module docstring)
+        sums = self.sync.allreduce_sum_(xp.stack([dgamma, dbeta]) * self.share)
+        return unrows(xp, _dx(g, xc, inv_std, a, sums[0, :], sums[1, :], self.m), self.shape)
 
     def load_buffer(self, name: str, value) -> None:
         if name not in self.buffers:
@@ -216,3 +204,65 @@ class BatchNorm(Layer):
 
     def describe(self):
         return f"BatchNorm({self.num_features})"
+
+
+def rows(xp, x):
+    """x as (F, m): one row per feature. A view when the features are the slowest axis in
+    memory — what a Conv2D output (channel-major) is; a copy otherwise."""
+    if x.ndim == 2:
+        return xp.permute_dims(x, (1, 0))
+    return xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (x.shape[1], -1))
+
+
+def unrows(xp, y2, shape):
+    """Undo ``rows`` for an (F, m) result: the input's shape, features in their place."""
+    if len(shape) == 2:
+        return xp.permute_dims(y2, (1, 0))
+    n, f, h, w = shape
+    return xp.permute_dims(xp.reshape(y2, (f, n, h, w)), (1, 0, 2, 3))
+
+
+def _dx(g, xc, inv_std, a, dgamma, dbeta, m):
+    """dx = (γ/σ)·(g − xc·dγ/(m·σ) − dβ/m) on (F, m) rows, with a = γ/σ, written as
+    t = xc·k₁ − g + k₂; t *= −γ/σ: one new array and three in-place passes."""
+    t = xc * (dgamma * inv_std / m)[:, None]
+    t -= g
+    t += (dbeta / m)[:, None]
+    t *= -a[:, None]
+    return t
+
+
+class BatchNormPair:
+    """The standard path of the "batchnorm" pair (backends/overrides.py): training with the
+    batch's own statistics. ``forward(x, γ, β, eps) -> ((y, μ, biased var), saved)`` (the
+    layer updates its running statistics from μ and var); ``backward(saved, grad,
+    input_grad) -> (dx or None, dγ, dβ)``. The sums run along the (F, m) rows; Σ(x − μ)²
+    and Σ g·(x − μ) are ``vecdot``s, one pass each without a temporary."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(x)
+        x2 = rows(xp, x)                                               # (F, m)
+        m = x2.shape[1]
+        mean = xp.sum(x2, axis=-1) / m
+        xc = x2 - mean[:, None]
+        var = xp.vecdot(xc, xc, axis=-1) / m                           # biased: / m
+        inv_std = 1.0 / xp.sqrt(var + eps)                             # (F,)
+        y = xc * (weight * inv_std)[:, None]
+        y += bias[:, None]
+        # backward needs x − μ (kept instead of x̂: one array fewer)
+        return (unrows(xp, y, x.shape), mean, var), (xp, xc, inv_std, weight, tuple(x.shape))
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        xp, xc, inv_std, weight, shape = saved
+        g = rows(xp, grad)                                             # (F, m)
+        dbeta = xp.sum(g, axis=-1)
+        dgamma = xp.vecdot(g, xc, axis=-1) * inv_std                    # Σ g·x̂
+        if not input_grad:
+            return None, dgamma, dbeta
+        dx = _dx(g, xc, inv_std, weight * inv_std, dgamma, dbeta, xc.shape[1])
+        return unrows(xp, dx, shape), dgamma, dbeta
+

@@ -239,6 +239,69 @@ def _kron(P, Q):
 METHODS = ("fast", "im2col", "gather", "rows", "winograd")
 
 
+def im2col_forward(xp, x, w, b, s: int, p: int, padded: bool = False):
+    """Convolution by im2col and one matmul: ``(y, saved)`` for ``im2col_backward``.
+
+    x (N, C, H, W), w (O, C, k, k), b (O,) or None. The input is taken channel-major,
+    (C, N, H, W), so the k·k stacked window slices form cols (k·k·C, N·Ho·Wo) directly and
+    y₂ = W₂ @ cols with W₂ (O, k·k·C) the weight reordered; y is y₂ seen as NCHW (a
+    channel-major array, which the layers after it keep). ``padded``: the reference
+    im2col (pad with concatenations, stack the slices) instead of ``gather``."""
+    n, c, h, wd = x.shape
+    o, k = w.shape[0], w.shape[2]
+    ho, wo = out_size(h, k, s, p), out_size(wd, k, s, p)
+    xc = xp.permute_dims(x, (1, 0, 2, 3))
+    if padded:
+        xc = pad2d(xp, xc, p)                                              # (C, N, Hp, Wp)
+        cols = xp.stack([window(xc, i, j, s, ho, wo) for i in range(k) for j in range(k)], axis=0)
+    else:
+        cols = gather(xp, xc, k, s, p, ho, wo)
+    cols = xp.reshape(cols, (k * k * c, n * ho * wo))                      # (kkC, N·L)
+    w2 = xp.reshape(xp.permute_dims(w, (0, 2, 3, 1)), (o, k * k * c))
+    y = w2 @ cols                                                          # (O, N·L)
+    if b is not None:
+        y += xp.reshape(b, (o, 1))  # in place: y is the matmul's fresh output
+    y = xp.permute_dims(xp.reshape(y, (o, n, ho, wo)), (1, 0, 2, 3))
+    return y, (xp, cols, w2, (n, c, h, wd), k, s, p, b is not None, padded)
+
+
+def im2col_backward(saved, grad, input_grad=True):
+    """(dx or None, dw, db or None) of ``im2col_forward``: dW₂ = g₂ @ colsᵀ, db = Σ g,
+    dcols = W₂ᵀ @ g₂, then col2im (``scatter``, or window ``+=`` into a zero-filled padded
+    buffer for the reference)."""
+    xp, cols, w2, (n, c, h, w), k, s, p, has_bias, padded = saved
+    o = w2.shape[0]
+    ho, wo = grad.shape[2], grad.shape[3]
+    g2 = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n * ho * wo))
+    db = xp.sum(g2, axis=1) if has_bias else None
+    dw = xp.permute_dims(xp.reshape(g2 @ cols.T, (o, k, k, c)), (0, 3, 1, 2))
+    if not input_grad:  # first layer of a model: skip the matmul and col2im
+        return None, dw, db
+    dcols = xp.reshape(w2.T @ g2, (k * k, c, n, ho, wo))
+    if not padded:
+        return xp.permute_dims(scatter(xp, dcols, k, s, p, h, w), (1, 0, 2, 3)), dw, db
+    dxc = xp.zeros((c, n, h + 2 * p, w + 2 * p), dtype=grad.dtype, device=grad.device)
+    put = set_window if s >= k else add_window  # disjoint windows need no accumulation
+    for i in range(k):
+        for j in range(k):
+            put(dxc, i, j, s, ho, wo, dcols[i * k + j, ...])
+    return xp.permute_dims(crop2d(dxc, p), (1, 0, 2, 3)), dw, db
+
+
+class Im2colPair:
+    """The standard path of the "conv2d" pair (backends/overrides.py): ``im2col_forward``
+    and ``im2col_backward`` as ``forward(x, w, b, stride, padding) -> (y, saved)`` and
+    ``backward(saved, grad, input_grad) -> (dx, dw, db)``."""
+
+    @staticmethod
+    def forward(x, w, b, s, p):
+        from array_api_compat import array_namespace
+
+        return im2col_forward(array_namespace(x), x, w, b, s, p)
+
+    backward = staticmethod(im2col_backward)
+
+
 class Conv2D(Layer):
     """``Conv2D(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
     init="he_normal", method="fast")`` — cross-correlation like ``torch.nn.Conv2d`` (square
@@ -324,57 +387,52 @@ class Conv2D(Layer):
         xp = self.xp
         if tuple(x.shape[1:]) != self.in_shape:
             self.check_features(x, self.in_shape)
-        n, c, h, w = x.shape
-        k, s, p, o = self.kernel_size, self.stride, self.padding, self.out_channels
-        ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
-        self.xshape = (n, c, h, w)
-        if self._winograd():
-            y = self._winograd_forward(x, train)
-        elif self._rows():
-            y = self._rows_forward(x, train)
+        s, p = self.stride, self.padding
+        self.xshape = tuple(x.shape)
+        self.saved = None  # (pair, what its backward needs) on the pair paths
+        if self._library():  # the backend's own convolution (a checked override pair)
+            pair = self._pair()
+            y, saved = pair.forward(x, self.weight.value, self._bias(), s, p)
+        elif not (self._winograd() or self._rows()):
+            pair = Im2colPair
+            y, saved = im2col_forward(xp, x, self.weight.value, self._bias(), s, p,
+                                      padded=self.method == "im2col")
+        elif self._winograd():
+            return xp.permute_dims(self._winograd_forward(x, train), (1, 0, 2, 3))
         else:
-            if self.method == "im2col":
-                xc = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), p)       # (C, N, Hp, Wp)
-                cols = xp.stack([window(xc, i, j, s, ho, wo)
-                                 for i in range(k) for j in range(k)], axis=0)
-            else:
-                cols = gather(xp, xp.permute_dims(x, (1, 0, 2, 3)), k, s, p, ho, wo)
-            cols = xp.reshape(cols, (k * k * c, n * ho * wo))              # (kkC, N·L)
-            w2 = xp.reshape(xp.permute_dims(self.weight.value, (0, 2, 3, 1)), (o, k * k * c))
-            y = w2 @ cols                                                  # (O, N·L)
-            if self.use_bias:
-                y += xp.reshape(self.bias.value, (o, 1))  # in place: y is the matmul's output
-            if self.keeps(train):
-                self.cols, self.w2 = cols, w2
-            y = xp.reshape(y, (o, n, ho, wo))
-        return xp.permute_dims(y, (1, 0, 2, 3))
+            return xp.permute_dims(self._rows_forward(x, train), (1, 0, 2, 3))
+        if self.keeps(train):
+            self.saved = (pair, saved)
+        return y
+
+    def _bias(self):
+        return self.bias.value if self.use_bias else None
+
+    def _library(self):
+        """Whether this layer runs the backend's convolution (backends/overrides.py's
+        "conv2d" pair, e.g. torch's): for the default method, where the backend offers one."""
+        return self.method == "fast" and self.backend is not None and self.backend.offers("conv2d")
+
+    def _pair(self):
+        pair = getattr(self, "_bound_pair", None)
+        if pair is None or pair.backend is not self.backend:
+            pair = self._bound_pair = self.backend.pair("conv2d", Im2colPair)
+        return pair
+
+    def _set_grads(self, dw, db):
+        self.weight.grad = dw
+        if self.use_bias:
+            self.bias.grad = db
 
     def backward(self, grad, input_grad=True):
-        xp = self.xp
-        n, c, h, w = self.xshape
-        k, s, p, o = self.kernel_size, self.stride, self.padding, self.out_channels
-        ho, wo = grad.shape[2], grad.shape[3]
+        if self.saved is not None:  # a pair path: its own backward
+            (pair, saved), self.saved = self.saved, None  # frees the column matrix
+            dx, dw, db = pair.backward(saved, grad, input_grad)
+            self._set_grads(dw, db)
+            return dx
         if self._winograd():
             return self._winograd_backward(grad, input_grad)
-        if self._rows():
-            return self._rows_backward(grad, input_grad)
-        g2 = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n * ho * wo))
-        if self.use_bias:
-            self.bias.grad = xp.sum(g2, axis=1)
-        dw2 = g2 @ self.cols.T                                         # (O, kkC)
-        self.weight.grad = xp.permute_dims(xp.reshape(dw2, (o, k, k, c)), (0, 3, 1, 2))
-        self.cols = None  # free the im2col buffer (the largest array of the layer)
-        if not input_grad:  # first layer of a model: skip the matmul and col2im
-            return None
-        dcols = xp.reshape(self.w2.T @ g2, (k * k, c, n, ho, wo))
-        if self.method != "im2col":
-            return xp.permute_dims(scatter(xp, dcols, k, s, p, h, w), (1, 0, 2, 3))
-        dxc = xp.zeros((c, n, h + 2 * p, w + 2 * p), dtype=grad.dtype, device=grad.device)
-        put = set_window if s >= k else add_window  # disjoint windows need no accumulation
-        for i in range(k):
-            for j in range(k):
-                put(dxc, i, j, s, ho, wo, dcols[i * k + j, ...])
-        return xp.permute_dims(crop2d(dxc, p), (1, 0, 2, 3))
+        return self._rows_backward(grad, input_grad)
 
     # --- row-split im2col (docs/cnn.md derives it) ---------------------------------------
     def _rows_forward(self, x, train):
