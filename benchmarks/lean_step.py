@@ -3,8 +3,9 @@
 1. Array operations per training step, counted on the torch backend with a dispatch counter
    (every ATen call; "kernels" leaves out the view-only calls — permute, view, slice,
    select — that launch nothing on a GPU): the lean step (flat storage, TrainStep, one-hot
-   targets made once) against the per-layer reference path (one array per parameter;
-   forward, loss, backward and step called one by one, a gather per batch).
+   targets made once) against the per-layer path (one array per parameter; forward, loss,
+   backward and step called one by one, a gather per batch), both with the torch backend's
+   overrides (backends/torch_ops.py), and the lean step without them (``--no-fused``).
 2. Step times, interleaved in one process, one thread, medians: nnx eager and compiled on
    the torch backend, nnx on NumPy, and PyTorch's own autograd + torch.optim step.
 """
@@ -99,15 +100,21 @@ def _setup(kind, opt_name, backend, lean, batch=128, n=1024, for_compile=False):
     return run, None, None
 
 
-def count_ops(kind, opt_name, lean) -> tuple[int, int]:
-    """(all dispatched ATen calls, those that are not views) for one steady-state step."""
-    from nnx.backends import get_backend
+def count_ops(kind, opt_name, lean, fused=True) -> tuple[int, int]:
+    """(all dispatched ATen calls, those that are not views) for one steady-state step;
+    ``fused=False``: the torch backend's overrides off (``--no-fused``), the standard
+    Array-API code alone."""
+    from nnx.backends import get_backend, overrides
 
-    run, _, _ = _setup(kind, opt_name, get_backend("torch", "cpu"), lean)
-    run(), run()  # caches made, steady state
-    counter = _counter()
-    with counter:
-        run()
+    overrides.set_enabled(fused)
+    try:
+        run, _, _ = _setup(kind, opt_name, get_backend("torch", "cpu"), lean)
+        run(), run()  # caches made, steady state
+        counter = _counter()
+        with counter:
+            run()
+    finally:
+        overrides.set_enabled(True)
     total = sum(counter.ops.values())
     return total, total - sum(v for op, v in counter.ops.items() if op in VIEW_OPS)
 
@@ -193,12 +200,14 @@ def main(argv=None) -> int:
     models = args.models.split(",")
     print("array operations per training step (torch backend, ATen dispatch counter; "
           "kernels = without view-only calls)")
-    print(f"{'model':5} {'optimizer':9} {'reference path':>18} {'lean step':>14}")
+    print(f"{'model':5} {'optimizer':9} {'per-layer path':>20} {'lean step':>18} "
+          f"{'lean, --no-fused':>20}")
     for kind in models:
         for opt_name in (("nesterov", "adam") if kind == "mlp" else ("adam",)):
             ref, lean = count_ops(kind, opt_name, False), count_ops(kind, opt_name, True)
-            print(f"{kind:5} {opt_name:9} {ref[0]:>7} ({ref[1]:>3} kernels) "
-                  f"{lean[0]:>4} ({lean[1]:>3} kernels)")
+            plain = count_ops(kind, opt_name, True, fused=False)
+            print(f"{kind:5} {opt_name:9} " + "  ".join(
+                f"{a:>6} ({b:>3} kernels)" for a, b in (ref, lean, plain)))
     if args.skip_timing:
         return 0
     with threadpool_limits(1):

@@ -300,3 +300,18 @@ def test_inductor_compiles_a_conv_net_with_one_array_per_parameter():
     torch._dynamo.reset()
     for k in results[0]:
         np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("kind,opt,limit", [("mlp", "nesterov", 50), ("mlp", "adam", 60),
+                                            ("cnn", "adam", 200)])
+def test_lean_step_stays_within_its_operation_budget(kind, opt, limit):
+    """Issue 11's targets, counted as ``python -m benchmarks.lean_step`` counts them (every
+    ATen call of one steady-state step on the torch backend): a change that adds calls to
+    the hot path fails here. Not a timing: the count is exact and machine-independent."""
+    pytest.importorskip("torch")
+    from benchmarks.lean_step import count_ops
+
+    total, kernels = count_ops(kind, opt, lean=True)
+    assert kernels <= total <= limit
+    plain, _ = count_ops(kind, opt, lean=True, fused=False)
+    assert total < plain  # the torch overrides do cut calls
