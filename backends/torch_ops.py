@@ -125,3 +125,21 @@ class TorchBatchNorm:
         x, weight, mean, invstd, eps = saved
         return _torch().ops.aten.native_batch_norm_backward.default(
             grad, x, weight, None, None, mean, invstd, True, eps, [bool(input_grad), True, True])
+
+
+@register("torch", "maxpool")
+class TorchMaxPool:
+    """torch's max pooling with the argmax indices, and its backward: one call each. Ties
+    go to the first maximum in row-major order, as on the standard path; a window holding
+    NaN routes its gradient to the NaN (the standard path: to the window's last element)."""
+
+    @staticmethod
+    def forward(x, k, s, p):
+        out, index = _torch().ops.aten.max_pool2d_with_indices.default(x, [k, k], [s, s], [p, p])
+        return out, (x, index, k, s, p)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        x, index, k, s, p = saved
+        return _torch().ops.aten.max_pool2d_with_indices_backward.default(
+            grad, x, [k, k], [s, s], [p, p], [1, 1], False, index)

@@ -137,7 +137,10 @@ def test_an_override_that_raises_falls_back(fresh):
 
 
 def test_registry_lists_what_each_backend_replaces(fresh):
-    assert nnx.get_backend("numpy").overrides() == []
+    from conftest import make_backend
+
+    strict = make_backend("strict", "device1")
+    assert strict.overrides() == []  # the standard path only
     assert overrides.listed("cupy") == list(overrides.OPS)  # importable without CuPy
     fake = _register("fake-some", {"softmax_xent": _right({})["softmax_xent"]})
     assert fake.overrides() == ["softmax_xent"]
@@ -145,7 +148,8 @@ def test_registry_lists_what_each_backend_replaces(fresh):
         overrides.register("fake-some", "gelu", lambda x: x)
     # backends without overrides get the reference itself back: no wrapper, no cost
     ref = SoftmaxCrossEntropy._softmax_xent
-    assert nnx.get_backend("numpy").op("softmax_xent", ref) is ref
+    assert strict.op("softmax_xent", ref) is ref
+    assert not strict.offers("conv2d")
 
 
 class _WrongConvPair:

@@ -32,7 +32,7 @@ def _np(t):
 
 
 def test_torch_registers_every_named_operation(torch_backend):
-    assert torch_backend.overrides() == list(overrides.OPS) + ["conv2d", "batchnorm"]
+    assert torch_backend.overrides() == list(overrides.OPS) + ["conv2d", "batchnorm", "maxpool"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -231,3 +231,23 @@ def test_layers_run_the_library_pairs_on_torch_and_match_im2col(torch_backend):
     want, _ = train(False)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k,s,p,hw", [(2, 2, 0, (8, 6)), (2, 2, 0, (7, 5)), (3, 2, 1, (7, 8)),
+                                      (3, 1, 1, (5, 5)), (2, 1, 0, (4, 6))])
+def test_maxpool_pair_matches_the_standard_path(torch_backend, dtype, k, s, p, hw):
+    """Overlapping and disjoint windows, odd sizes, padding, and ties (the first maximum
+    of a window takes its gradient on both paths)."""
+    from nnx.layers.pool import MaxPoolPair
+
+    b, rng = torch_backend, np.random.default_rng(14)
+    x = np.round(rng.standard_normal((2, 3, *hw)), 1)  # rounded: many ties
+    x[0, 0] = 1.0  # a whole map of ties
+    xt = b.from_numpy(x, dtype=b.dtype(dtype))
+    want_out, want_saved = MaxPoolPair.forward(xt, k, s, p)
+    got_out, got_saved = _impl("maxpool").forward(xt, k, s, p)
+    np.testing.assert_array_equal(_np(got_out), _np(want_out))
+    grad = b.from_numpy(rng.standard_normal(tuple(want_out.shape)), dtype=b.dtype(dtype))
+    _close(_impl("maxpool").backward(got_saved, grad, True),
+           MaxPoolPair.backward(want_saved, grad, True), dtype)

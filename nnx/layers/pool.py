@@ -74,10 +74,37 @@ class MaxPool2D(_Pool2D):
     """
 
     def forward(self, x, train=False):
-        xp = self.xp
         self._check(x)
+        out, saved = self._pair().forward(x, self.kernel_size, self.stride, self.padding)
+        self.saved = saved if self.keeps(train) else None  # backward reuses the output itself
+        return out
+
+    def backward(self, grad, input_grad=True):
+        saved, self.saved = self.saved, None
+        return self._pair().backward(saved, grad, input_grad)
+
+    def _pair(self):
+        """The "maxpool" pair: the backend's (backends/overrides.py) where it offers one,
+        else the standard path, ``MaxPoolPair``."""
+        if not self.backend.offers("maxpool"):
+            return MaxPoolPair
+        pair = getattr(self, "_bound_pair", None)
+        if pair is None or pair.backend is not self.backend:
+            pair = self._bound_pair = self.backend.pair("maxpool", MaxPoolPair)
+        return pair
+
+
+class MaxPoolPair:
+    """The standard path of the "maxpool" pair (backends/overrides.py):
+    ``forward(x, k, s, p) -> (out, saved)`` and ``backward(saved, grad, input_grad) -> dx``,
+    as described on MaxPool2D."""
+
+    @staticmethod
+    def forward(x, k, s, p):
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(x)
         n, c, h, w = x.shape
-        k, s, p = self.kernel_size, self.stride, self.padding
         ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
         xpad = pad2d(xp, x, p, value=-float("inf"))
         out = window(xpad, 0, 0, s, ho, wo)
@@ -85,16 +112,12 @@ class MaxPool2D(_Pool2D):
             for j in range(k):
                 if i or j:
                     out = xp.maximum(out, window(xpad, i, j, s, ho, wo))
-        if self.keeps(train):  # backward reuses the output itself
-            self.xpad, self.out, self.xshape = xpad, out, (n, c, h, w)
-        return out
+        return out, (xp, xpad, out, (n, c, h, w), k, s, p)
 
-    def backward(self, grad, input_grad=True):
-        xp = self.xp
-        n, c, h, w = self.xshape
-        k, s, p = self.kernel_size, self.stride, self.padding
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        xp, xpad, out, (n, c, h, w), k, s, p = saved
         ho, wo = grad.shape[2], grad.shape[3]
-        xpad, out = self.xpad, self.out
         hp, wp = h + 2 * p, w + 2 * p
         # windows that tile the (padded) input exactly write every element once: no zero fill
         tiled = s == k and hp == s * ho and wp == s * wo
@@ -121,7 +144,6 @@ class MaxPool2D(_Pool2D):
                     set_window(dx, i, j, s, ho, wo, share)
                 else:
                     add_window(dx, i, j, s, ho, wo, share)
-        self.xpad = self.out = None
         return crop2d(dx, p)
 
 
