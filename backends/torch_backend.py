@@ -131,9 +131,15 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":
             p = t.cuda.get_device_properties(self.device)
             return (f"torch {t.__version__} on {self.device} ({p.name}, "
-                    f"{p.total_memory / 2**30:.0f} GiB)")
+                    f"{p.total_memory / 2**30:.0f} GiB{self._fused()})")
         n = t.get_num_threads()
-        return f"torch {t.__version__} on CPU ({n} thread{'s' * (n != 1)})"
+        return f"torch {t.__version__} on CPU ({n} thread{'s' * (n != 1)}{self._fused()})"
+
+    def _fused(self):
+        from .overrides import enabled
+
+        n = len(self.overrides())
+        return f", {n} fused operations" if enabled() else ", fused operations off"
 
 
 def cxx_compiler():

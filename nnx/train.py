@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "up MLPs and slows conv nets: docs/benchmarks.md)")
     g.add_argument("--no-fused", action="store_true", default=None,
                    help="use the standard Array-API code everywhere, not the backend's fused "
-                        "kernels (CuPy replaces relu, softmax-cross-entropy and the optimizer "
-                        "updates; docs/architecture.md, Backend overrides)")
+                        "versions (CuPy's kernels for relu, softmax-cross-entropy and the "
+                        "optimizer updates; torch's single calls for those and its own "
+                        "convolution, batch norm and max pool; docs/architecture.md, Backend "
+                        "overrides)")
     add_threads_option(g)
     g.add_argument("--distributed", action="store_true", default=None,
                    help="data-parallel on the K processes of `mpirun -n K python -m nnx.train "
