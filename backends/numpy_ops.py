@@ -33,19 +33,20 @@ from .overrides import register
 
 #: inputs up to this many bytes are compared with a cached zeros array (larger: scalar 0)
 ZEROS_MAX_BYTES = 256 * 1024
-_ZEROS: dict = {}  # (dtype, shape, strides) -> read-only zeros of that shape and layout
+_ZEROS: dict = {}  # shape -> read-only zeros of that shape (and the layout last seen)
 
 
 @register("numpy", "relu_forward")
 def relu_forward(x):
-    if x.nbytes > ZEROS_MAX_BYTES:
-        return np.maximum(x, 0.0)  # NaN passes, −inf → 0, as the standard path's maximum
-    key = (x.dtype.str, x.shape, x.strides)
-    zeros = _ZEROS.get(key)
-    if zeros is None:
+    # (as little Python as possible: it runs right after a large matmul, when every
+    # attribute look-up is a cache miss)
+    zeros = _ZEROS.get(x.shape)
+    if zeros is None or zeros.strides != x.strides or zeros.dtype != x.dtype:
+        if x.nbytes > ZEROS_MAX_BYTES:
+            return np.maximum(x, 0.0)  # NaN passes, −inf → 0, as the standard path's max
         if len(_ZEROS) >= 64:  # many shapes seen (at most 16 MiB kept): start over
             _ZEROS.clear()
-        zeros = _ZEROS[key] = np.zeros_like(x)  # same layout as x: a contiguous loop
+        zeros = _ZEROS[x.shape] = np.zeros_like(x)  # same layout as x: a contiguous loop
         zeros.flags.writeable = False  # shared by every caller
     return np.maximum(x, zeros)
 
@@ -58,21 +59,20 @@ def relu_backward(grad, y):
     return mask
 
 
-def _row_max(z):
-    """``max(z, axis=1, keepdims=True)`` for a 2-D ``z``, the same values."""
-    n, c = z.shape
-    if 1 < n and c <= 64:
-        return np.maximum.reduce(np.ascontiguousarray(z.T), axis=0).reshape(n, 1)
-    return np.maximum.reduce(z, axis=1, keepdims=True)
-
-
 @register("numpy", "softmax_xent")
 def softmax_xent(loss, logits, target):
-    # SoftmaxCrossEntropy._softmax_xent (and backward) operation for operation
-    n = logits.shape[0]
-    if logits.ndim != 2 or n == 0 or logits.shape[1] == 0:
+    # SoftmaxCrossEntropy._softmax_xent (and backward) operation for operation; the row
+    # maximum (the same values in any order) reduced over the first axis of a transposed
+    # copy when rows are short
+    shape = logits.shape
+    if len(shape) != 2 or 0 in shape:
         return type(loss)._softmax_xent(loss, logits, target)
-    shifted = np.subtract(logits, _row_max(logits))
+    n, c = shape
+    if c <= 64:
+        top = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0).reshape(n, 1)
+    else:
+        top = np.maximum.reduce(logits, axis=1, keepdims=True)
+    shifted = np.subtract(logits, top)
     s = np.add.reduce(np.exp(shifted), axis=1, keepdims=True)
     np.log(s, out=s)
     logp = np.subtract(shifted, s)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 WORKER = r"""
 import hashlib, importlib.util, json, os, sys, time
+import numpy  # loads OpenBLAS first, so that threadpoolctl finds it
 from threadpoolctl import threadpool_limits
 threadpool_limits(int(sys.argv[2]))
 
