@@ -67,12 +67,17 @@ def enabled() -> bool:
 PROVIDERS = {"cupy": "cupy_kernels", "torch": "torch_ops", "numpy": "numpy_ops"}
 
 
-def _load(backend_name: str) -> dict:
-    module = PROVIDERS.get(backend_name)
-    if module is not None:
-        import importlib
+_LOADED: set = set()
 
-        importlib.import_module(f"{__package__}.{module}")  # registers on import
+
+def _load(backend_name: str) -> dict:
+    if backend_name not in _LOADED:
+        module = PROVIDERS.get(backend_name)
+        if module is not None:
+            import importlib
+
+            importlib.import_module(f"{__package__}.{module}")  # registers on import
+        _LOADED.add(backend_name)
     return REGISTRY.get(backend_name, {})
 
 

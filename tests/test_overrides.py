@@ -70,7 +70,9 @@ def _wrong(calls):
 @pytest.fixture
 def fresh():
     """A clean registry state: nothing checked yet, overrides on; fake backends removed."""
-    saved = dict(overrides.REGISTRY)
+    for name in overrides.PROVIDERS:  # registered before the copy, so the copy keeps them
+        overrides._load(name)
+    saved = {name: dict(ops) for name, ops in overrides.REGISTRY.items()}
     overrides._CHECKED.clear()
     overrides.set_enabled(True)
     yield
