@@ -8,22 +8,26 @@ values (training ends with the same weights bit for bit; ``tests/test_numpy_ops.
 - ``relu_forward``: ``maximum`` against a cached zeros array of the input's shape and
   layout for small inputs (NumPy broadcasts a scalar 0 through a slower loop: 3.7 against
   2.5 µs at 128×128), against the scalar for large ones (a second 12.8 MB operand costs
-  more than the broadcast: 0.96 against 1.33 ms for a conv output of 128×32×28×28).
+  more than the broadcast: 0.97 against 1.41 ms for a conv output of 128×32×28×28).
 - ``relu_backward``: grad·[y > 0] with the mask made in the gradient's dtype and the
   product taken in place in it (one array allocated; no bool-to-float cast inside the
-  multiply's loop): 4.9 against 7.7 µs at 128×128.
+  multiply's loop): 4.8 against 7.2 µs at 128×128.
 - ``softmax_xent``: the row maximum from a transposed copy of the logits reduced over its
-  first axis (a maximum does not depend on the order; NumPy's reduction along a short
-  contiguous row, 10 classes, is a scalar loop per row: 1.9 against 9 µs at 128×10); the
-  rest the standard path's operations as direct ufunc calls: 16 against 30 µs per call.
+  first axis (NumPy's reduction along a short contiguous row, 10 classes, is a scalar loop
+  per row: 1.9 against 9 µs at 128×10); the rest the standard path's operations: 16 against
+  30 µs per call.
+
+They are written with as little Python as possible (operators, positional arguments, no
+helper calls): in a training step they run right after large matmuls and gathers, which
+leave the interpreter's data out of cache, and there a dictionary key of three attributes
+alone costs ~2.5 µs (``python -m benchmarks.mlp_step_parts`` times each part in place).
 
 Not replaced: ``nesterov_update`` and ``adam_update``. Their chains (8 and 13–15 passes) are
 already the fewest exact NumPy passes, and running them block by block over the flat
-buffers with reused scratch (so that each block's passes stay in L2) measured no faster
-inside a training step (docs/benchmarks.md, "The NumPy MLP epoch").
+buffers with reused scratch (so that each block's passes stay in L2) measured no faster in
+a training step (docs/benchmarks.md, "The NumPy MLP epoch").
 
-Times: one thread, ``timeit`` minima on the 2-core Xeon (Sapphire Rapids class) of
-docs/benchmarks.md's NumPy MLP epoch section.
+Times: one thread, ``timeit`` on the 2-core Xeon (AVX-512) of that section.
 """
 from __future__ import annotations
 
@@ -54,9 +58,13 @@ def relu_forward(x):
 @register("numpy", "relu_backward")
 def relu_backward(grad, y):
     # the standard path's grad * astype(y > 0, grad.dtype): the same products (NaN·0 = NaN)
-    mask = np.greater(y, 0).astype(grad.dtype)
+    mask = (y > 0).astype(grad.dtype)
     mask *= grad
     return mask
+
+
+_max, _sum, _exp, _log, _contiguous = (np.maximum.reduce, np.add.reduce, np.exp, np.log,
+                                       np.ascontiguousarray)
 
 
 @register("numpy", "softmax_xent")
@@ -69,18 +77,18 @@ def softmax_xent(loss, logits, target):
         return type(loss)._softmax_xent(loss, logits, target)
     n, c = shape
     if c <= 64:
-        top = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0).reshape(n, 1)
+        top = _max(_contiguous(logits.T), 0).reshape(n, 1)
     else:
-        top = np.maximum.reduce(logits, axis=1, keepdims=True)
-    shifted = np.subtract(logits, top)
-    s = np.add.reduce(np.exp(shifted), axis=1, keepdims=True)
-    np.log(s, out=s)
-    logp = np.subtract(shifted, s)
-    probs = np.exp(logp)
+        top = _max(logits, 1, None, None, True)
+    # (operators where NumPy has them: fewer look-ups than np.subtract & co.)
+    shifted = logits - top
+    s = _sum(_exp(shifted), 1, None, None, True)
+    _log(s, s)
+    logp = shifted - s
+    probs = _exp(logp)
     loss.probs, loss.target, loss.n, loss._grad = probs, target, n, None
-    hit = np.equal(shifted, 0.0).astype(logits.dtype)
-    correct = np.add.reduce(np.multiply(hit, target), axis=None)  # = xp.sum(...)
-    picked = np.add.reduce(np.multiply(logp, target), axis=None)
-    grad = np.subtract(probs, target)
+    correct = _sum((shifted == 0.0).astype(logits.dtype) * target, None)  # = xp.sum(...)
+    picked = _sum(logp * target, None)
+    grad = probs - target
     grad *= 1.0 / n
     return picked, correct, grad
