@@ -135,6 +135,16 @@ class Layer:
         """Whether this forward must cache for backward."""
         return train or self.retain
 
+    def pair(self, name: str, standard):
+        """``standard`` (this layer's own forward/backward pair), or the backend's checked
+        version of the pair ``name`` where it offers one (backends/overrides.py), bound once."""
+        if self.backend is None or not self.backend.offers(name):
+            return standard
+        bound = getattr(self, "_bound_pair", None)
+        if bound is None or bound.backend is not self.backend:
+            bound = self._bound_pair = self.backend.pair(name, standard)
+        return bound
+
     def walk(self):
         """This layer and every layer inside it (composite layers override)."""
         yield self

@@ -107,7 +107,7 @@ class BatchNorm(Layer):
             raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
                              f"value per feature, got input of shape {tuple(x.shape)}")
         if train and self.sync is None:  # the batch's own statistics: a pair a backend may replace
-            pair = self._pair()
+            pair = self.pair("batchnorm", BatchNormPair)
             (y, mean, var), saved = pair.forward(x, self.weight.value, self.bias.value, self.eps)
             self._update_running(mean, var, m)
             self.saved = (pair, saved)
@@ -133,16 +133,6 @@ class BatchNorm(Layer):
             self.xc = xc if train else x2 - mean[:, None]
             self.inv_std, self.m = inv_std, m
         return unrows(xp, y, x.shape)
-
-    def _pair(self):
-        """The "batchnorm" pair: the backend's (backends/overrides.py) where it offers one,
-        else the standard path, ``BatchNormPair``."""
-        if not self.backend.offers("batchnorm"):
-            return BatchNormPair
-        pair = getattr(self, "_bound_pair", None)
-        if pair is None or pair.backend is not self.backend:
-            pair = self._bound_pair = self.backend.pair("batchnorm", BatchNormPair)
-        return pair
 
     def _global_mean(self, x2, m):
         """Synchronised: (M, μ) of the global batch from this process's (F, m) rows; M is a

@@ -391,7 +391,7 @@ class Conv2D(Layer):
         self.xshape = tuple(x.shape)
         self.saved = None  # (pair, what its backward needs) on the pair paths
         if self._library():  # the backend's own convolution (a checked override pair)
-            pair = self._pair()
+            pair = self.pair("conv2d", Im2colPair)
             y, saved = pair.forward(x, self.weight.value, self._bias(), s, p)
         elif not (self._winograd() or self._rows()):
             pair = Im2colPair
@@ -412,12 +412,6 @@ class Conv2D(Layer):
         """Whether this layer runs the backend's convolution (backends/overrides.py's
         "conv2d" pair, e.g. torch's): for the default method, where the backend offers one."""
         return self.method == "fast" and self.backend is not None and self.backend.offers("conv2d")
-
-    def _pair(self):
-        pair = getattr(self, "_bound_pair", None)
-        if pair is None or pair.backend is not self.backend:
-            pair = self._bound_pair = self.backend.pair("conv2d", Im2colPair)
-        return pair
 
     def _set_grads(self, dw, db):
         self.weight.grad = dw

@@ -75,23 +75,15 @@ class MaxPool2D(_Pool2D):
 
     def forward(self, x, train=False):
         self._check(x)
-        out, saved = self._pair().forward(x, self.kernel_size, self.stride, self.padding)
-        self.saved = saved if self.keeps(train) else None  # backward reuses the output itself
+        pair = self.pair("maxpool", MaxPoolPair)
+        out, saved = pair.forward(x, self.kernel_size, self.stride, self.padding)
+        # (the standard pair keeps the output itself: see Layer on reusing outputs)
+        self.saved = (pair, saved) if self.keeps(train) else None
         return out
 
     def backward(self, grad, input_grad=True):
-        saved, self.saved = self.saved, None
-        return self._pair().backward(saved, grad, input_grad)
-
-    def _pair(self):
-        """The "maxpool" pair: the backend's (backends/overrides.py) where it offers one,
-        else the standard path, ``MaxPoolPair``."""
-        if not self.backend.offers("maxpool"):
-            return MaxPoolPair
-        pair = getattr(self, "_bound_pair", None)
-        if pair is None or pair.backend is not self.backend:
-            pair = self._bound_pair = self.backend.pair("maxpool", MaxPoolPair)
-        return pair
+        (pair, saved), self.saved = self.saved, None
+        return pair.backward(saved, grad, input_grad)
 
 
 class MaxPoolPair:
