@@ -28,6 +28,12 @@ buffers with reused scratch (so that each block's passes stay in L2) measured no
 a training step (docs/benchmarks.md, "The NumPy MLP epoch").
 
 Times: one thread, ``timeit`` on the 2-core Xeon (AVX-512) of that section.
+
+Forward/backward pairs (layers run them instead of the standard pairs, checked on first
+use; docs/cnn.md, "Where the time goes", measures them in whole training steps):
+
+- ``maxpool``: 2×2 windows at stride 2 in two stages (``NumpyMaxPool``), the same values
+  bit for bit.
 """
 from __future__ import annotations
 
@@ -92,3 +98,85 @@ def softmax_xent(loss, logits, target):
     grad = probs - target
     grad *= 1.0 / n
     return picked, correct, grad
+
+
+# --- forward/backward pairs (overrides.CheckedPair) --------------------------------------
+_as_strided = np.lib.stride_tricks.as_strided
+
+
+def _pairs(a, ho, wo):
+    """The top-left (2·ho, 2·wo) part of ``a`` (N, C, H, W) as its 2×2 windows, a VIEW
+    (N, C, ho, 2, wo, 2): [n, c, i, r, j, q] = a[n, c, 2i + r, 2j + q]. (as_strided, not
+    reshape: writes through it must reach ``a``, whatever its layout.)"""
+    sn, sc, sh, sw = a.strides
+    return _as_strided(a, (a.shape[0], a.shape[1], ho, 2, wo, 2),
+                       (sn, sc, 2 * sh, sh, 2 * sw, sw))
+
+
+@register("numpy", "maxpool")
+class NumpyMaxPool:
+    """The "maxpool" pair for 2×2 windows at stride 2 without padding (the CNN presets'
+    pool); other kernels, strides and paddings run the standard pair (``MaxPoolPair``).
+
+    Forward in two stages instead of three ``maximum`` calls over four strided window
+    slices: ``cols``, the max of each input row's column pair (N, C, Ho, 2, Wo: one call
+    whose strided operands NumPy runs as one long loop), then the max of each pair of those
+    rows. Backward routes each output gradient back through the same stages, one 0/1 mask
+    multiply and one subtraction each: to the top row unless the bottom row's max is larger
+    (the other row gets g − g·[top]: exactly 0 or g), then within that row to the left
+    column unless the right one is larger. The first row holding the window's max, then the
+    first column of that row holding it: the window's FIRST maximum in row-major order, as on
+    the standard path (and the same products, so the same values bit for bit, ±inf and NaN
+    gradients included). A window holding NaN has a NaN max; the standard path sends its
+    gradient to the window's last element (torch: to the NaN), which the stages would not,
+    so when the output holds a NaN that backward runs the standard pair's code.
+    Odd sizes drop the last row or column, as the standard path does (there dx is zeroed).
+    ``dx`` and the output keep the input's memory layout (a Conv2D's channel-major maps).
+    """
+
+    @staticmethod
+    def forward(x, k, s, p, keep=True):
+        n, c, h, w = x.shape
+        if k != 2 or s != 2 or p != 0 or h < 2 or w < 2:
+            from nnx.layers.pool import MaxPoolPair
+
+            out, saved = MaxPoolPair.forward(x, k, s, p)
+            return out, (None, saved, None)
+        x6 = _pairs(x, h // 2, w // 2)
+        cols = np.maximum(x6[..., 0], x6[..., 1])             # (N, C, Ho, 2, Wo), x's layout
+        out = np.maximum(cols[:, :, :, 0], cols[:, :, :, 1])  # (N, C, Ho, Wo)
+        return out, (x, cols, out)
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        x, cols, out = saved
+        if x is None:  # a case the standard pair ran
+            from nnx.layers.pool import MaxPoolPair
+
+            return MaxPoolPair.backward(cols, grad, input_grad)
+        n, c, h, w = x.shape
+        ho, wo = out.shape[2], out.shape[3]
+        peak = _max(out.ravel("K"))  # (a view: out is a fresh dense array)
+        if peak != peak:  # a NaN window somewhere: the standard path
+            from nnx.layers.pool import MaxPoolPair
+
+            return MaxPoolPair.backward(MaxPoolPair.forward(x, 2, 2, 0)[1], grad,
+                                        input_grad)
+        # stage 1: the output gradient to the first of the window's two rows holding its max
+        # (ties: the top row); the other row gets g − g·[top] (exact: 0 or g)
+        rows = np.empty_like(cols)                             # (N, C, Ho, 2, Wo)
+        if grad.strides != out.strides:  # (a Flatten's NCHW gradient): out's layout first, so
+            g = np.empty_like(out)       # that the passes below do not mix layouts
+            g[...] = grad
+            grad = g
+        top = rows[:, :, :, 0]
+        np.multiply(grad, cols[:, :, :, 0] >= cols[:, :, :, 1], out=top)
+        np.subtract(grad, top, out=rows[:, :, :, 1])
+        # stage 2: each row's share to the first of its two columns holding the row's max
+        dx = (np.empty_like if 2 * ho == h and 2 * wo == w else np.zeros_like)(x)
+        d6 = _pairs(dx, ho, wo)
+        x6 = _pairs(x, ho, wo)
+        left = d6[..., 0]
+        np.multiply(rows, x6[..., 0] >= x6[..., 1], out=left)
+        np.subtract(rows, left, out=d6[..., 1])
+        return dx

@@ -22,6 +22,7 @@ from nnx.losses import SoftmaxCrossEntropy
 
 DTYPES = ["float32", "float64"]
 NUMPY_OPS = ["relu_forward", "relu_backward", "softmax_xent"]
+NUMPY_PAIRS = ["maxpool"]
 
 
 def _impl(name):
@@ -53,7 +54,8 @@ def _edge_x(dtype):
 
 
 def test_numpy_registers_the_ops_it_replaces():
-    assert NumpyBackend().overrides() == NUMPY_OPS
+    assert NumpyBackend().overrides() == NUMPY_OPS + NUMPY_PAIRS
+    assert all(NumpyBackend().offers(name) for name in NUMPY_PAIRS)
     # the optimizers run their standard chains on NumPy (the reference itself, no wrapper)
     ref = object()
     assert NumpyBackend().op("nesterov_update", ref) is ref
@@ -255,3 +257,211 @@ def test_training_with_the_overrides_gives_the_same_weights(optimizer, dtype):
         overrides._CHECKED.update(saved)
     _same(on[0], off[0])
     assert on[1] == off[1]
+
+
+# --- pairs: max pooling ------------------------------------------------------------------
+# The NumPy pair claims the standard pair's outputs and gradients exactly (NaN included): the
+# comparisons are ``_same``. Its own code runs for 2×2 windows at stride 2 without padding
+# (odd sizes drop the last row/column, as the standard path does); other cases run the
+# standard pair's code, and are compared here too.
+POOL_CASES = [(2, 2, 0, (8, 6)), (2, 2, 0, (7, 5)), (2, 2, 0, (2, 2)), (2, 2, 0, (3, 9)),
+              (2, 2, 0, (28, 28)), (3, 2, 1, (7, 8)), (3, 1, 1, (5, 5)), (2, 1, 0, (4, 6)),
+              (2, 2, 1, (6, 6)), (3, 3, 0, (7, 6))]
+
+
+def _pool_input(dtype, hw, layout, rng):
+    """(3, 4, H, W) values with many ties: rounded normals, a map of one value, windows whose
+    maximum is repeated at (0, 1) and (1, 0) only (row-major and column-major order disagree
+    there), at (0, 0) and (1, 1), and ±0 ties; in C order, channel-major (a Conv2D's output)
+    or a strided slice of a larger array."""
+    x = np.round(rng.standard_normal((3, 4, *hw)), 1)
+    x[0, 0] = 1.0
+    h, w = hw
+    if h >= 2 and w >= 2:
+        x[1, 1, :2, :2] = [[0.5, 3.0], [3.0, 1.0]]
+        x[1, 2, :2, :2] = [[3.0, 1.0], [0.5, 3.0]]
+        x[2, 3, :2, :2] = [[-0.0, 0.0], [-1.0, -0.0]]
+        x[2, 3, -2:, -2:] = [[-np.inf, -np.inf], [-np.inf, -np.inf]]
+    x = x.astype(dtype)
+    if layout == "channel-major":
+        return np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    if layout == "strided":
+        big = np.zeros((3, 8, h + 1, 2 * w), dtype)
+        big[:, ::2, 1:, ::2] = x
+        return big[:, ::2, 1:, ::2]
+    return x
+
+
+def _pool_grad(out, layout, rng):
+    g = rng.standard_normal(out.shape).astype(out.dtype)
+    if layout == "channel-major":
+        return np.ascontiguousarray(g.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    return g
+
+
+def _compare_pools(x, k, s, p, grad_layout="C", grad=None):
+    from nnx.layers.pool import MaxPoolPair
+
+    before = x.copy()
+    want_out, want_saved = MaxPoolPair.forward(x, k, s, p)
+    got_out, got_saved = _impl("maxpool").forward(x, k, s, p, True)
+    _same(got_out, want_out)
+    _same(_impl("maxpool").forward(x, k, s, p, False)[0], want_out)  # inference
+    if grad is None:
+        grad = _pool_grad(np.asarray(want_out), grad_layout, np.random.default_rng(5))
+    g_before = grad.copy()
+    with np.errstate(invalid="ignore"):
+        want = MaxPoolPair.backward(want_saved, grad, True)
+        got = _impl("maxpool").backward(got_saved, grad, True)
+    _same(got, want)
+    _same(x, before)  # neither input is written to
+    _same(grad, g_before)
+    assert got_out.strides == want_out.strides  # the standard path's memory layouts
+    if (k, s, p) == (2, 2, 0):
+        assert got.strides == want.strides
+    return got_out, got_saved, got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,s,p,hw", POOL_CASES)
+@pytest.mark.parametrize("layout", ["C", "channel-major", "strided"])
+def test_maxpool_pair_matches_the_standard_path(dtype, k, s, p, hw, layout):
+    rng = np.random.default_rng(hw[0] * 31 + hw[1])
+    x = _pool_input(dtype, hw, layout, rng)
+    for grad_layout in ("C", "channel-major"):
+        out, saved, dx = _compare_pools(x, k, s, p, grad_layout)
+    fast = (k, s, p) == (2, 2, 0)
+    assert (saved[0] is not None) == fast  # NumPy's own code ran, not the standard pair's
+    if fast and layout != "strided":
+        assert dx.strides == x.strides
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_maxpool_pair_nan_windows_route_as_the_standard_path(dtype, where):
+    """A window holding NaN has a NaN maximum and sends its gradient to its LAST element on
+    both paths (torch picks the NaN's position); the other windows are unaffected."""
+    rng = np.random.default_rng(6)
+    for layout in ("C", "channel-major"):
+        x = _pool_input(dtype, (6, 8), layout, rng)
+        x[0, 1, where[0], where[1]] = np.nan             # one NaN in one window
+        x[2, 0, 2:4, 2:4] = np.nan                       # a window of NaN
+        x[1, 3, 4 + where[0], 6 + where[1]] = np.nan     # the bottom-right window
+        out, _, dx = _compare_pools(x, 2, 2, 0)
+        assert np.isnan(out[0, 1, 0, 0]) and dx[0, 1, 1, 1] != 0 or where == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_pair_passes_non_finite_gradients_as_the_standard_path(dtype):
+    """±inf and NaN in the output gradient: the standard path's 0·inf = NaN products and
+    g − g differences, reproduced (the NumPy pair subtracts the routed share too)."""
+    rng = np.random.default_rng(7)
+    x = _pool_input(dtype, (6, 8), "channel-major", rng)
+    grad = rng.standard_normal((3, 4, 3, 4)).astype(dtype)
+    grad[0, 0, 0, :] = [np.inf, -np.inf, np.nan, 0.0]
+    grad[1, 1, 0, 0] = np.inf  # the window whose maximum is at (0, 1) and (1, 0)
+    grad[1, 2, 0, 0] = -np.inf
+    _compare_pools(x, 2, 2, 0, grad=grad)
+
+
+def test_maxpool_pair_keeps_a_conv_outputs_layout_in_a_model():
+    """In a conv net the pair gets channel-major maps and hands back a gradient in the same
+    layout (the standard path's contract), and the layer really runs it."""
+    import nnx
+
+    m = nnx.Sequential([nnx.Conv2D(1, 3, 3, padding=1, bias=False), nnx.MaxPool2D(2)],
+                       input_shape=(1, 6, 8), backend=NumpyBackend(), dtype="float32", seed=0)
+    x = np.random.default_rng(8).standard_normal((5, 1, 6, 8)).astype("float32")
+    h = m.layers[0].forward(x)
+    y = m.forward(x, train=True)
+    pair, (used, saved) = m.layers[1].saved  # CheckedPair's: (the pair that ran, its saved)
+    assert pair.ok and used is _impl("maxpool") and saved[0] is not None
+    dx = m.layers[1].backward(np.ones_like(y))
+    assert dx.strides == h.strides and h.strides != np.empty(h.shape, h.dtype).strides
+
+
+# --- the pair checks can fail --------------------------------------------------------------
+class _ColumnFirstPool:
+    """Wrong: ties broken in column-major order (the two stages taken the other way round),
+    by pooling the transposed maps."""
+
+    @staticmethod
+    def forward(x, k, s, p, keep=True):
+        out, saved = _POOL.forward(x.transpose(0, 1, 3, 2), k, s, p, keep)
+        return out.transpose(0, 1, 3, 2), saved
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        return _POOL.backward(saved, grad.transpose(0, 1, 3, 2), input_grad).transpose(0, 1, 3, 2)
+
+
+class _NoNanCheckPool:
+    """Wrong: the two stages route NaN windows too (to a comparison's default, not the last
+    element)."""
+
+    forward = None
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        x, cols, out = saved
+        if x is None:
+            return _POOL.backward(saved, grad, input_grad)
+        return _POOL.backward((x, cols, np.nan_to_num(out)), grad, input_grad)
+
+
+_POOL = _impl("maxpool")
+_NoNanCheckPool.forward = staticmethod(_POOL.forward)
+
+
+@pytest.mark.parametrize("wrong, test, args", [
+    (_ColumnFirstPool, test_maxpool_pair_matches_the_standard_path,
+     ("float32", 2, 2, 0, (8, 6), "C")),
+    (_NoNanCheckPool, test_maxpool_pair_nan_windows_route_as_the_standard_path,
+     ("float64", (0, 0))),
+])
+def test_the_pool_edge_inputs_catch_plausible_mistakes(monkeypatch, wrong, test, args):
+    monkeypatch.setitem(overrides.REGISTRY["numpy"], "maxpool", wrong)
+    with pytest.raises(AssertionError):
+        test(*args)
+
+
+def test_the_pairs_self_check_accepts_them_on_the_shapes_of_a_model():
+    """Each NumPy pair passes its first-use check (no warning) in a small conv net, and a
+    few training steps give the standard path's weights."""
+    import nnx
+    from nnx.architectures import build_layers
+    from nnx.optim import make_optimizer
+
+    def train(enabled):
+        overrides.set_enabled(enabled)
+        try:
+            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,conv:6,maxpool:2,"
+                                                "flatten,dense:10", (1, 12, 10)),
+                                   input_shape=(1, 12, 10), backend=NumpyBackend(),
+                                   dtype="float64", seed=3)
+            opt = make_optimizer("adam", model.named_parameters(), 1e-2)
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((16, 1, 12, 10))
+            y = rng.integers(0, 10, 16)
+            loss = SoftmaxCrossEntropy()
+            for _ in range(4):
+                loss.forward(model.forward(x, train=True), y)
+                model.backward(loss.backward(), input_grad=False)
+                opt.step(1e-2)
+            return np.concatenate([p.value.ravel() for p in model.parameters()])
+        finally:
+            overrides.set_enabled(True)
+
+    saved = dict(overrides._CHECKED)
+    overrides._CHECKED.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            on = train(True)
+        checked = {k[2] for k, v in overrides._CHECKED.items() if k[0] == "numpy" and v}
+        assert set(NUMPY_PAIRS) <= checked
+    finally:
+        overrides._CHECKED.clear()
+        overrides._CHECKED.update(saved)
+    off = train(False)
+    np.testing.assert_allclose(on, off, rtol=1e-12, atol=1e-13)

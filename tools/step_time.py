@@ -4,11 +4,16 @@ one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
     python tools/step_time.py --arch cnn-fast --batch 128,256 [--repeats 20]
     python tools/step_time.py --arch cnn,cnn-fast --torch   # also torch eager, same layers
     python tools/step_time.py --arch cnn --conv-method gather,fast --torch --infer
+    python tools/step_time.py --arch cnn --torch --without maxpool,batchnorm  # NumPy pairs A/B
 
 Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
 PyTorch eager (torch.nn modules with the same weights, autograd, torch.optim.Adam) and the
 nnx/torch ratio from the same run. ``--conv-method`` builds one model per Conv2D method (an
 A/B of the convolution inside whole steps); ``--infer`` also times inference forwards.
+``--without NAMES`` adds, for every nnx run, a twin run with those NumPy pairs
+(backends/numpy_ops.py: ``maxpool``, ``batchnorm``, ...) taken out of the registry during its
+steps, so that those layers run the standard pairs: an interleaved A/B. ``--without all``
+turns every override off in the twin (``overrides.set_enabled(False)``, as ``--no-fused``).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--conv-method", default="", help="comma-separated Conv2D methods to compare")
     ap.add_argument("--infer", action="store_true", help="also time inference forwards")
+    ap.add_argument("--without", default="", help="comma-separated NumPy pairs, or 'all': also "
+                    "run every nnx model with these off (the standard path), interleaved")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -43,6 +50,29 @@ def main(argv=None):
     from nnx.backends import get_backend
     from nnx.losses import SoftmaxCrossEntropy
     from nnx.optim import make_optimizer
+
+    from nnx.backends import overrides
+
+    registry = overrides._load("numpy")
+    off = [n for n in args.without.split(",") if n]
+    pairs = [n for n in overrides.PAIRS if n in registry]
+    unknown = [n for n in off if n not in pairs + ["all"]]
+    if unknown:
+        raise SystemExit(f"--without: {', '.join(unknown)} is not a NumPy pair (NumPy has "
+                         f"{', '.join(pairs) or 'none'}; or 'all')")
+
+    def without(fn):
+        """``fn`` with the NumPy pairs in ``off`` out of the registry while it runs (a layer
+        asks ``backend.offers`` on every call), or with every override off for 'all'."""
+        def run():
+            saved = {n: registry.pop(n) for n in off if n in registry}
+            overrides.set_enabled("all" not in off)
+            try:
+                return fn()
+            finally:
+                registry.update(saved)
+                overrides.set_enabled(True)
+        return run
 
     archs = args.arch.split(",") if all(a in PRESETS for a in args.arch.split(",")) else [args.arch]
     rng = np.random.default_rng(0)
@@ -67,8 +97,13 @@ def main(argv=None):
                     opt.step(1e-3)
                 tag = f" {meth}" if meth else ""
                 runs[f"nnx {arch} b{b}{tag}"] = (step, b)
+                if off:
+                    runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)}"] = (without(step), b)
                 if args.infer:
-                    runs[f"nnx {arch} b{b}{tag} infer"] = (lambda model=model, x=x: model.forward(x), b)
+                    infer = lambda model=model, x=x: model.forward(x)  # noqa: E731
+                    runs[f"nnx {arch} b{b}{tag} infer"] = (infer, b)
+                    if off:
+                        runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)} infer"] = (without(infer), b)
             if args.torch:
                 from profile_cnn import torch_module
 
