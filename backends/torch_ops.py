@@ -41,9 +41,9 @@ def softmax_xent(loss, logits, target):
     probs = torch.exp(logp)
     loss.probs, loss.target, loss.n, loss._grad = probs, target, n, None
     picked = torch.sum(logp * target)
-    # a row is correct when its target's logit is the row maximum (ties count, as on the
-    # standard path's z − max z == 0)
-    correct = torch.sum((logits == torch.amax(logits, 1, keepdim=True)) * target)
+    # a row is correct when its target's logit is the row maximum: z − max z == 0, as on
+    # the standard path (ties count; a +inf logit gives NaN there, and does not)
+    correct = torch.sum(((logits - torch.amax(logits, 1, keepdim=True)) == 0) * target)
     grad = torch.sub(probs, target)
     grad *= 1.0 / n
     return picked, correct, grad
@@ -118,6 +118,7 @@ class TorchBatchNorm:
             x, weight, bias, None, None, True, 0.0, eps)
         var = torch.pow(invstd, -2)
         var -= eps
+        var.clamp_min_(0.0)  # a constant channel: 0, never a rounding error below it
         return (y, mean, var), (x, weight, mean, invstd, eps)
 
     @staticmethod
@@ -134,8 +135,11 @@ class TorchMaxPool:
     NaN routes its gradient to the NaN (the standard path: to the window's last element)."""
 
     @staticmethod
-    def forward(x, k, s, p):
-        out, index = _torch().ops.aten.max_pool2d_with_indices.default(x, [k, k], [s, s], [p, p])
+    def forward(x, k, s, p, keep):
+        torch = _torch()
+        if not keep:  # inference: no argmax indices
+            return torch.nn.functional.max_pool2d(x, k, s, p), None
+        out, index = torch.ops.aten.max_pool2d_with_indices.default(x, [k, k], [s, s], [p, p])
         return out, (x, index, k, s, p)
 
     @staticmethod

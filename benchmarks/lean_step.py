@@ -106,6 +106,7 @@ def count_ops(kind, opt_name, lean, fused=True) -> tuple[int, int]:
     Array-API code alone."""
     from nnx.backends import get_backend, overrides
 
+    was = overrides.enabled()
     overrides.set_enabled(fused)
     try:
         run, _, _ = _setup(kind, opt_name, get_backend("torch", "cpu"), lean)
@@ -114,7 +115,7 @@ def count_ops(kind, opt_name, lean, fused=True) -> tuple[int, int]:
         with counter:
             run()
     finally:
-        overrides.set_enabled(True)
+        overrides.set_enabled(was)
     total = sum(counter.ops.values())
     return total, total - sum(v for op, v in counter.ops.items() if op in VIEW_OPS)
 

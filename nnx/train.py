@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the standard Array-API code everywhere, not the backend's fused "
                         "versions (CuPy's kernels for relu, softmax-cross-entropy and the "
                         "optimizer updates; torch's single calls for those and its own "
-                        "convolution, batch norm and max pool; docs/architecture.md, Backend "
-                        "overrides)")
+                        "convolution, batch norm and max pool; NumPy's direct calls for relu and "
+                        "the loss; docs/architecture.md, Backend overrides)")
     add_threads_option(g)
     g.add_argument("--distributed", action="store_true", default=None,
                    help="data-parallel on the K processes of `mpirun -n K python -m nnx.train "

@@ -201,7 +201,7 @@ def test_wrong_pair_falls_back_to_the_standard_pair_with_one_warning(fresh):
         got = _conv_bn_steps(fake)
     messages = [str(w.message) for w in record if "override" in str(w.message)]
     assert len(messages) == 1 and "'conv2d'" in messages[0]
-    assert _WrongConvPair.calls == 1  # the self-check only
+    assert _WrongConvPair.calls == 2  # the self-check only (backward with and without dx)
     for g, w in zip(got, _conv_bn_steps(NumpyBackend())):  # im2col against NumPy's "rows"
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
 
@@ -228,7 +228,8 @@ def test_correct_pair_is_used(fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _conv_bn_steps(fake)
-    assert Counting.calls == 2 * (1 + 3)  # two pairs: the self-check, then every step
+    # two pairs: the self-check (two forwards: backward with and without dx), then each step
+    assert Counting.calls == 2 * (2 + 3)
     for g, w in zip(got, _conv_bn_steps(NumpyBackend())):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
 
@@ -286,3 +287,49 @@ def test_checkpoint_every(tmp_path, monkeypatch, synthetic):
             "--layers", "784,16,10", "--checkpoint-every", "2", "--out", str(tmp_path / "r")]
     assert train.main(args) == 0
     assert written == [2, 4, 5]
+
+
+def test_each_pair_configuration_is_checked(fresh):
+    """A conv pair wrong only at stride 2 passes the check of a stride-1 layer but not that
+    of a stride-2 layer (each configuration is its own case), and one wrong only without
+    the input gradient fails too (the check runs backward both ways)."""
+    from nnx.layers.conv import Im2colPair
+
+    class WrongAtStride2:
+        forward = staticmethod(Im2colPair.forward)
+
+        @staticmethod
+        def backward(saved, grad, input_grad):
+            dx, dw, db = Im2colPair.backward(saved, grad, input_grad)
+            return dx, (dw * 1.5 if saved[5] == 2 else dw), db
+
+    class WrongWithoutInputGrad(WrongAtStride2):
+        @staticmethod
+        def backward(saved, grad, input_grad):
+            dx, dw, db = Im2colPair.backward(saved, grad, input_grad)
+            return dx, (dw if input_grad else dw * 1.5), db
+
+    for name, impl, bad in (("fake-s2", WrongAtStride2, 1), ("fake-ig", WrongWithoutInputGrad, 2)):
+        fake = _register(name, {"conv2d": impl})
+        layers = [nnx.Conv2D(2, 3, 3, padding=1), nnx.Conv2D(3, 3, 3, stride=2)]
+        model = nnx.Sequential(layers, input_shape=(2, 7, 7), backend=fake, dtype="float64")
+        x = np.random.default_rng(0).standard_normal((2, 2, 7, 7))
+        with pytest.warns(RuntimeWarning) as record:
+            model.forward(x, train=True)
+        failed = [str(w.message) for w in record if "'conv2d'" in str(w.message)]
+        assert len(failed) == bad, failed  # fake-ig: both layers' checks fail
+
+
+def test_torch_conv_pair_passes_its_check_on_wide_layers(fresh):
+    """Float32 rounding of sums over C·k² products grows with them: the check's tolerance is
+    relative to the values, so torch's convolution is not rejected on wide layers."""
+    pytest.importorskip("torch")
+    from conftest import make_backend
+
+    b = make_backend("torch", "cpu")
+    model = nnx.Sequential([nnx.Conv2D(512, 256, 3, padding=1)], input_shape=(512, 4, 4),
+                           backend=b, dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.forward(b.from_numpy(np.ones((1, 512, 4, 4)), dtype=b.float32), train=True)
+    assert all(overrides._CHECKED.values()) and overrides._CHECKED

@@ -245,9 +245,36 @@ def test_maxpool_pair_matches_the_standard_path(torch_backend, dtype, k, s, p, h
     x = np.round(rng.standard_normal((2, 3, *hw)), 1)  # rounded: many ties
     x[0, 0] = 1.0  # a whole map of ties
     xt = b.from_numpy(x, dtype=b.dtype(dtype))
-    want_out, want_saved = MaxPoolPair.forward(xt, k, s, p)
-    got_out, got_saved = _impl("maxpool").forward(xt, k, s, p)
+    want_out, want_saved = MaxPoolPair.forward(xt, k, s, p, True)
+    got_out, got_saved = _impl("maxpool").forward(xt, k, s, p, True)
+    np.testing.assert_array_equal(_np(_impl("maxpool").forward(xt, k, s, p, False)[0]),
+                                  _np(want_out))  # inference: no indices, the same maxima
     np.testing.assert_array_equal(_np(got_out), _np(want_out))
     grad = b.from_numpy(rng.standard_normal(tuple(want_out.shape)), dtype=b.dtype(dtype))
     _close(_impl("maxpool").backward(got_saved, grad, True),
            MaxPoolPair.backward(want_saved, grad, True), dtype)
+
+
+@pytest.mark.parametrize("make", [
+    lambda nnx: nnx.Conv2D(2, 3, 3, padding=1), lambda nnx: nnx.Conv2D(2, 3, 3, method="rows", padding=1),
+    lambda nnx: nnx.Conv2D(2, 3, 3, method="winograd"), lambda nnx: nnx.Conv2D(2, 3, 3, method="im2col"),
+    lambda nnx: nnx.BatchNorm(2), lambda nnx: nnx.MaxPool2D(2)])
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_backward_without_a_training_forward_is_a_clear_error(make, name):
+    """A second backward, or one after an inference forward, names the layer and says what
+    is missing, on the pair paths and on the layers' own."""
+    import nnx
+
+    if name == "torch":
+        pytest.importorskip("torch")
+    b = make_backend(name, "cpu")
+    model = nnx.Sequential([make(nnx)], input_shape=(2, 6, 6), backend=b, dtype="float64", seed=0)
+    layer = model.layers[0]
+    x = b.from_numpy(np.random.default_rng(0).standard_normal((4, 2, 6, 6)))
+    y = layer.forward(x, train=True)
+    layer.backward(y)  # the one backward this forward allows
+    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+        layer.backward(y)
+    layer.forward(x, train=False)
+    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+        layer.backward(y)

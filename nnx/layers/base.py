@@ -140,10 +140,23 @@ class Layer:
         version of the pair ``name`` where it offers one (backends/overrides.py), bound once."""
         if self.backend is None or not self.backend.offers(name):
             return standard
-        bound = getattr(self, "_bound_pair", None)
-        if bound is None or bound.backend is not self.backend:
-            bound = self._bound_pair = self.backend.pair(name, standard)
-        return bound
+        bound = self.__dict__.setdefault("_bound_pairs", {})
+        pair = bound.get(name)
+        if pair is None or pair.backend is not self.backend:
+            pair = bound[name] = self.backend.pair(name, standard)
+        return pair
+
+    def take_saved(self):
+        """``self.saved`` (what the last forward kept for backward), or ``no_forward()``."""
+        saved = getattr(self, "saved", None)
+        if saved is None:
+            raise self.no_forward()
+        return saved
+
+    def no_forward(self) -> RuntimeError:
+        """The error for a backward with nothing kept to run on."""
+        return RuntimeError(f"layer {self.name or type(self).__name__}: backward needs a "
+                            "training forward first (or retain=True), and runs once per forward")
 
     def walk(self):
         """This layer and every layer inside it (composite layers override)."""

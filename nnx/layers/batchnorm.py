@@ -102,7 +102,7 @@ class BatchNorm(Layer):
         m = 1
         for a in self.axes:  # (a loop, not math.prod: torch.compile traces it)
             m *= x.shape[a]
-        self.train_mode, self.shape, self.saved = bool(train), tuple(x.shape), None
+        self.train_mode, self.shape, self.saved, self.xc = bool(train), tuple(x.shape), None, None
         if train and m < 2 and self.sync is None:
             raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
                              f"value per feature, got input of shape {tuple(x.shape)}")
@@ -157,11 +157,14 @@ class BatchNorm(Layer):
         b["running_var"] = (1.0 - factor) * b["running_var"] + factor * unbiased
 
     def backward(self, grad, input_grad=True):
-        if self.saved is not None:  # trained with the batch's own statistics: the pair's backward
+        if getattr(self, "saved", None) is not None:  # batch statistics: the pair's backward
             (pair, saved), self.saved = self.saved, None
             dx, self.weight.grad, self.bias.grad = pair.backward(saved, grad, input_grad)
             return dx
-        xp, xc, inv_std = self.xp, self.xc, self.inv_std
+        xp, xc = self.xp, getattr(self, "xc", None)
+        if xc is None:
+            raise self.no_forward()
+        inv_std = self.inv_std
         g = rows(xp, grad)                                             # (F, m)
         dbeta = xp.sum(g, axis=-1)
         dgamma = xp.vecdot(g, xc, axis=-1) * inv_std                    # Σ g·x̂

@@ -419,14 +419,15 @@ class Conv2D(Layer):
             self.bias.grad = db
 
     def backward(self, grad, input_grad=True):
-        if self.saved is not None:  # a pair path: its own backward
-            (pair, saved), self.saved = self.saved, None  # frees the column matrix
-            dx, dw, db = pair.backward(saved, grad, input_grad)
-            self._set_grads(dw, db)
-            return dx
-        if self._winograd():
-            return self._winograd_backward(grad, input_grad)
-        return self._rows_backward(grad, input_grad)
+        if getattr(self, "saved", None) is None:  # the layer's own methods, or no forward
+            if self._winograd():
+                return self._winograd_backward(grad, input_grad)
+            if self._rows():
+                return self._rows_backward(grad, input_grad)
+        (pair, saved), self.saved = self.take_saved(), None  # frees the column matrix
+        dx, dw, db = pair.backward(saved, grad, input_grad)
+        self._set_grads(dw, db)
+        return dx
 
     # --- row-split im2col (docs/cnn.md derives it) ---------------------------------------
     def _rows_forward(self, x, train):
@@ -456,6 +457,8 @@ class Conv2D(Layer):
         shifts (``shifted``, (k·O, N·L)); ∂W_r = dZ @ colsᵀ, dcols = W_rᵀ @ dZ, and col2im over
         the k column shifts (``unshifted_sum``)."""
         xp = self.xp
+        if getattr(self, "cols", None) is None:
+            raise self.no_forward()
         n, c, h, w = self.xshape
         k, p, o = self.kernel_size, self.padding, self.out_channels
         gf = xp.reshape(xp.permute_dims(grad, (1, 0, 2, 3)), (o, n, h * w))
@@ -498,6 +501,8 @@ class Conv2D(Layer):
 
     def _winograd_backward(self, grad, input_grad):
         xp = self.xp
+        if getattr(self, "v", None) is None:
+            raise self.no_forward()
         n, c, h, w = self.xshape
         o, p = self.out_channels, self.padding
         ho, wo = grad.shape[2], grad.shape[3]

@@ -75,24 +75,24 @@ class MaxPool2D(_Pool2D):
 
     def forward(self, x, train=False):
         self._check(x)
-        pair = self.pair("maxpool", MaxPoolPair)
-        out, saved = pair.forward(x, self.kernel_size, self.stride, self.padding)
+        pair, keep = self.pair("maxpool", MaxPoolPair), self.keeps(train)
+        out, saved = pair.forward(x, self.kernel_size, self.stride, self.padding, keep)
         # (the standard pair keeps the output itself: see Layer on reusing outputs)
-        self.saved = (pair, saved) if self.keeps(train) else None
+        self.saved = (pair, saved) if keep else None
         return out
 
     def backward(self, grad, input_grad=True):
-        (pair, saved), self.saved = self.saved, None
+        (pair, saved), self.saved = self.take_saved(), None
         return pair.backward(saved, grad, input_grad)
 
 
 class MaxPoolPair:
     """The standard path of the "maxpool" pair (backends/overrides.py):
-    ``forward(x, k, s, p) -> (out, saved)`` and ``backward(saved, grad, input_grad) -> dx``,
-    as described on MaxPool2D."""
+    ``forward(x, k, s, p, keep) -> (out, saved)`` (``keep``: backward will follow) and
+    ``backward(saved, grad, input_grad) -> dx``, as described on MaxPool2D."""
 
     @staticmethod
-    def forward(x, k, s, p):
+    def forward(x, k, s, p, keep=True):
         from array_api_compat import array_namespace
 
         xp = array_namespace(x)
