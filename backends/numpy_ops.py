@@ -121,62 +121,64 @@ class NumpyMaxPool:
     Forward in two stages instead of three ``maximum`` calls over four strided window
     slices: ``cols``, the max of each input row's column pair (N, C, Ho, 2, Wo: one call
     whose strided operands NumPy runs as one long loop), then the max of each pair of those
-    rows. Backward routes each output gradient back through the same stages, one 0/1 mask
-    multiply and one subtraction each: to the top row unless the bottom row's max is larger
-    (the other row gets g − g·[top]: exactly 0 or g), then within that row to the left
-    column unless the right one is larger. The first row holding the window's max, then the
-    first column of that row holding it: the window's FIRST maximum in row-major order, as on
-    the standard path (and the same products, so the same values bit for bit, ±inf and NaN
-    gradients included). A window holding NaN has a NaN max; the standard path sends its
-    gradient to the window's last element (torch: to the NaN), which the stages would not,
-    so when the output holds a NaN that backward runs the standard pair's code.
-    Odd sizes drop the last row or column, as the standard path does (there dx is zeroed).
-    ``dx`` and the output keep the input's memory layout (a Conv2D's channel-major maps).
+    rows. In training it also takes the two comparisons its backward routes by, while the
+    data they read is still in the cache: ``top`` (per output: the top row's max ≥ the
+    bottom row's) and ``left`` (per input row: its left element ≥ its right one), bools, so
+    ``cols`` itself is not kept. Backward routes each output gradient back through the
+    stages, one 0/1 mask multiply and one subtraction each: to the top row unless the
+    bottom row's max is larger (the other row gets g − g·[top]: exactly 0 or g), then within
+    that row to the left column unless the right one is larger. The first row holding the
+    window's max, then the first column of that row holding it: the window's FIRST maximum
+    in row-major order, as on the standard path (and the same products, so the same values
+    bit for bit, ±inf and NaN gradients included). A window holding NaN has a NaN max; the
+    standard path sends its gradient to the window's last element (torch: to the NaN),
+    which the comparisons would not, so when the output holds a NaN the standard pair's code
+    runs that step's backward. Odd sizes drop the last row or column, as the standard path
+    does (there dx is zeroed). ``dx`` and the output keep the input's memory layout (a
+    Conv2D's channel-major maps).
     """
 
     @staticmethod
     def forward(x, k, s, p, keep=True):
+        from nnx.layers.pool import MaxPoolPair
+
         n, c, h, w = x.shape
         if k != 2 or s != 2 or p != 0 or h < 2 or w < 2:
-            from nnx.layers.pool import MaxPoolPair
-
-            out, saved = MaxPoolPair.forward(x, k, s, p)
-            return out, (None, saved, None)
+            out, saved = MaxPoolPair.forward(x, k, s, p, keep)
+            return out, (None, saved)
         x6 = _pairs(x, h // 2, w // 2)
-        cols = np.maximum(x6[..., 0], x6[..., 1])             # (N, C, Ho, 2, Wo), x's layout
-        out = np.maximum(cols[:, :, :, 0], cols[:, :, :, 1])  # (N, C, Ho, Wo)
-        return out, (x, cols, out)
+        xl, xr = x6[..., 0], x6[..., 1]
+        cols = np.maximum(xl, xr)                             # (N, C, Ho, 2, Wo), x's layout
+        top, bottom = cols[:, :, :, 0], cols[:, :, :, 1]
+        out = np.maximum(top, bottom)                         # (N, C, Ho, Wo)
+        if not keep:  # inference: no backward follows
+            return out, None
+        peak = _max(out.ravel("K"))  # (a view: out is a fresh dense array)
+        if peak != peak:  # a NaN window: the standard pair's backward for this step
+            return out, (None, MaxPoolPair.forward(x, k, s, p, True)[1])
+        return out, (x, out, top >= bottom, xl >= xr)
 
     @staticmethod
     def backward(saved, grad, input_grad=True):
-        x, cols, out = saved
+        x, out, *flags = saved
         if x is None:  # a case the standard pair ran
             from nnx.layers.pool import MaxPoolPair
 
-            return MaxPoolPair.backward(cols, grad, input_grad)
-        n, c, h, w = x.shape
-        ho, wo = out.shape[2], out.shape[3]
-        peak = _max(out.ravel("K"))  # (a view: out is a fresh dense array)
-        if peak != peak:  # a NaN window somewhere: the standard path
-            from nnx.layers.pool import MaxPoolPair
-
-            return MaxPoolPair.backward(MaxPoolPair.forward(x, 2, 2, 0)[1], grad,
-                                        input_grad)
-        # stage 1: the output gradient to the first of the window's two rows holding its max
-        # (ties: the top row); the other row gets g − g·[top] (exact: 0 or g)
-        rows = np.empty_like(cols)                             # (N, C, Ho, 2, Wo)
+            return MaxPoolPair.backward(out, grad, input_grad)
+        top, left = flags
+        h, w, ho, wo = x.shape[2], x.shape[3], out.shape[2], out.shape[3]
         if grad.strides != out.strides:  # (a Flatten's NCHW gradient): out's layout first, so
             g = np.empty_like(out)       # that the passes below do not mix layouts
             g[...] = grad
             grad = g
-        top = rows[:, :, :, 0]
-        np.multiply(grad, cols[:, :, :, 0] >= cols[:, :, :, 1], out=top)
-        np.subtract(grad, top, out=rows[:, :, :, 1])
-        # stage 2: each row's share to the first of its two columns holding the row's max
+        # stage 1: the output gradient to the window's row holding its first maximum
+        rows = np.empty_like(left, dtype=grad.dtype)          # (N, C, Ho, 2, Wo)
+        upper = rows[:, :, :, 0]
+        np.multiply(grad, top, out=upper)
+        np.subtract(grad, upper, out=rows[:, :, :, 1])        # exact: 0 or g
+        # stage 2: each row's share to its column holding the row's first maximum
         dx = (np.empty_like if 2 * ho == h and 2 * wo == w else np.zeros_like)(x)
         d6 = _pairs(dx, ho, wo)
-        x6 = _pairs(x, ho, wo)
-        left = d6[..., 0]
-        np.multiply(rows, x6[..., 0] >= x6[..., 1], out=left)
-        np.subtract(rows, left, out=d6[..., 1])
+        np.multiply(rows, left, out=d6[..., 0])
+        np.subtract(rows, d6[..., 0], out=d6[..., 1])
         return dx

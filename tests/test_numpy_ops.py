@@ -396,21 +396,24 @@ class _ColumnFirstPool:
 
 
 class _NoNanCheckPool:
-    """Wrong: the two stages route NaN windows too (to a comparison's default, not the last
-    element)."""
-
-    forward = None
+    """Wrong: the two stages route NaN windows too (by the comparisons' answers for NaN,
+    not to the window's last element)."""
 
     @staticmethod
-    def backward(saved, grad, input_grad=True):
-        x, cols, out = saved
-        if x is None:
-            return _POOL.backward(saved, grad, input_grad)
-        return _POOL.backward((x, cols, np.nan_to_num(out)), grad, input_grad)
+    def forward(x, k, s, p, keep=True):
+        from nnx.backends.numpy_ops import _pairs
+
+        x6 = _pairs(x, x.shape[2] // 2, x.shape[3] // 2)
+        cols = np.maximum(x6[..., 0], x6[..., 1])
+        top, bottom = cols[:, :, :, 0], cols[:, :, :, 1]
+        out = np.maximum(top, bottom)
+        return out, (x, out, top >= bottom, x6[..., 0] >= x6[..., 1])
+
+    backward = None
 
 
 _POOL = _impl("maxpool")
-_NoNanCheckPool.forward = staticmethod(_POOL.forward)
+_NoNanCheckPool.backward = staticmethod(_POOL.backward)
 
 
 @pytest.mark.parametrize("wrong, test, args", [
