@@ -22,7 +22,7 @@ from nnx.losses import SoftmaxCrossEntropy
 
 DTYPES = ["float32", "float64"]
 NUMPY_OPS = ["relu_forward", "relu_backward", "softmax_xent"]
-NUMPY_PAIRS = ["maxpool"]
+NUMPY_PAIRS = ["batchnorm", "maxpool"]
 
 
 def _impl(name):
@@ -380,6 +380,77 @@ def test_maxpool_pair_keeps_a_conv_outputs_layout_in_a_model():
     assert dx.strides == h.strides and h.strides != np.empty(h.shape, h.dtype).strides
 
 
+# --- pairs: batch norm ---------------------------------------------------------------------
+# The NumPy pair runs the standard pair's operations (its backward block by block of feature
+# rows), so it claims the standard pair's values exactly, NaN and infinities included.
+def _bn_case(dtype, shape, layout, rng):
+    x = rng.standard_normal(shape) * 3 + 1
+    f = shape[1]
+    x[:, 0] = 2.5                      # a constant feature: variance 0
+    if f > 2:
+        x[:, 2] = x[:, 2] * 1e-3 + 1e4  # large mean, small spread (cancellation)
+    weight, bias = rng.standard_normal(f), rng.standard_normal(f)
+    if f > 1:
+        weight[1] = 0.0                # γ = 0
+    grad = rng.standard_normal(shape)
+    x, grad = x.astype(dtype), grad.astype(dtype)
+    if layout == "channel-major" and len(shape) == 4:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+        grad = np.ascontiguousarray(grad.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    return x, weight.astype(dtype), bias.astype(dtype), grad
+
+
+def _compare_batchnorms(x, weight, bias, grad, input_grad):
+    from nnx.layers.batchnorm import BatchNormPair
+
+    before = [a.copy() for a in (x, weight, bias, grad)]
+    with np.errstate(all="ignore"):
+        want_out, want_saved = BatchNormPair.forward(x, weight, bias, 1e-5)
+        got_out, got_saved = _impl("batchnorm").forward(x, weight, bias, 1e-5)
+        want = BatchNormPair.backward(want_saved, grad, input_grad)
+        got = _impl("batchnorm").backward(got_saved, grad, input_grad)
+    for g, w in zip(got_out + got, want_out + want):
+        if w is None:
+            assert g is None
+        else:
+            _same(g, w)
+            assert g.strides == w.strides  # the standard path's layouts
+    for a, b in zip((x, weight, bias, grad), before):
+        _same(a, b)  # nothing written to
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 4), (1, 3), (5, 3, 4, 7), (2, 7, 5, 3), (128, 6, 14, 14)])
+@pytest.mark.parametrize("layout", ["C", "channel-major"])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("rows_per_block", [None, 1, 3])
+def test_batchnorm_pair_matches_the_standard_path(monkeypatch, dtype, shape, layout, input_grad,
+                                                  rows_per_block):
+    """Blocks of all rows (the default size here), of one row, and of three rows with a
+    shorter last block."""
+    from backends import numpy_ops
+
+    if rows_per_block:
+        m = int(np.prod(shape)) // shape[1]
+        monkeypatch.setattr(numpy_ops, "BN_BLOCK_BYTES", rows_per_block * m * np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(sum(shape))
+    _compare_batchnorms(*_bn_case(dtype, shape, layout, rng), input_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_pair_propagates_nan_and_inf_as_the_standard_path(monkeypatch, dtype):
+    from backends import numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "BN_BLOCK_BYTES", 1)  # one row per block
+    rng = np.random.default_rng(9)
+    x, weight, bias, grad = _bn_case(dtype, (4, 5, 3, 3), "channel-major", rng)
+    x[1, 1, 0, 0] = np.nan
+    x[2, 3, 1, 1] = np.inf
+    grad[0, 4, 2, 2] = np.nan
+    grad[3, 2, 0, 1] = -np.inf
+    _compare_batchnorms(x, weight, bias, grad, True)
+
+
 # --- the pair checks can fail --------------------------------------------------------------
 class _ColumnFirstPool:
     """Wrong: ties broken in column-major order (the two stages taken the other way round),
@@ -416,16 +487,42 @@ _POOL = _impl("maxpool")
 _NoNanCheckPool.backward = staticmethod(_POOL.backward)
 
 
+class _LastBlockSkippedBatchNorm:
+    """Wrong: the backward loop stops before a shorter last block of rows."""
+
+    forward = None
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        xc, inv_std, weight, shape = saved
+        dx, dgamma, dbeta = _BN.backward(saved, grad, input_grad)
+        from backends import numpy_ops
+
+        step = max(1, numpy_ops.BN_BLOCK_BYTES // (xc.shape[1] * xc.itemsize))
+        last = (xc.shape[0] // step) * step
+        if last < xc.shape[0]:  # what a loop over full blocks only would leave unset
+            dgamma[last:] = 0.0
+            dbeta[last:] = 0.0
+        return dx, dgamma, dbeta
+
+
+_BN = _impl("batchnorm")
+_LastBlockSkippedBatchNorm.forward = staticmethod(_BN.forward)
+
+
 @pytest.mark.parametrize("wrong, test, args", [
+    (_LastBlockSkippedBatchNorm, test_batchnorm_pair_matches_the_standard_path,
+     (None, "float32", (2, 7, 5, 3), "C", True, 3)),
     (_ColumnFirstPool, test_maxpool_pair_matches_the_standard_path,
      ("float32", 2, 2, 0, (8, 6), "C")),
     (_NoNanCheckPool, test_maxpool_pair_nan_windows_route_as_the_standard_path,
      ("float64", (0, 0))),
 ])
-def test_the_pool_edge_inputs_catch_plausible_mistakes(monkeypatch, wrong, test, args):
-    monkeypatch.setitem(overrides.REGISTRY["numpy"], "maxpool", wrong)
+def test_the_pair_edge_inputs_catch_plausible_mistakes(monkeypatch, wrong, test, args):
+    name = "batchnorm" if wrong is _LastBlockSkippedBatchNorm else "maxpool"
+    monkeypatch.setitem(overrides.REGISTRY["numpy"], name, wrong)
     with pytest.raises(AssertionError):
-        test(*args)
+        test(monkeypatch, *args[1:]) if args[0] is None else test(*args)
 
 
 def test_the_pairs_self_check_accepts_them_on_the_shapes_of_a_model():
