@@ -36,9 +36,8 @@ use; docs/cnn.md, "Where the time goes", measures them in whole training steps):
   bit for bit.
 - ``batchnorm``: the standard pair's operations, its backward block by block of feature
   rows (``NumpyBatchNorm``), the same values bit for bit.
-
-Not replaced: ``conv2d`` (Conv2D's own ``"rows"`` method run over image chunks measured
-slower in whole training steps; docs/cnn.md).
+- ``conv2d``: Conv2D's ``"rows"`` method over chunks of images for large batches, the
+  standard im2col elsewhere (``NumpyConv2D``); ∂W summed over the chunks (float rounding).
 """
 from __future__ import annotations
 
@@ -245,3 +244,160 @@ class NumpyBatchNorm:
                 t += (db / m)[:, None]
                 t *= -(weight[a:b] * inv)[:, None]
         return (None if dx is None else unrows(np, dx, shape)), dgamma, dbeta
+
+
+#: the conv2d pair splits the batch into chunks of images when the row-partial outputs Z of
+#: the whole batch take more than 1.5 times this many bytes (each chunk's Z about this size)
+CONV_CHUNK_BYTES = 8 << 20
+#: below this many bytes of Z (the self-check's small inputs) it runs one image per chunk,
+#: so that its first-use check covers the chunked code that large batches run
+CONV_TINY_BYTES = 64 << 10
+
+
+def _conv_chunks(n, z_bytes):
+    """How many chunks of images a batch of ``n`` whose Z takes ``z_bytes`` runs in."""
+    if z_bytes <= CONV_TINY_BYTES:
+        return n
+    if z_bytes <= 1.5 * CONV_CHUNK_BYTES:
+        return 1
+    return min(n, int(-(-z_bytes // CONV_CHUNK_BYTES)))
+
+
+def _shift_sum_into(out, z, shifts):
+    """out[..., f] = Σ_q z[q, ..., f + d_q] over the q with 0 <= f + d_q < L (flat shifts
+    ``shifts``, one of them 0), written straight into ``out``: per segment of f with the same
+    terms, one ``add`` into ``out`` and ``+=`` for the rest, the unshifted block first and
+    then the others in order, as ``conv.unshifted_sum`` adds them (the same roundings)."""
+    L = out.shape[-1]
+    cuts = sorted({0, L, *(min(L, max(0, -d)) for d in shifts),
+                   *(max(0, min(L, L - d)) for d in shifts)})
+    for s0, s1 in zip(cuts[:-1], cuts[1:]):
+        terms = sorted(((q, d) for q, d in enumerate(shifts) if s0 + d >= 0 and s1 + d <= L),
+                       key=lambda t: (t[1] != 0, t[0]))
+        if not terms:
+            out[..., s0:s1] = 0
+            continue
+        (q, d), rest = terms[0], terms[1:]
+        if not rest:
+            out[..., s0:s1] = z[q, ..., s0 + d:s1 + d]
+            continue
+        q1, d1 = rest[0]
+        np.add(z[q, ..., s0 + d:s1 + d], z[q1, ..., s0 + d1:s1 + d1], out=out[..., s0:s1])
+        for q, d in rest[1:]:
+            out[..., s0:s1] += z[q, ..., s0 + d:s1 + d]
+
+
+@register("numpy", "conv2d")
+class NumpyConv2D:
+    """The "conv2d" pair: Conv2D's own ``"rows"`` method where its default ``"fast"`` picks it
+    (stride 1, "same" padding, k·C ≥ O), over chunks of images when the batch is large;
+    elsewhere the standard pair (``Im2colPair``: the ``"gather"`` im2col that ``"fast"``
+    runs there anyway).
+
+    The row split (nnx/layers/conv.py, ``Conv2D._rows_forward``, docs/cnn.md): one matmul
+    W_r·cols gives the k row-partial outputs Z_i, and y is their sum shifted by whole rows;
+    backward builds dZ (g shifted by rows), ∂W_r = dZ·colsᵀ, dcols = W_rᵀ·dZ, and col2im
+    over the column shifts. When the whole batch's Z would take more than 1.5 ×
+    ``CONV_CHUNK_BYTES``, the forward's matmul and shifted sum, and all of the backward,
+    run chunk by chunk of images (as even as possible, Z about ``CONV_CHUNK_BYTES`` each):
+    Z, dZ and dcols are a chunk's, reused, and the sums are written straight into y and dx,
+    so the partial outputs never make a round trip through memory at full size. The
+    matmuls compute every output column the same way, so y and dx are the ``"rows"``
+    method's bit for bit (up to the order of the shifted sums for kernels beyond 3×3);
+    ∂W_r is summed over the chunks (float rounding). Smaller batches run the ``"rows"``
+    method's code as it is (the same values)."""
+
+    @staticmethod
+    def forward(x, w, b, s, p):
+        o, c, k = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+        if s != 1 or 2 * p != k - 1 or k == 1 or k * c < o:
+            from nnx.layers.conv import Im2colPair
+
+            y, saved = Im2colPair.forward(x, w, b, s, p)
+            return y, (None, saved)
+        from nnx.layers.conv import shifted, unshifted_sum
+
+        n, _, h, wd = x.shape
+        L = h * wd
+        xf = np.reshape(x.transpose(1, 0, 2, 3), (c, n, L))
+        cols = np.reshape(shifted(np, xf, wd, [(0, j - p) for j in range(k)]), (k * c, n * L))
+        wr = np.reshape(w.transpose(2, 0, 3, 1), (k * o, k * c))
+        chunks = _conv_chunks(n, k * o * n * L * x.itemsize)
+        # a list: backward takes cols out of it, so that the column matrix is freed as soon
+        # as ∂W is made (as the layer's "rows" method does), not when its callers return
+        saved = [cols, (wr, (n, c, h, wd), b is not None, chunks)]
+        if chunks == 1:  # the "rows" method as it is: the sum in place in Z's centre block
+            z = np.reshape(wr @ cols, (k, o, n, L))
+            if b is not None:
+                z[p] += b[:, None, None]
+            y = unshifted_sum(np, z, wd, [(p - i, 0) for i in range(k)])
+            return y.reshape(o, n, h, wd).transpose(1, 0, 2, 3), saved
+        step = -(-n // chunks)
+        y = np.empty((o, n, L), x.dtype)
+        z = np.empty((k * o, step * L), x.dtype)
+        shifts = [(i - p) * wd for i in range(k)]  # y[f] = Σ_i Z_i[f + (i − p)·W]
+        for a in range(0, n, step):
+            e = min(n, a + step)
+            zc = z[:, :(e - a) * L]
+            np.matmul(wr, cols[:, a * L:e * L], out=zc)
+            z4 = zc.reshape(k, o, e - a, L)
+            if b is not None:
+                z4[p] += b[:, None, None]
+            _shift_sum_into(y[:, a:e], z4, shifts)
+        return y.reshape(o, n, h, wd).transpose(1, 0, 2, 3), saved
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        if isinstance(saved, tuple):  # (None, what the standard pair kept): a case it ran
+            from nnx.layers.conv import Im2colPair
+
+            return Im2colPair.backward(saved[1], grad, input_grad)
+        from nnx.layers.conv import _wrapped, shifted, unshifted_sum
+
+        cols, rest = saved
+        if cols is None:
+            raise RuntimeError("NumpyConv2D.backward: this forward's backward already ran")
+        saved[0] = None  # (cols is ours now: freed below once ∂W is made)
+        wr, (n, c, h, wd), has_bias, chunks = rest
+        k = wr.shape[1] // c
+        o, p, L = wr.shape[0] // k, (k - 1) // 2, h * wd
+        gf = np.reshape(grad.transpose(1, 0, 2, 3), (o, n, L))
+        db = _sum(np.reshape(gf, (o, n * L)), 1) if has_bias else None
+        unshape = lambda dwr: dwr.reshape(k, o, k, c).transpose(1, 3, 0, 2)  # noqa: E731
+        if chunks == 1:  # the "rows" method as it is
+            dz = np.reshape(shifted(np, gf, wd, [(p - i, 0) for i in range(k)]), (k * o, n * L))
+            dw = unshape(dz @ cols.T)
+            del cols
+            if not input_grad:
+                return None, dw, db
+            dcols = np.reshape(wr.T @ dz, (k, c, n, L))
+            dx = unshifted_sum(np, dcols, wd, [(0, j - p) for j in range(k)])
+            return dx.reshape(c, n, h, wd).transpose(1, 0, 2, 3), dw, db
+        step = -(-n // chunks)
+        dz = np.zeros((k, o, step, L), grad.dtype)  # rows read from outside the image stay 0
+        dwr, part = np.zeros((k * o, k * c), grad.dtype), np.empty((k * o, k * c), grad.dtype)
+        dx = np.empty((c, n, L), grad.dtype) if input_grad else None
+        dcols = np.empty((k, c, step, L), grad.dtype) if input_grad else None
+        wrt = wr.T
+        back = [p - j for j in range(k)]  # dx[f] = Σ_j dcols_j[f + (p − j)], wrapped ones 0
+        for a in range(0, n, step):
+            e = min(n, a + step)
+            cnt = e - a
+            last = cnt < step  # a shorter last chunk: contiguous buffers of its own size
+            d = np.zeros((k, o, cnt, L), grad.dtype) if last else dz
+            for i in range(k):  # dZ_i = g shifted by (p − i) rows
+                sh = (p - i) * wd
+                lo, hi = max(0, -sh), min(L, L - sh)
+                d[i, :, :, lo:hi] = gf[:, a:e, lo + sh:hi + sh]
+            d2 = d.reshape(k * o, cnt * L)
+            np.matmul(d2, cols[:, a * L:e * L].T, out=part)
+            dwr += part
+            if input_grad:
+                dc = np.empty((k, c, cnt, L), grad.dtype) if last else dcols
+                np.matmul(wrt, d2, out=dc.reshape(k * c, cnt * L))
+                for j in range(k):  # entries that wrapped around a row end belong to padding
+                    for col in _wrapped(j - p, wd):
+                        dc[j, ..., col::wd] = 0
+                _shift_sum_into(dx[:, a:e], dc, back)
+        dw = unshape(dwr)
+        return (None if dx is None else dx.reshape(c, n, h, wd).transpose(1, 0, 2, 3)), dw, db

@@ -4,6 +4,7 @@ PyTorch eager, layer by layer, forward and backward, on one thread.
     python tools/profile_cnn.py                       # the --model cnn preset, batch 128
     python tools/profile_cnn.py --arch cnn-fast --repeats 30
     python tools/profile_cnn.py --conv-method im2col  # the reference convolution
+    python tools/profile_cnn.py --without maxpool     # NumPy's max-pool pair off
 
 Every layer gets the input the previous layer really produces and the upstream gradient a
 real backward pass hands it (so memory layouts are the ones a training step sees). Each repeat runs, for every
@@ -14,7 +15,9 @@ backward skips the input gradient (as a training step does) on both sides.
 
 ``--passes`` adds the memory passes inside nnx's Conv2D, BatchNorm and MaxPool2D (each
 stage timed on its own, mirroring what the layer code does) so that the cost of the
-layout changes, im2col/col2im copies and reductions can be read off.
+layout changes, im2col/col2im copies and reductions can be read off; where NumPy's own
+pair replaces a layer's passes (backends/numpy_ops.py) its forward and backward are timed
+as wholes too. ``--without NAMES`` takes those NumPy pairs out (``all``: every override off).
 """
 from __future__ import annotations
 
@@ -70,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--conv-method", default=None, help="Conv2D method to use (default: the layer's)")
     ap.add_argument("--passes", action="store_true", help="also time the passes inside the layers")
+    ap.add_argument("--without", default="", help="comma-separated NumPy pairs to turn off "
+                    "(maxpool, batchnorm), or 'all' for every override")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -78,6 +83,16 @@ def main(argv=None):
     from nnx.threads import set_threads
 
     set_threads(1)  # threadpoolctl for NumPy's BLAS, torch.set_num_threads(1)
+    from nnx.backends import overrides
+
+    registry = overrides._load("numpy")
+    for name in (n for n in args.without.split(",") if n):
+        if name == "all":
+            overrides.set_enabled(False)
+        elif name in overrides.PAIRS and name in registry:
+            registry.pop(name)
+        else:
+            raise SystemExit(f"--without: {name} is not a NumPy pair (or 'all')")
     from nnx import Sequential
     from nnx.architectures import PRESETS, build_layers
     from nnx.backends import get_backend
@@ -231,8 +246,9 @@ def passes(model, ins, grads, repeats):
                 stage(f"{tag}: col2im (k·k − 1 strided += into the centre block)",
                       lambda: scatter(xp, dcols, k, s, p, hh, ww))
             elif kind == "BatchNorm":  # the layer's own operations on its (F, m) view
-                x2 = layer._rows(x)
-                g2 = layer._rows(g)
+                from nnx.layers.batchnorm import rows
+
+                x2, g2 = rows(xp, x), rows(xp, g)
                 mean = stage(f"{tag}: Σx (row sums)", lambda: xp.sum(x2, axis=-1) / x2.shape[1])
                 xc = stage(f"{tag}: x − μ", lambda: x2 - mean[:, None])
                 stage(f"{tag}: Σ(x − μ)² (vecdot)", lambda: xp.vecdot(xc, xc, axis=-1))
@@ -247,16 +263,36 @@ def passes(model, ins, grads, repeats):
                     t *= mean[:, None]
                     return t
                 stage(f"{tag}: backward dx (1 product + 3 in place)", dx)
+                if layer.backend.offers("batchnorm"):  # NumPy's pair, as the layer runs it
+                    from nnx.layers.batchnorm import BatchNormPair
+
+                    pair = layer.pair("batchnorm", BatchNormPair)
+                    w, b = layer.weight.value, layer.bias.value
+                    _, saved = stage(f"{tag}: NumPy pair forward (the standard operations)",
+                                     lambda: pair.forward(x, w, b, layer.eps))
+                    stage(f"{tag}: NumPy pair backward (blocks of rows)",
+                          lambda: pair.backward(saved, g, True))
             elif kind == "MaxPool2D":
                 from nnx.layers.conv import set_window, window
 
-                k, s = layer.kernel_size, layer.stride
+                from nnx.layers.pool import MaxPoolPair
+
+                k, s, p = layer.kernel_size, layer.stride, layer.padding
                 ho, wo = g.shape[2], g.shape[3]
-                out = stage(f"{tag}: forward ({k * k - 1} maximum)", lambda: layer.forward(x))
-                stage(f"{tag}: one mask (== and astype)",
+                out = stage(f"{tag}: standard forward ({k * k - 1} maximum)",
+                            lambda: MaxPoolPair.forward(x, k, s, p, False)[0])
+                stage(f"{tag}: standard, one mask (== and astype)",
                       lambda: xp.astype(window(x, 0, 0, s, ho, wo) == out, g.dtype))
-                stage(f"{tag}: one strided assignment into dx",
+                stage(f"{tag}: standard, one strided assignment into dx",
                       lambda: set_window(xp.empty_like(x), 0, 0, s, ho, wo, g))
+                if layer.backend.offers("maxpool"):  # NumPy's pair, as the layer runs it
+                    pair = layer.pair("maxpool", MaxPoolPair)
+                    stage(f"{tag}: NumPy pair inference forward (2 maximum)",
+                          lambda: pair.forward(x, k, s, p, False))
+                    _, saved = stage(f"{tag}: NumPy pair training forward (+ 2 comparisons)",
+                                     lambda: pair.forward(x, k, s, p, True))
+                    stage(f"{tag}: NumPy pair backward (2 × (multiply, subtract))",
+                          lambda: pair.backward(saved, g, True))
     print("| nnx pass (NumPy) | median ms |")
     print("|---|---:|")
     for label, ts in stages.items():
