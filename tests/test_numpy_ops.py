@@ -22,7 +22,7 @@ from nnx.losses import SoftmaxCrossEntropy
 
 DTYPES = ["float32", "float64"]
 NUMPY_OPS = ["relu_forward", "relu_backward", "softmax_xent"]
-NUMPY_PAIRS = ["conv2d", "batchnorm", "maxpool"]
+NUMPY_PAIRS = ["batchnorm", "maxpool"]
 
 
 def _impl(name):
@@ -451,151 +451,6 @@ def test_batchnorm_pair_propagates_nan_and_inf_as_the_standard_path(monkeypatch,
     _compare_batchnorms(x, weight, bias, grad, True)
 
 
-# --- pairs: convolution ------------------------------------------------------------------
-# The NumPy pair runs Conv2D's "rows" method where "fast" picks it (over chunks of images for
-# large batches) and the standard pair (im2col) elsewhere. Unchunked it is the "rows" code:
-# the same values exactly; chunked, y and dx are the same matmul columns and shifted sums
-# (equal up to the matmul's blocking on tiny chunks), and ∂W is summed over the chunks.
-CONV_CASES = [(3, 5, 3, 1, 1, (7, 6), True), (8, 4, 5, 1, 2, (6, 9), False),
-              (4, 4, 3, 1, 1, (5, 5), False), (2, 2, 3, 1, 1, (1, 4), True),
-              (1, 4, 3, 1, 1, (7, 6), False),                       # k·C < O: im2col
-              (3, 5, 3, 2, 1, (9, 8), True), (4, 3, 3, 1, 0, (6, 7), True)]  # not "same"
-
-
-def _rows_reference(x, w, b, grad, input_grad, method="rows"):
-    """What the layer computes without the pair: (y, dx, dW, db)."""
-    import nnx
-
-    o, c, k = w.shape[:3]
-    overrides.set_enabled(False)
-    try:
-        layer = nnx.Conv2D(c, o, k, padding=(k - 1) // 2, bias=b is not None, method=method)
-        nnx.Sequential([layer], input_shape=x.shape[1:], backend=NumpyBackend(),
-                       dtype=str(x.dtype), seed=0)
-        layer.weight.value[...] = w
-        if b is not None:
-            layer.bias.value[...] = b
-        y = layer.forward(x, train=True)
-        dx = layer.backward(grad, input_grad)
-    finally:
-        overrides.set_enabled(True)
-    return y, dx, layer.weight.grad, layer.bias.grad if b is not None else None
-
-
-def _conv_inputs(dtype, c, o, k, s, p, hw, bias, n, layout, rng):
-    from nnx.layers.conv import out_size
-
-    x = rng.standard_normal((n, c, *hw))
-    x[0, 0, 0, :] = 0.0
-    w = rng.standard_normal((o, c, k, k)) / (c * k * k) ** 0.5
-    b = rng.standard_normal(o) if bias else None
-    grad = rng.standard_normal((n, o, out_size(hw[0], k, s, p), out_size(hw[1], k, s, p)))
-    if layout == "channel-major":
-        x = np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
-        grad = np.ascontiguousarray(grad.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
-    as_ = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
-    return as_(x), as_(w), as_(b), as_(grad)
-
-
-def _close_to(got, want, dtype, exact):
-    if want is None:
-        assert got is None
-        return
-    if exact:
-        _same(got, want)
-    else:
-        scale = max(1.0, float(np.abs(want).max()))
-        tol = 1e-5 if dtype == "float32" else 1e-12
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
-        assert got.dtype == want.dtype and got.shape == want.shape
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c,o,k,s,p,hw,bias", CONV_CASES)
-@pytest.mark.parametrize("layout", ["C", "channel-major"])
-@pytest.mark.parametrize("chunking", ["none", "per image", "uneven"])
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_conv2d_pair_matches_the_layers_own_method(monkeypatch, dtype, c, o, k, s, p, hw, bias,
-                                                   layout, chunking, input_grad):
-    from nnx.backends import numpy_ops
-    from nnx.layers.conv import Im2colPair
-
-    n = 7
-    if chunking == "none":
-        monkeypatch.setattr(numpy_ops, "CONV_TINY_BYTES", 0)
-    elif chunking == "uneven":  # 3 chunks: 3, 3 and 1 images
-        monkeypatch.setattr(numpy_ops, "CONV_TINY_BYTES", 0)
-        z_image = k * o * hw[0] * hw[1] * np.dtype(dtype).itemsize
-        monkeypatch.setattr(numpy_ops, "CONV_CHUNK_BYTES", 5 * z_image // 2)
-    rng = np.random.default_rng(c * 100 + o * 10 + k)
-    x, w, b, grad = _conv_inputs(dtype, c, o, k, s, p, hw, bias, n, layout, rng)
-    before = [a.copy() for a in (x, w, grad)]
-    rows = s == 1 and 2 * p == k - 1 and k * c >= o
-    y, saved = _impl("conv2d").forward(x, w, b, s, p)
-    got = (y, *_impl("conv2d").backward(saved, grad, input_grad))
-    if rows:
-        want = _rows_reference(x, w, b, grad, input_grad)
-        chunks = saved[1][3]
-        assert chunks == {"none": 1, "per image": n, "uneven": 3}[chunking]
-        exact = chunks == 1
-        for i, (g, wnt) in enumerate(zip(got, want)):
-            _close_to(g, wnt, dtype, exact or (i in (0, 1) and dtype == "float64" and k == 3))
-            if wnt is not None and i < 2:
-                assert g.strides == wnt.strides  # channel-major, as the layer's
-    else:  # the standard pair's own code
-        ref_y, ref_saved = Im2colPair.forward(x, w, b, s, p)
-        want = (ref_y, *Im2colPair.backward(ref_saved, grad, input_grad))
-        for g, wnt in zip(got, want):
-            _close_to(g, wnt, dtype, True)
-    # and the standard pair itself (im2col) within float rounding
-    ref_y, ref_saved = Im2colPair.forward(x, w, b, s, p)
-    for g, wnt in zip(got, (ref_y, *Im2colPair.backward(ref_saved, grad, input_grad))):
-        _close_to(g, wnt, dtype, False)
-    for a, bf in zip((x, w, grad), before):
-        _same(a, bf)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_conv2d_pair_propagates_nan_and_inf_as_the_layers_method(monkeypatch, dtype):
-    from nnx.backends import numpy_ops
-
-    monkeypatch.setattr(numpy_ops, "CONV_TINY_BYTES", 0)
-    monkeypatch.setattr(numpy_ops, "CONV_CHUNK_BYTES", 1)  # a chunk per image
-    rng = np.random.default_rng(4)
-    x, w, b, grad = _conv_inputs(dtype, 4, 4, 3, 1, 1, (6, 5), True, 3, "channel-major", rng)
-    x[1, 2, 3, 4] = np.nan
-    x[2, 0, 0, 0] = np.inf
-    grad[0, 1, 5, 0] = np.nan
-    y, saved = _impl("conv2d").forward(x, w, b, 1, 1)
-    with np.errstate(invalid="ignore"):
-        got = (y, *_impl("conv2d").backward(saved, grad, True))
-        want = _rows_reference(x, w, b, grad, True)
-    for g, wnt in zip(got, want):
-        np.testing.assert_array_equal(np.isnan(g), np.isnan(wnt))
-        np.testing.assert_array_equal(np.isinf(g), np.isinf(wnt))
-        fin = np.isfinite(wnt)
-        np.testing.assert_allclose(g[fin], wnt[fin], rtol=1e-5, atol=1e-5)
-
-
-def test_conv2d_pair_chunks_large_batches_only():
-    from nnx.backends import numpy_ops
-
-    z = numpy_ops.CONV_CHUNK_BYTES
-    assert numpy_ops._conv_chunks(128, 2 * z + 1) == 3      # about CONV_CHUNK_BYTES each
-    assert numpy_ops._conv_chunks(64, z) == 1               # the "rows" code as it is
-    assert numpy_ops._conv_chunks(5, numpy_ops.CONV_TINY_BYTES) == 5  # the self-check's size
-    assert numpy_ops._conv_chunks(2, 100 * z) == 2          # never more chunks than images
-
-
-def test_conv2d_pair_backward_runs_once_per_forward():
-    rng = np.random.default_rng(5)
-    x, w, b, grad = _conv_inputs("float64", 4, 4, 3, 1, 1, (5, 5), False, 2, "C", rng)
-    _, saved = _impl("conv2d").forward(x, w, b, 1, 1)
-    _impl("conv2d").backward(saved, grad, True)
-    with pytest.raises(RuntimeError, match="already ran"):
-        _impl("conv2d").backward(saved, grad, True)
-
-
 # --- the pair checks can fail --------------------------------------------------------------
 class _ColumnFirstPool:
     """Wrong: ties broken in column-major order (the two stages taken the other way round),
@@ -652,33 +507,10 @@ class _LastBlockSkippedBatchNorm:
 
 
 _BN = _impl("batchnorm")
-
-
-class _NoWrapZeroConv:
-    """Wrong: chunked col2im without zeroing the entries that wrapped around a row end."""
-
-    forward = None
-
-    @staticmethod
-    def backward(saved, grad, input_grad=True):
-        from nnx.backends import numpy_ops
-        from nnx.layers import conv
-
-        real = conv._wrapped
-        conv._wrapped = lambda dj, w: range(0)
-        try:
-            return numpy_ops.NumpyConv2D.backward(saved, grad, input_grad)
-        finally:
-            conv._wrapped = real
-
-
-_NoWrapZeroConv.forward = staticmethod(_impl("conv2d").forward)
 _LastBlockSkippedBatchNorm.forward = staticmethod(_BN.forward)
 
 
 @pytest.mark.parametrize("wrong, test, args", [
-    (_NoWrapZeroConv, test_conv2d_pair_matches_the_layers_own_method,
-     (None, "float64", 3, 5, 3, 1, 1, (7, 6), True, "C", "per image", True)),
     (_LastBlockSkippedBatchNorm, test_batchnorm_pair_matches_the_standard_path,
      (None, "float32", (2, 7, 5, 3), "C", True, 3)),
     (_ColumnFirstPool, test_maxpool_pair_matches_the_standard_path,
@@ -687,8 +519,7 @@ _LastBlockSkippedBatchNorm.forward = staticmethod(_BN.forward)
      ("float64", (0, 0))),
 ])
 def test_the_pair_edge_inputs_catch_plausible_mistakes(monkeypatch, wrong, test, args):
-    name = {_LastBlockSkippedBatchNorm: "batchnorm", _NoWrapZeroConv: "conv2d"}.get(wrong,
-                                                                                "maxpool")
+    name = "batchnorm" if wrong is _LastBlockSkippedBatchNorm else "maxpool"
     monkeypatch.setitem(overrides.REGISTRY["numpy"], name, wrong)
     with pytest.raises(AssertionError):
         test(monkeypatch, *args[1:]) if args[0] is None else test(*args)
