@@ -5,6 +5,7 @@ one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
     python tools/step_time.py --arch cnn,cnn-fast --torch   # also torch eager, same layers
     python tools/step_time.py --arch cnn --conv-method gather,fast --torch --infer
     python tools/step_time.py --arch cnn --torch --without maxpool,batchnorm  # NumPy pairs A/B
+    python tools/step_time.py --arch cnn --torch --data mnist   # real digits, not random inputs
 
 Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
 PyTorch eager (torch.nn modules with the same weights, autograd, torch.optim.Adam) and the
@@ -14,6 +15,9 @@ A/B of the convolution inside whole steps); ``--infer`` also times inference for
 (backends/numpy_ops.py: ``maxpool``, ``batchnorm``, ...) taken out of the registry during its
 steps, so that those layers run the standard pairs: an interleaved A/B. ``--without all``
 turns every override off in the twin (``overrides.set_enabled(False)``, as ``--no-fused``).
+``--data mnist`` feeds the first training images and labels of MNIST (``NNX_DATA_DIR`` or
+``--data-dir``) instead of uniform random inputs: torch's max-pool forward branches on the
+data and runs ~35% faster on digit images (docs/cnn.md), so the nnx/torch ratio depends on it.
 """
 from __future__ import annotations
 
@@ -27,6 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def _mnist_batch(b, data_dir):
+    """The first ``b`` MNIST training images in [0, 1] (as nnx.data converts them) and labels."""
+    import numpy as np
+
+    from nnx import datasets
+
+    images, labels = datasets.load("mnist", data_dir, download=False)["train"]
+    x = np.asarray(images[:b]).astype(np.float32) * np.float32(1.0 / 255.0)
+    return x.reshape(b, 1, 28, 28), np.asarray(labels[:b]).astype(np.int64)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="cnn-fast", help="comma-separated preset names (or one spec)")
@@ -37,6 +52,9 @@ def main(argv=None):
     ap.add_argument("--infer", action="store_true", help="also time inference forwards")
     ap.add_argument("--without", default="", help="comma-separated NumPy pairs, or 'all': also "
                     "run every nnx model with these off (the standard path), interleaved")
+    ap.add_argument("--data", choices=("random", "mnist"), default="random",
+                    help="inputs: uniform random (default) or MNIST training images")
+    ap.add_argument("--data-dir", default=None, help="MNIST folder (default: NNX_DATA_DIR)")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -80,8 +98,11 @@ def main(argv=None):
     for arch in archs:
         spec = PRESETS.get(arch, arch)
         for b in (int(v) for v in args.batch.split(",")):
-            x = rng.random((b, 1, 28, 28), dtype=np.float32)
-            y = rng.integers(0, 10, b)
+            if args.data == "mnist":
+                x, y = _mnist_batch(b, args.data_dir)
+            else:
+                x = rng.random((b, 1, 28, 28), dtype=np.float32)
+                y = rng.integers(0, 10, b)
             for meth in args.conv_method.split(",") if args.conv_method else [None]:
                 model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
                                    backend=get_backend("numpy"), dtype="float32", seed=0)
