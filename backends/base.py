@@ -68,6 +68,15 @@ class Backend:
     xp = None
     device = None
     array_type: type = object
+    #: keep a training split's images as uint8 pixels and convert each gathered batch
+    #: (nnx.data.Split): a quarter of the bytes per gather, two more operations per step.
+    #: Worth it where gathers are memory-bound (the CPU); not on a GPU, where each
+    #: operation is a kernel launch
+    compact_images = False
+    #: flat storage lays 2-D parameters (Dense's (out, in) weights) out column-major, each
+    #: the transposed view of an (in, out) slice: the same shapes and values, a BLAS-friendlier
+    #: layout where the library's matmul cares (nnx.flat)
+    column_major_matrices = False
 
     # --- dtypes -------------------------------------------------------------------------
     @property
@@ -107,7 +116,8 @@ class Backend:
         raise NotImplementedError
 
     def to_numpy(self, x) -> np.ndarray:
-        """Copy an array of this backend to a host NumPy array (I/O, plots, checkpoints)."""
+        """Copy an array of this backend to a host NumPy array, row-major whatever the
+        array's own layout (I/O, plots, checkpoints)."""
         raise NotImplementedError
 
     def synchronize(self) -> None:

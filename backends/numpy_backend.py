@@ -12,12 +12,17 @@ class NumpyBackend(Backend):
     xp = xp_numpy
     device = "cpu"
     array_type = np.ndarray
+    compact_images = True
+    column_major_matrices = True  # OpenBLAS: x·Wᵀ with Wᵀ row-major is the faster sgemm
 
     def from_numpy(self, a, dtype=None):
         return np.array(a, dtype=dtype, copy=True)  # a copy: in-place updates must not reach `a`
 
     def to_numpy(self, x):
-        return np.array(x, copy=True)  # a copy: a saved state_dict must not follow training
+        # a row-major copy: a saved state_dict must not follow training, and writers that
+        # ignore strides (safetensors' numpy save) see the values (flat storage keeps Dense
+        # weights column-major: Backend.column_major_matrices)
+        return np.array(x, copy=True, order="C")
 
     def device_of(self, x):
         return "cpu"

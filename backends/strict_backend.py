@@ -35,7 +35,7 @@ class StrictBackend(Backend):
         return self.xp.asarray(a, dtype=dtype, device=self.device, copy=True)
 
     def to_numpy(self, x):
-        return np.array(np.from_dlpack(x.to_device(self._host)), copy=True)  # no shared memory
+        return np.array(np.from_dlpack(x.to_device(self._host)), copy=True, order="C")  # no shared memory
 
     def device_of(self, x):
         return x.device

@@ -75,7 +75,7 @@ class TorchBackend(Backend):
 
     def to_numpy(self, x):
         a = x.detach().cpu().numpy()
-        return a.copy() if x.device.type == "cpu" else a  # CPU tensors would share memory
+        return a.copy() if x.device.type == "cpu" else np.ascontiguousarray(a)  # CPU tensors would share memory
 
     def device_of(self, x):
         return x.device

@@ -77,7 +77,8 @@ def main(argv=None):
         for _ in range(a.steps):
             idx = perm[(k % steps) * 128:(k % steps + 1) * 128]
             t = [pc()]
-            xb = b.take_rows(train.x, idx)
+            # "numpy": the trainer's gather (uint8 pixels, converted); "standard": float rows
+            xb = train.rows(b, idx) if way == "numpy" else b.take_rows(train.x, idx)
             t.append(pc())
             yb = b.take_rows(onehot, idx)
             t.append(pc())

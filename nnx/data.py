@@ -1,21 +1,51 @@
 """Device-resident splits: each split is converted once (float32 in [0, 1], flattened) and
-moved to the backend's device, so training steps only gather batches there."""
+moved to the backend's device, so training steps only gather batches there (on the CPU the
+training split stays uint8 and each batch is converted after its gather: ``Split``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import array_api_compat
 import numpy as np
 
 
-@dataclass
-class Split:
-    """Images ``x`` (N, 784) and integer labels ``y`` (N,), both on the backend's device."""
+#: pixel value → intensity in [0, 1]: uint8 · (1/255) in float32 (a float32 product, the
+#: same bits whether a whole split or one batch is converted)
+PIXEL_SCALE = 1.0 / 255.0
 
-    x: object
-    y: object
+
+class Split:
+    """Images ``x`` (N, 784) or (N, 1, H, W) and integer labels ``y`` (N,), on the device.
+
+    A training split may instead keep the dataset's uint8 ``pixels`` on the device (where the
+    backend asks for it, ``Backend.compact_images``) and convert batch by batch in ``rows``:
+    a step's gather then reads a quarter of the bytes, and the batch is the same float32, bit
+    for bit. ``x`` stays available either way (made from the pixels on first use).
+    """
+
+    def __init__(self, x=None, y=None, *, pixels=None, dtype=None):
+        if (x is None) == (pixels is None):
+            raise ValueError("a Split needs either images x or uint8 pixels (and a dtype)")
+        self._x, self.y, self.pixels, self.dtype = x, y, pixels, dtype
+
+    @property
+    def x(self):
+        if self._x is None:
+            self._x = self._converted(self.pixels)
+        return self._x
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def rows(self, backend, index):
+        """The images at ``index`` (1-D, non-negative): a batch's gather."""
+        if self.pixels is None:
+            return backend.take_rows(self._x, index)
+        return self._converted(backend.take_rows(self.pixels, index))
+
+    def _converted(self, pixels):
+        xp = array_api_compat.array_namespace(pixels)
+        x = xp.astype(pixels, self.dtype)
+        x *= PIXEL_SCALE  # in place on the fresh array (float32 · weak scalar: float32 product)
+        return x
 
 
 class LabelError(ValueError):
@@ -44,12 +74,18 @@ def check_labels(y, num_classes: int, where: str = "labels") -> None:
                          f"{num_classes} outputs")
 
 
-def to_split(images: np.ndarray, labels: np.ndarray, backend, dtype, flatten: bool = True) -> Split:
-    """uint8 images → float32/64 in [0, 1] on the device; labels → int64 on the device."""
+def to_split(images: np.ndarray, labels: np.ndarray, backend, dtype, flatten: bool = True,
+             compact: bool = False) -> Split:
+    """uint8 images → float32/64 in [0, 1] on the device; labels → int64 on the device.
+
+    ``compact``: keep uint8 pixels and convert per batch (``Split``), for float32 only (a
+    float64 split holds float32 values widened, which a batch conversion would not match)."""
     x = images.reshape(images.shape[0], -1) if flatten else images[:, None, :, :]
-    x = x.astype(np.float32) * np.float32(1.0 / 255.0)
-    return Split(backend.from_numpy(x, dtype=dtype),
-                 backend.from_numpy(labels.astype(np.int64)))
+    y = backend.from_numpy(labels.astype(np.int64))
+    if compact and x.dtype == np.uint8 and backend.dtype_name(dtype) == "float32":
+        return Split(y=y, pixels=backend.from_numpy(x), dtype=dtype)
+    x = x.astype(np.float32) * np.float32(PIXEL_SCALE)
+    return Split(backend.from_numpy(x, dtype=dtype), y)
 
 
 def make_splits(data: dict, backend, dtype, val_size: int = 5000, seed: int = 0,
@@ -75,7 +111,8 @@ def make_splits(data: dict, backend, dtype, val_size: int = 5000, seed: int = 0,
         raise ValueError(f"--val-size must be between 0 and {n - 1} (training set has {n} samples)")
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
-    splits = {"train": to_split(x_train[train_idx], y_train[train_idx], backend, dtype, flatten),
+    splits = {"train": to_split(x_train[train_idx], y_train[train_idx], backend, dtype, flatten,
+                                compact=backend.compact_images),
               "test": to_split(x_test, y_test, backend, dtype, flatten)}
     if val_size:
         splits["val"] = to_split(x_train[val_idx], y_train[val_idx], backend, dtype, flatten)

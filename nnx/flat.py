@@ -9,6 +9,11 @@ The Array API standard leaves views to the library, so ``supports_views`` probes
 namespace once; where writes through a reshaped slice do not reach the base array, models
 keep one array per parameter and the optimizers loop over them — same arithmetic, same
 results.
+
+A backend may ask for 2-D parameters (Dense's (out, in) weights) to be laid out column-major
+inside the flat arrays (``Backend.column_major_matrices``): each is then the transposed view
+of an (in, out) row-major slice, the same shape and values. NumPy does, because OpenBLAS
+multiplies x·Wᵀ faster when Wᵀ is row-major (docs/benchmarks.md, "The NumPy MLP epoch").
 """
 from __future__ import annotations
 
@@ -37,12 +42,13 @@ class FlatStore:
     """One value array and one gradient array for ``params`` (all of one dtype), and the
     offsets of each parameter inside them. Creating it moves the parameters in."""
 
-    def __init__(self, params, xp, device):
+    def __init__(self, params, xp, device, column_major_matrices: bool = False):
         params = list(params)
         dtypes = {p.value.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"flat storage needs one dtype, got {sorted(map(str, dtypes))}")
         self.params, self.xp = params, xp
+        self.column_major = bool(column_major_matrices)
         self.sizes = [math.prod(p.shape) for p in params]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(params))]
         self.size = sum(self.sizes)
@@ -57,8 +63,10 @@ class FlatStore:
         """Per-parameter views (shaped like the parameters) of a flat array of this layout
         (the value, the gradient, or an optimizer slot)."""
         xp = self.xp
-        return [xp.reshape(flat[o:o + n], p.shape)
+        return [xp.permute_dims(xp.reshape(flat[o:o + n], p.shape[::-1]), (1, 0))
+                if self.column_major and len(p.shape) == 2 else xp.reshape(flat[o:o + n], p.shape)
                 for p, o, n in zip(self.params, self.offsets, self.sizes)]
 
     def __repr__(self):
-        return f"FlatStore({len(self.params)} parameters, {self.size:,} values)"
+        layout = ", matrices column-major" if self.column_major else ""
+        return f"FlatStore({len(self.params)} parameters, {self.size:,} values{layout})"

@@ -35,7 +35,7 @@ class Sequential(Chain):
         self.build(backend, backend.dtype(dtype), backend.host_rng(self.seed), self.input_shape)
         self.output_shape = self.shapes[-1] if self.shapes else self.input_shape
         params = self.parameters()
-        self.flat = (FlatStore(params, self.xp, backend.device)
+        self.flat = (FlatStore(params, self.xp, backend.device, backend.column_major_matrices)
                      if flat and params and supports_views(self.xp, backend.device) else None)
 
     # --- the two passes -----------------------------------------------------------------

@@ -164,6 +164,7 @@ class Trainer:
         # each batch is gathered when its step comes (on a CPU the rows are then still in
         # cache for the forward pass; one gather of the whole epoch up front was slower)
         onehot, take = self.targets(split), self.backend.take_rows
+        rows = getattr(split, "rows", None) or (lambda _, idx: take(split.x, idx))  # (x, y) pairs
         # per-step values for the whole epoch, one host-to-device copy (no per-step copies)
         hyper = opt.hyper_table(opt.steps, [self.schedule(self.global_step + i)
                                             for i in range(steps - start)],
@@ -185,7 +186,7 @@ class Trainer:
                 warming = self._warmup_left > 0
                 if warming:
                     t = time.perf_counter()
-                p, c = step(take(split.x, idx), take(onehot, idx),
+                p, c = step(rows(self.backend, idx), take(onehot, idx),
                             tuple(col[k - start] for col in hyper), *share)
                 if warming:  # (a host synchronisation on a run's first steps only)
                     self.backend.synchronize()

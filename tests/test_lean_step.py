@@ -93,6 +93,49 @@ def test_parameters_are_views_of_the_flat_arrays(backend):
     assert float(xp.sum(store.grad)) == 120.0 and w.grad.shape == (10, 12)
 
 
+@pytest.mark.parametrize("opt,clip", [("nesterov", None), ("adam", 0.5)], ids=str)
+def test_column_major_matrices_train_as_row_major_ones(monkeypatch, backend, opt, clip):
+    """Flat storage with Dense weights column-major (NumPy's layout; forced here on every
+    backend): the same shapes, views that write through, and the per-tensor path's weights."""
+    monkeypatch.setattr(backend, "column_major_matrices", True)
+    model, flat = step_run(backend, "float64", opt, clip, LRS, flat=True)
+    assert model.flat.column_major
+    w = model.layers[0].weight
+    assert tuple(w.value.shape) == (10, 12) and tuple(w.grad.shape) == (10, 12)
+    # the first column of W is the first 10 values of the flat array
+    np.testing.assert_array_equal(backend.to_numpy(model.flat.value[:10]),
+                                  backend.to_numpy(w.value[:, 0]))
+    w.value = backend.from_numpy(np.arange(120.0).reshape(10, 12), dtype=model.dtype)
+    assert float(model.flat.value[1]) == 12.0  # W[1, 0], written through
+    monkeypatch.setattr(backend, "column_major_matrices", False)
+    _, per_tensor = step_run(backend, "float64", opt, clip, LRS, flat=False)
+    for k in flat:
+        np.testing.assert_allclose(flat[k], per_tensor[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        assert flat[k].flags["C_CONTIGUOUS"]  # host copies are row-major whatever the layout
+
+
+def test_column_major_weights_save_as_row_major_safetensors(tmp_path):
+    """NumPy's flat models keep Dense weights column-major; their files hold torch's
+    row-major (out, in) bytes, and loading them back restores the values."""
+    from safetensors.numpy import load_file
+
+    from nnx.checkpoint import save_weights
+
+    b = nnx.get_backend("numpy")
+    assert b.column_major_matrices
+    model = nnx.mlp((12, 10, 5), backend=b, seed=3)
+    assert not model.layers[0].weight.value.flags["C_CONTIGUOUS"]
+    save_weights(tmp_path / "m.safetensors", model)
+    saved = load_file(str(tmp_path / "m.safetensors"))
+    row_major = nnx.mlp((12, 10, 5), backend=b, seed=3, flat=False)
+    for k, v in row_major.state_dict().items():
+        np.testing.assert_array_equal(saved[k], v, err_msg=k)
+    other = nnx.mlp((12, 10, 5), backend=b, seed=9)
+    other.load_state_dict(saved)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[k], v, err_msg=k)
+
+
 def test_libraries_without_views_fall_back_to_one_array_per_parameter(monkeypatch, backend):
     import nnx.flat as flat
 
