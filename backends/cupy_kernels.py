@@ -145,7 +145,7 @@ def softmax_xent(loss, logits, target):
     out = cupy.empty((2,), dtype=z.dtype)
     _xent_kernel(_ctype(z.dtype))((1,), (_XENT_THREADS,),
                                   (z, t, grad, out, np.int32(n), np.int32(c),
-                                   z.dtype.type(1.0 / n)))
+                                   z.dtype.type(1.0 / max(n, 1))))
     return out[0], out[1], grad
 
 

@@ -103,7 +103,7 @@ def softmax_xent(loss, logits, target):
     correct = _sum((shifted == 0.0).astype(logits.dtype) * target, None)  # = xp.sum(...)
     picked = _sum(logp * target, None)
     grad = probs - target
-    grad *= 1.0 / n
+    grad *= 1.0 / n  # (n > 0 here: empty batches take the standard path)
     return picked, correct, grad
 
 

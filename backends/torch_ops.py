@@ -45,7 +45,7 @@ def softmax_xent(loss, logits, target):
     # the standard path (ties count; a +inf logit gives NaN there, and does not)
     correct = torch.sum(((logits - torch.amax(logits, 1, keepdim=True)) == 0) * target)
     grad = torch.sub(probs, target)
-    grad *= 1.0 / n
+    grad *= 1.0 / max(n, 1)  # an empty batch (a process's empty share): an empty gradient
     return picked, correct, grad
 
 

@@ -114,7 +114,7 @@ class SoftmaxCrossEntropy:
             self._grad = None
             return g
         g = self.probs - self.target  # a new array: scale it in place
-        g *= 1.0 / self.n
+        g *= 1.0 / max(self.n, 1)  # (an empty batch: a process's empty share of a last batch)
         return g
 
 

@@ -5,6 +5,7 @@ Sizes are tiny on purpose: gradcheck perturbs every element and array-api-strict
 """
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 
@@ -159,6 +160,26 @@ def test_batchnorm_gradcheck(backend, shape, train):
     x = backend.from_numpy(host((4, *shape)) * 2.0 + 0.5)
     m.forward(x, train=True)  # non-trivial running statistics for the eval case
     assert_gradcheck(m, x, train=train)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 4, 4)], ids=["NF", "NCHW"])
+def test_batchnorm_trains_on_an_empty_batch_without_learning(backend, shape):
+    """A data-parallel process's empty share of a last batch: an empty output, zero γ/β
+    gradients, running statistics untouched; the next batch trains as usual."""
+    m = model_of(backend, [nnx.Flatten(), nnx.Dense(math.prod(shape), 3), BatchNorm(3)]
+                 if len(shape) == 1 else [Conv2D(shape[0], 3, 3, padding=1), BatchNorm(3)], shape)
+    bn = m.layers[-1]
+    before = {k: backend.to_numpy(v) for k, v in bn.buffers.items()}
+    y = m.forward(backend.from_numpy(np.zeros((0, *shape)), dtype=m.dtype), train=True)
+    assert tuple(y.shape)[0] == 0
+    m.backward(y * 0.0, input_grad=False)
+    for p in m.parameters():
+        assert float(backend.xp.sum(backend.xp.abs(p.grad))) == 0.0
+    for k, v in bn.buffers.items():
+        np.testing.assert_array_equal(backend.to_numpy(v), before[k], err_msg=k)
+    x = backend.from_numpy(host((4, *shape)))
+    m.backward(m.forward(x, train=True), input_grad=False)
+    assert float(backend.xp.sum(backend.xp.abs(bn.weight.grad))) > 0.0
 
 
 def test_residual_gradcheck(backend):

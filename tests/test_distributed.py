@@ -49,10 +49,11 @@ def relative(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
 
 
-def driver(tmp_path, backend, dtype, flat, k=None, run_dir=None):
+def driver(tmp_path, backend, dtype, flat, k=None, run_dir=None, rows=405):
     out = tmp_path / f"{backend}-{dtype}-{int(flat)}-{k or 1}.npz"
-    cmd = [sys.executable, str(DRIVER), str(out), backend, dtype, "1" if flat else "0"]
-    r = run(cmd + ([str(run_dir)] if run_dir else []), k=k)
+    cmd = [sys.executable, str(DRIVER), str(out), backend, dtype, "1" if flat else "0",
+           str(run_dir) if run_dir else "-", str(rows)]
+    r = run(cmd, k=k)
     assert r.returncode == 0, r.stdout + r.stderr
     return dict(np.load(out))
 
@@ -74,6 +75,20 @@ def test_two_processes_reach_the_weights_of_one_float64(tmp_path, backend, flat)
     if backend == "numpy" and flat:  # rank 0 alone wrote its run folder
         assert (tmp_path / "run-0" / "metrics.jsonl").is_file()
         assert not (tmp_path / "run-1").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_last_batch_smaller_than_the_process_count(tmp_path, backend):
+    """385 training rows, batch 48: the last batch has one row, so with three processes two
+    of them hold no rows of it; they still join its allreduce with a zero share, and the
+    weights match one process."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    one = driver(tmp_path, backend, "float64", True, rows=385)
+    three = driver(tmp_path, backend, "float64", True, k=3, rows=385)
+    for name in one:
+        assert relative(one[name], three[name]) <= 1e-10, name
 
 
 @needs_mpi
@@ -320,3 +335,73 @@ def test_sync_batchnorm_reaches_every_batchnorm_and_is_off_for_one_process():
     sync_batchnorm(model, ranks)
     sync_batchnorm(model, None)
     assert all(b.sync is None for b in bns)
+
+
+class ThreadComm:
+    """Rank ``rank`` of K threads standing in for K processes, as much of a communicator as
+    the Trainer uses (sums over the threads' values, with barriers)."""
+
+    def __init__(self, rank, ranks: ThreadRanks):
+        self.rank, self.size, self.ranks = rank, ranks.size, ranks
+
+    def allreduce_sum_(self, x):
+        return self.ranks.allreduce_sum_(x)
+
+    def allreduce_scalars(self, values):
+        return [float(v) for v in self.ranks.allreduce_sum_(np.asarray([float(v) for v in values]))]
+
+    def barrier(self):
+        self.ranks.barrier.wait()
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync-bn", "local-bn"])
+def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
+    """128 rows at batch 63: the last batch has 2 rows and 3 processes share it, so one holds
+    none. Every process trains on (no division by zero, no NaN statistics), the processes keep
+    the same weights, and with --sync-bn they are one process's weights."""
+    import nnx
+    from nnx.data import Split
+    from nnx.distributed import sync_batchnorm
+    from nnx.optim import make_optimizer
+    from nnx.schedules import make_schedule
+    from nnx.trainer import Trainer
+
+    b = nnx.get_backend("numpy")
+    g = np.random.default_rng(0)
+    x, y = g.random((128, 1, 6, 6)), g.integers(0, 3, 128)
+
+    def train(comm=None):
+        model = nnx.Sequential([nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.BatchNorm(4), nnx.ReLU(),
+                                nnx.Flatten(), nnx.Dense(144, 3)], (1, 6, 6), backend=b,
+                               dtype="float64", seed=1)
+        if sync:
+            sync_batchnorm(model, comm)
+        opt = make_optimizer("sgd", model.named_parameters(), 0.1)
+        t = Trainer(model, opt, make_schedule("constant", 0.1, 2, 3), batch_size=63, epochs=2,
+                    seed=0, progress=False, log=lambda *a: None, comm=comm)
+        t.fit(Split(b.from_numpy(x), b.from_numpy(y)))
+        return model.state_dict()
+
+    ranks, out = ThreadRanks(3), [None] * 3
+
+    def run_rank(r):
+        try:
+            out[r] = train(ThreadComm(r, ranks))
+        except BaseException as e:  # the others would wait at the barrier for ever
+            out[r] = e
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=run_rank, args=(r,), daemon=True) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    errors = [o for o in out if not isinstance(o, dict)]
+    assert not errors, f"a rank failed: {errors}"
+    one = train()
+    for name in one:
+        assert np.all(np.isfinite(out[0][name])), name
+        if name.endswith(("weight", "bias")):  # running statistics are each process's own
+            assert relative(out[0][name], out[1][name]) == 0.0 and relative(out[0][name], out[2][name]) == 0.0, name
+        if sync:
+            assert relative(one[name], out[0][name]) <= 1e-10, name

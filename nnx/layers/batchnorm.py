@@ -103,6 +103,9 @@ class BatchNorm(Layer):
         for a in self.axes:  # (a loop, not math.prod: torch.compile traces it)
             m *= x.shape[a]
         self.train_mode, self.shape, self.saved, self.xc = bool(train), tuple(x.shape), None, None
+        if train and m == 0 and self.sync is None:  # see _EmptyBatch
+            self.saved = (_EmptyBatch, (xp, self.weight.value, self.bias.value))
+            return x
         if train and m < 2 and self.sync is None:
             raise ValueError(f"layer {self.name or 'BatchNorm'}: training needs more than one "
                              f"value per feature, got input of shape {tuple(x.shape)}")
@@ -177,7 +180,8 @@ class BatchNorm(Layer):
             return unrows(xp, g * a[:, None], self.shape)
         # synchronised: the w-weighted sums over processes (module docstring)
         sums = self.sync.allreduce_sum_(xp.stack([dgamma, dbeta]) * self.share)
-        return unrows(xp, _dx(g, xc, inv_std, a, sums[0, :], sums[1, :], self.m), self.shape)
+        # (max: a process's empty share of a last batch has m = 0 and an empty dx)
+        return unrows(xp, _dx(g, xc, inv_std, a, sums[0, :], sums[1, :], max(self.m, 1)), self.shape)
 
     def load_buffer(self, name: str, value) -> None:
         if name not in self.buffers:
@@ -258,4 +262,16 @@ class BatchNormPair:
             return None, dgamma, dbeta
         dx = _dx(g, xc, inv_std, weight * inv_std, dgamma, dbeta, xc.shape[1])
         return unrows(xp, dx, shape), dgamma, dbeta
+
+
+class _EmptyBatch:
+    """A training batch with no rows: a process's empty share of a data-parallel last batch
+    (fewer rows than processes). Nothing to normalise and nothing learnt: γ and β get zero
+    gradients (the process's share of the step is 0), the running statistics stay as they
+    are, and the empty gradient passes through."""
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        xp, weight, bias = saved
+        return (grad if input_grad else None), xp.zeros_like(weight), xp.zeros_like(bias)
 
