@@ -12,6 +12,11 @@ import numpy as np
 PIXEL_SCALE = 1.0 / 255.0
 
 
+def pixels_to_float32(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels → float32 intensities in [0, 1], as training sees them (host NumPy)."""
+    return images.astype(np.float32) * np.float32(PIXEL_SCALE)
+
+
 class Split:
     """Images ``x`` (N, 784) or (N, 1, H, W) and integer labels ``y`` (N,), on the device.
 
@@ -84,8 +89,7 @@ def to_split(images: np.ndarray, labels: np.ndarray, backend, dtype, flatten: bo
     y = backend.from_numpy(labels.astype(np.int64))
     if compact and x.dtype == np.uint8 and backend.dtype_name(dtype) == "float32":
         return Split(y=y, pixels=backend.from_numpy(x), dtype=dtype)
-    x = x.astype(np.float32) * np.float32(PIXEL_SCALE)
-    return Split(backend.from_numpy(x, dtype=dtype), y)
+    return Split(backend.from_numpy(pixels_to_float32(x), dtype=dtype), y)
 
 
 def make_splits(data: dict, backend, dtype, val_size: int = 5000, seed: int = 0,

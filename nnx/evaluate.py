@@ -304,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder for the report and plots")
+    if args.out:  # before any work: a file, a folder inside a file, or nowhere to write
+        from .train import check_out_dir
+
+        check_out_dir(Path(args.out), parser)
     from .threads import set_threads
 
     set_threads(args.threads)

@@ -417,7 +417,9 @@ def plot_run(run_dir, model=None, test=None, out_dir=None) -> list[Path]:
     elif isinstance(test, tuple):
         images, labels = np.asarray(test[0]), np.asarray(test[1]).astype(np.int64)
         if images.dtype == np.uint8:
-            images = images.astype(np.float32) / np.float32(255.0)
+            from .data import pixels_to_float32
+
+            images = pixels_to_float32(images)
         probs = None
     else:  # a device-resident Split: run the model there, copy back only what is drawn
         probs = predict_proba(model, test.x)

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, help="training images held out for validation (default: 5000)")
     g.add_argument("--limit", type=positive_int,
                    help="use only the first N training images and the first N/6 test images "
-                        "(quick runs); a --val-size left at its default shrinks to N/10")
+                        "(quick runs); when N is at most the default --val-size (5000) and "
+                        "--val-size is not given, validation shrinks to N/10")
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
     g = p.add_argument_group("model")
@@ -406,7 +407,11 @@ def arch_spec(cfg: dict) -> str:
         raise ValueError(f"{arch} is a binary file, not a text file holding a layer spec like "
                          "'conv:16,relu,flatten,dense:10'")
     lines = [l.split("#", 1)[0].strip().strip(",") for l in text.splitlines()]
-    return ",".join(l for l in lines if l)
+    spec = ",".join(l for l in lines if l)
+    if not spec:
+        raise ValueError(f"the spec file {arch} holds no layers (only blank lines or comments); "
+                         "write layers like 'conv:16,relu,maxpool:2,flatten,dense:10'")
+    return spec
 
 
 def _read_run_config(run: str, parser) -> dict:
@@ -437,7 +442,7 @@ def _has_progress(run_dir: Path) -> bool:
 def check_out_dir(out: Path, parser) -> None:
     """--out must be (or become) a writable folder: not a file, not inside a file."""
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder for the run (it is created if needed)")
+        parser.error(f"--out {out} is a file; give a folder (it is created if needed)")
     ancestor = out
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

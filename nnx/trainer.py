@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_json, save_weights
+from .data import Split
 from .losses import SoftmaxCrossEntropy
 from .step import TrainStep, compile_step
 
@@ -164,7 +165,7 @@ class Trainer:
         # each batch is gathered when its step comes (on a CPU the rows are then still in
         # cache for the forward pass; one gather of the whole epoch up front was slower)
         onehot, take = self.targets(split), self.backend.take_rows
-        rows = getattr(split, "rows", None) or (lambda _, idx: take(split.x, idx))  # (x, y) pairs
+        rows = split.rows if isinstance(split, Split) else (lambda _, idx: take(split.x, idx))
         # per-step values for the whole epoch, one host-to-device copy (no per-step copies)
         hyper = opt.hyper_table(opt.steps, [self.schedule(self.global_step + i)
                                             for i in range(steps - start)],

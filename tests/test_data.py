@@ -44,7 +44,7 @@ def test_compact_batches_are_the_float_batches_bit_for_bit(backend, flatten):
 
 
 def test_float64_splits_keep_float_images(backend):
-    if not backend.supports_float64:
+    if not backend.supports_float64():
         pytest.skip("no float64 on this device")
     images, labels = pixels(20)
     split = to_split(images, labels, backend, backend.dtype("float64"), compact=True)

@@ -132,6 +132,15 @@ def test_cli_text_output_and_checkpoint_folder(run, tmp_path, capsys):
     assert len([l for l in text.splitlines() if l.strip()[:1].isdigit()]) >= 10  # class rows
 
 
+def test_cli_refuses_an_out_folder_inside_a_file_before_evaluating(run, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main([str(run["dir"]), "--no-plots", "--out", str(a_file / "eval")])
+    assert info.value.code == 2 and "which is a file" in capsys.readouterr().err
+    assert not (a_file.parent / "eval").exists()
+
+
 def test_cli_missing_data(run, tmp_path, capsys):
     empty = tmp_path / "nodata"
     empty.mkdir()

@@ -112,6 +112,8 @@ def test_memory_check_says_how_much(capsys):
     (b"\xff\xfe\xfd not utf-8", "is a binary file"),
     (b"conv:8\n\n# a comment\nflatten,dense:10\n", None),  # blank lines and comments are fine
     (b"x" * (70 * 1024), "larger than 64 KiB"),
+    (b"", "holds no layers"),
+    (b"# only a comment\n\n  \n", "holds no layers"),
 ])
 def test_arch_file(tmp_path, content, message, capsys, synthetic):
     spec = tmp_path / "spec.txt"
