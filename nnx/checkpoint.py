@@ -549,6 +549,10 @@ def load(path, backend=None, device: str | None = None, dtype: str | None = None
                                   f"built ({e})") from e
     if not isinstance(backend, Backend):
         backend = get_backend(backend or "auto", device or ("cuda" if backend == "cupy" else "cpu"))
+    if (dtype or file_dtype) == "float64" and not backend.supports_float64():
+        raise CheckpointError(f"{weights}: the weights are float64 and {backend} has no float64; "
+                              "load them on a backend or device that has it (e.g. --backend "
+                              "numpy), or as float32 with nnx.load(..., dtype='float32')")
     try:
         model = Sequential(layers, input_shape=input_shape, backend=backend,
                            dtype=dtype or file_dtype)

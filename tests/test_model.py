@@ -143,6 +143,18 @@ def test_float32_only_device_trains_and_refuses_float64(float32_only_backend):
     assert values[-1] < 0.5 * values[0]
 
 
+def test_float64_weights_on_a_float32_only_device_say_what_to_do(float32_only_backend, tmp_path):
+    from nnx.checkpoint import CheckpointError, save_weights
+
+    model = mlp((6, 4, 3), backend=nnx.get_backend("numpy"), dtype="float64", seed=2)
+    save_weights(tmp_path / "m.safetensors", model)
+    with pytest.raises(CheckpointError, match="float64 and .* has no float64.*dtype='float32'"):
+        nnx.load(tmp_path / "m.safetensors", backend=float32_only_backend)
+    again = nnx.load(tmp_path / "m.safetensors", backend=float32_only_backend, dtype="float32")
+    np.testing.assert_allclose(float32_only_backend.to_numpy(again.layers[0].weight.value),
+                               model.layers[0].weight.value, rtol=1e-7)
+
+
 def test_unknown_dtype_is_rejected():
     with pytest.raises(ValueError, match="float16"):
         mlp((3, 2), dtype="float16")
