@@ -72,6 +72,14 @@ def test_softmax_xent_override_matches_the_standard_path(torch_backend, dtype, s
         assert float(got[1]) == float(want[1])
 
 
+def test_softmax_xent_override_takes_a_batch_without_rows(torch_backend):
+    """A data-parallel process's empty share of a last batch: zero sums, an empty gradient."""
+    z = torch_backend.from_numpy(np.zeros((0, 10)), dtype=torch_backend.float32)
+    for picked, correct, grad in (SoftmaxCrossEntropy._softmax_xent(SoftmaxCrossEntropy(), z, z),
+                                  _impl("softmax_xent")(SoftmaxCrossEntropy(), z, z)):
+        assert float(picked) == 0.0 and float(correct) == 0.0 and tuple(grad.shape) == (0, 10)
+
+
 def _update_case(b, name, dtype, wd, clip=None):
     """(optimizer, p, g, slots, hyper) for one update of a 1-D flat buffer."""
     rng = np.random.default_rng(5)
