@@ -10,6 +10,10 @@ backward and the optimizer update. Two ways alternate in blocks of steps in one 
   ``take_rows``/``affine``/``sum`` as ``backends.base.Backend`` writes them);
 - ``numpy``: NumPy's overrides (backends/numpy_ops.py) and ``NumpyBackend``'s own methods.
 
+Both ways train the same model (NumPy's flat storage, Dense weights column-major); the
+``standard`` way gathers float32 rows from a float copy of the split (made once, 172 MB),
+the ``numpy`` way uint8 rows converted per batch, as the Trainer does (``Split.rows``).
+
 Prints the median per part (µs) for each, after one untimed epoch. The parts are timed
 inside whole steps, so they include what each step does to the caches of the next part
 (the first call after a large matmul or gather runs slower than the same call alone).
