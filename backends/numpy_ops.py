@@ -150,8 +150,8 @@ class NumpyMaxPool:
         from nnx.layers.pool import MaxPoolPair
 
         n, c, h, w = x.shape
-        if k != 2 or s != 2 or p != 0 or h < 2 or w < 2:
-            out, saved = MaxPoolPair.forward(x, k, s, p, keep)
+        if k != 2 or s != 2 or p != 0 or h < 2 or w < 2 or n * c == 0:  # (n = 0: a process's
+            out, saved = MaxPoolPair.forward(x, k, s, p, keep)         # empty share of a batch)
             return out, (None, saved)
         x6 = _pairs(x, h // 2, w // 2)
         xl, xr = x6[..., 0], x6[..., 1]

@@ -165,10 +165,12 @@ def test_batchnorm_gradcheck(backend, shape, train):
 @pytest.mark.parametrize("shape", [(3,), (3, 4, 4)], ids=["NF", "NCHW"])
 def test_batchnorm_trains_on_an_empty_batch_without_learning(backend, shape):
     """A data-parallel process's empty share of a last batch: an empty output, zero γ/β
-    gradients, running statistics untouched; the next batch trains as usual."""
+    gradients, running statistics untouched (max-pool and global pooling take it too); the
+    next batch trains as usual."""
     m = model_of(backend, [nnx.Flatten(), nnx.Dense(math.prod(shape), 3), BatchNorm(3)]
-                 if len(shape) == 1 else [Conv2D(shape[0], 3, 3, padding=1), BatchNorm(3)], shape)
-    bn = m.layers[-1]
+                 if len(shape) == 1 else [Conv2D(shape[0], 3, 3, padding=1), MaxPool2D(2, 2),
+                                          BatchNorm(3), GlobalAvgPool()], shape)
+    bn = next(layer for layer in m.layers if isinstance(layer, BatchNorm))
     before = {k: backend.to_numpy(v) for k, v in bn.buffers.items()}
     y = m.forward(backend.from_numpy(np.zeros((0, *shape)), dtype=m.dtype), train=True)
     assert tuple(y.shape)[0] == 0

@@ -371,8 +371,9 @@ def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
     x, y = g.random((128, 1, 6, 6)), g.integers(0, 3, 128)
 
     def train(comm=None):
-        model = nnx.Sequential([nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.BatchNorm(4), nnx.ReLU(),
-                                nnx.Flatten(), nnx.Dense(144, 3)], (1, 6, 6), backend=b,
+        model = nnx.Sequential([nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.MaxPool2D(2, 2),
+                                nnx.BatchNorm(4), nnx.ReLU(), nnx.Flatten(), nnx.Dense(36, 3)],
+                               (1, 6, 6), backend=b,
                                dtype="float64", seed=1)
         if sync:
             sync_batchnorm(model, comm)
