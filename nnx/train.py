@@ -667,6 +667,13 @@ def main(argv=None) -> int:
     optimizer = make_optimizer(cfg["optimizer"], model.named_parameters(), cfg["lr"],
                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                                clip_norm=cfg["clip_norm"], xp=model.xp)
+    from .trainer import batchnorm_rows_problem
+
+    problem = batchnorm_rows_problem(model, len(splits["train"]), cfg["batch_size"], world,
+                                     bool(cfg.get("sync_bn")) and world > 1)
+    if problem:  # before the run folder exists; every process says the same (rank 0 shows it)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     steps_per_epoch = -(-len(splits["train"]) // cfg["batch_size"])
     schedule = make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"], steps_per_epoch,
                              warmup_epochs=cfg["warmup_epochs"])

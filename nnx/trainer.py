@@ -281,6 +281,9 @@ class Trainer:
             return self._fit(train, val, test)
 
     def _fit(self, train, val, test):
+        problem = batchnorm_rows_problem(self.model, len(train), self.batch_size, self.world)
+        if problem:
+            raise ValueError(problem)
         while self.epoch < self.epochs:
             epoch = self.epoch
             t0 = time.perf_counter()
@@ -464,3 +467,37 @@ class _Interrupt(Exception):
     def __init__(self, epoch, step, loss_sum, correct, seen):
         super().__init__()
         self.epoch, self.step, self.loss_sum, self.correct, self.seen = epoch, step, loss_sum, correct, seen
+
+
+def batchnorm_rows_problem(model, n: int, batch_size: int, world: int = 1,
+                           sync: bool | None = None) -> str | None:
+    """Why some training step would hand a BatchNorm over features (after a Dense layer) a
+    single row, whose variance is 0 (torch refuses such a batch too), or None. Checked before
+    training: otherwise the run would stop at the last batch of its first epoch. Each process
+    normalises its own share of a global batch unless ``sync`` (--sync-bn); an empty share
+    is fine (nnx.layers.batchnorm), a convolution's maps give ≥ 2 values from one row."""
+    from .distributed import shard
+    from .layers.batchnorm import BatchNorm
+
+    layers = [layer for layer in model.walk()
+              if isinstance(layer, BatchNorm) and len(layer.in_shape) == 1]
+    if not layers or n <= 0:
+        return None
+    if sync is None:  # as the layers are set up (nnx.distributed.sync_batchnorm)
+        sync = layers[0].sync is not None
+    sizes = sorted({min(batch_size, n)} | ({n % batch_size} if n % batch_size else set()))
+    for rows in sizes:
+        shares = [rows] if sync or world == 1 else [b - a for a, b in
+                                                   (shard(rows, r, world) for r in range(world))]
+        if 1 not in shares:
+            continue
+        name = layers[0].name or "BatchNorm"
+        where = (f"the last batch of each epoch holds 1 row ({n:,} training rows, batch "
+                 f"{batch_size})" if rows == 1 else
+                 f"a batch of {rows} rows shared by {world} processes gives some process 1 row")
+        fix = ("change --batch-size, --limit or --val-size" if rows == 1 else
+               "use --sync-bn (statistics over the global batch), or change --batch-size, "
+               "--limit or --val-size")
+        return (f"layer {name}: {where}, and a batch norm over features needs at least 2 rows "
+                f"per step (one row has variance 0); {fix}")
+    return None

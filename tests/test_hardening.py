@@ -716,3 +716,13 @@ def test_real_cli_errors_are_one_line(tmp_path, weights_file, module, args, code
                            cwd=tmp_path, timeout=120)
     if code == 1:  # argparse errors stay usage errors; the others show their traceback
         assert "Traceback" in debug.stderr
+
+
+def test_batchnorm_over_features_with_a_one_row_last_batch_is_an_error_up_front(tmp_path, synthetic,
+                                                                                capsys):
+    """600 digits, 99 held out: 501 training rows at batch 100 leave a last batch of 1 row,
+    which a Dense → BatchNorm net cannot normalise; nothing is written."""
+    assert train(["--arch", "dense:16,bn,relu,dense:10", "--val-size", "99", "--batch-size",
+                  "100", "--epochs", "1", "--quiet", "--no-plots", "--out", tmp_path / "run"]) == 2
+    assert "holds 1 row" in capsys.readouterr().err and not (tmp_path / "run").exists()
+

@@ -386,3 +386,36 @@ def test_a_resume_rebuilds_the_model_its_checkpoint_was_trained_as():
     assert not today.layers[0].use_bias
     with pytest.raises(CheckpointError, match="first difference, layer 0"):
         check_architecture(today, {"architecture": old_specs, "input_shape": [1, 28, 28]}, "ckpt")
+
+
+def test_batchnorm_over_features_with_a_one_row_step_is_refused_before_training():
+    """A Dense → BatchNorm network whose last batch (or a process's share of a batch) would
+    hold one row: a clear error up front, not a crash at the end of the first epoch; a
+    convolution's batch norm, an empty share and --sync-bn's global statistics are fine."""
+    from nnx.architectures import build_layers
+    from nnx.trainer import batchnorm_rows_problem
+
+    b = nnx.get_backend("numpy")
+    dense_bn = nnx.Sequential(build_layers("dense:8,bn,relu,dense:3", (12,)), (12,), backend=b)
+    conv_bn = nnx.Sequential(build_layers("conv:2,bn,relu,flatten,dense:3", (1, 4, 4)),
+                             (1, 4, 4), backend=b)
+    assert "last batch of each epoch holds 1 row" in batchnorm_rows_problem(dense_bn, 129, 64)
+    assert batchnorm_rows_problem(dense_bn, 130, 64) is None
+    assert batchnorm_rows_problem(conv_bn, 129, 64) is None  # 1 row × 16 positions
+    # 4 processes: a last batch of 5 rows gives shares 1, 1, 1, 2; of 2 rows, 0, 1, 0, 1
+    assert "use --sync-bn" in batchnorm_rows_problem(dense_bn, 128 + 5, 64, world=4)
+    assert batchnorm_rows_problem(dense_bn, 128 + 5, 64, world=4, sync=True) is None
+    assert batchnorm_rows_problem(dense_bn, 128 + 1, 64, world=4, sync=True) is not None
+    assert batchnorm_rows_problem(dense_bn, 128 + 8, 64, world=4) is None  # shares of 2
+    assert batchnorm_rows_problem(dense_bn, 128, 4, world=4) is not None  # every step: 1 row
+    # the Trainer refuses it too (library use), before any step
+    model = nnx.Sequential(build_layers("flatten,dense:16,bn,relu,dense:10", (784,)), (784,),
+                           backend=b)
+    opt = make_optimizer("sgd", model.named_parameters(), 0.1)
+    t = Trainer(model, opt, make_schedule("constant", 0.1, 1, 3), batch_size=64, epochs=1,
+                progress=False, log=lambda *a: None)
+    data = synthetic_digits(n_train=129 + 200, n_test=20)
+    splits = make_splits(data, b, b.float32, val_size=200)
+    with pytest.raises(ValueError, match="holds 1 row"):
+        t.fit(splits["train"])
+    assert t.global_step == 0
