@@ -238,6 +238,23 @@ def average_gradients(comm, model, weight) -> None:
         comm.allreduce_sum_(g)
 
 
+def broadcast_buffers(comm, model) -> None:
+    """Every process takes rank 0's buffers (BatchNorm's running statistics). Without
+    --sync-bn each process's running statistics follow its own shares of the batches, and
+    rank 0's are the ones saved: evaluating with them on every process's shard of a split
+    measures the saved model (torch DDP's ``broadcast_buffers`` does the same). Small
+    arrays, one message, at evaluation time only."""
+    if comm is None or comm.size == 1:
+        return
+    backend, buffers = model.backend, model.named_buffers()
+    if not buffers:
+        return
+    host = {k: backend.to_numpy(v) for k, v in buffers.items()} if comm.rank == 0 else None
+    host = comm.bcast(host, root=0)
+    for k, b in buffers.items():
+        model.load_buffer(k, backend.from_numpy(host[k], dtype=b.dtype))
+
+
 def sync_batchnorm(model, comm) -> int:
     """``--sync-bn``: every BatchNorm of ``model`` computes its training statistics over the
     global batch (all processes' rows, as torch's SyncBatchNorm), summing its small

@@ -117,6 +117,10 @@ class Trainer:
         """(mean loss, accuracy) over a split, in eval mode; one host read at the end (and
         one reduction: distributed, each process evaluates its shard of the split)."""
         with self.backend.activate():  # cuda:N: the work stays on GPU N
+            if self.comm:  # every process evaluates the model rank 0 saves
+                from .distributed import broadcast_buffers
+
+                broadcast_buffers(self.comm, self.model)
             return self._evaluate(split, batch_size)
 
     def _evaluate(self, split, batch_size):

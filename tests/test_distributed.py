@@ -353,12 +353,21 @@ class ThreadComm:
     def barrier(self):
         self.ranks.barrier.wait()
 
+    def bcast(self, obj, root=0):
+        if self.rank == root:
+            self.ranks.sent = obj
+        self.ranks.barrier.wait()
+        obj = self.ranks.sent
+        self.ranks.barrier.wait()
+        return obj
+
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync-bn", "local-bn"])
 def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
     """128 rows at batch 63: the last batch has 2 rows and 3 processes share it, so one holds
     none. Every process trains on (no division by zero, no NaN statistics), the processes keep
-    the same weights, and with --sync-bn they are one process's weights."""
+    the same weights, and with --sync-bn they are one process's weights. The validation
+    metrics are those of the model rank 0 saves (its running statistics, on every shard)."""
     import nnx
     from nnx.data import Split
     from nnx.distributed import sync_batchnorm
@@ -369,6 +378,7 @@ def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
     b = nnx.get_backend("numpy")
     g = np.random.default_rng(0)
     x, y = g.random((128, 1, 6, 6)), g.integers(0, 3, 128)
+    val = Split(b.from_numpy(g.random((30, 1, 6, 6))), b.from_numpy(g.integers(0, 3, 30)))
 
     def train(comm=None):
         model = nnx.Sequential([nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.MaxPool2D(2, 2),
@@ -380,8 +390,8 @@ def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
         opt = make_optimizer("sgd", model.named_parameters(), 0.1)
         t = Trainer(model, opt, make_schedule("constant", 0.1, 2, 3), batch_size=63, epochs=2,
                     seed=0, progress=False, log=lambda *a: None, comm=comm)
-        t.fit(Split(b.from_numpy(x), b.from_numpy(y)))
-        return model.state_dict()
+        t.fit(Split(b.from_numpy(x), b.from_numpy(y)), val)
+        return {**model.state_dict(), "val": np.asarray(t.history[-1]["val_loss"])}
 
     ranks, out = ThreadRanks(3), [None] * 3
 
@@ -402,7 +412,17 @@ def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
     one = train()
     for name in one:
         assert np.all(np.isfinite(out[0][name])), name
-        if name.endswith(("weight", "bias")):  # running statistics are each process's own
-            assert relative(out[0][name], out[1][name]) == 0.0 and relative(out[0][name], out[2][name]) == 0.0, name
+        # the same everywhere: weights always, running statistics since the last evaluation
+        assert relative(out[0][name], out[1][name]) == 0.0, name
+        assert relative(out[0][name], out[2][name]) == 0.0, name
         if sync:
             assert relative(one[name], out[0][name]) <= 1e-10, name
+    # the reported validation loss is rank 0's model's, evaluated alone
+    model = nnx.Sequential([nnx.Conv2D(1, 4, 3, padding=1, bias=False), nnx.MaxPool2D(2, 2),
+                            nnx.BatchNorm(4), nnx.ReLU(), nnx.Flatten(), nnx.Dense(36, 3)],
+                           (1, 6, 6), backend=b, dtype="float64")
+    model.load_state_dict({k: v for k, v in out[0].items() if k != "val"})
+    alone = Trainer(model, make_optimizer("sgd", model.named_parameters(), 0.1),
+                    make_schedule("constant", 0.1, 1, 1), batch_size=63, epochs=1,
+                    progress=False, log=lambda *a: None)
+    assert abs(alone.evaluate(val)[0] - float(out[0]["val"])) <= 1e-12
