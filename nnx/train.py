@@ -597,7 +597,8 @@ def main(argv=None) -> int:
     checkpoint_every = vars(args).pop("checkpoint_every") or 1
     from .distributed import detect
 
-    distributed = vars(args).pop("distributed") or detect()  # how it was launched, not a setting
+    asked = vars(args).pop("distributed")
+    distributed = asked or detect()  # how it was launched, not a setting
     cfg = resolve_config(args, parser)
     log = (lambda *a, **k: None) if cfg["quiet"] else print
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
@@ -640,13 +641,17 @@ def main(argv=None) -> int:
             comm.quiet_follower()
     world = comm.size if comm else 1
     if world > 1 and (cfg["batch_size"] % world or compile_step):  # before any folder exists
-        print("error: " + (f"--batch-size {cfg['batch_size']} (the global batch) does not divide "
-                           f"among {world} processes; use a multiple of {world}"
+        print("error: " + ((f"this run's batch size {cfg['batch_size']} (the global batch, kept "
+                            f"when resuming) does not divide among {world} processes; resume "
+                            f"it with a number of processes that divides {cfg['batch_size']}"
+                            if cfg.get("resume") else
+                            f"--batch-size {cfg['batch_size']} (the global batch) does not divide "
+                            f"among {world} processes; use a multiple of {world}")
                            if cfg["batch_size"] % world else
                            "--compile is not supported with --distributed (the allreduce would "
                            "split the compiled step)"), file=sys.stderr)
         return 2
-    if rank == 0 and distributed and world == 1:
+    if rank == 0 and asked and world == 1:  # (mpirun -n 1 without --distributed: an ordinary run)
         note("--distributed with one process: launch with mpirun -n K to train on K processes")
     if rank == 0 and cfg.get("sync_bn") and world == 1:
         note("--sync-bn changes nothing in a one-process run (its statistics are the global "

@@ -166,6 +166,21 @@ def test_batch_that_does_not_divide_is_one_clear_error(tmp_path):
 
 
 @needs_mpi
+def test_resuming_on_a_process_count_that_does_not_divide_the_batch_says_what_to_do(tmp_path):
+    data = mnist_dir()
+    if data is None:
+        pytest.skip("MNIST not found (set NNX_DATA_DIR; see tests/mnist_location.py)")
+    common = ["--limit", "300", "--val-size", "50", "--layers", "784,8,10", "--quiet",
+              "--no-plots", "--no-download", "--data-dir", str(data)]
+    r1 = run([sys.executable, "-m", "nnx.train", *common, "--batch-size", "20", "--epochs", "1",
+              "--out", str(tmp_path / "run")])
+    r2 = run([sys.executable, "-m", "nnx.train", "--resume", str(tmp_path / "run"), "--epochs",
+              "2"], k=3)
+    assert r1.returncode == 0 and r2.returncode != 0
+    assert "resume it with a number of processes that divides 20" in r2.stderr
+
+
+@needs_mpi
 def test_distributed_without_mpi4py_says_how_to_install(tmp_path):
     """--distributed where mpi4py cannot be imported: one line naming the pip extra."""
     (tmp_path / "mpi4py").mkdir()
