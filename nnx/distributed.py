@@ -32,6 +32,7 @@ LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WO
 INSTALL_HINT = 'pip install "nnx[mpi]" (mpi4py and Open MPI, mpirun included)'
 
 _ACTIVE = None  # the communicator of this process, once created (abort_on_failure reads it)
+_AGREED_STOP = False  # set by agreed_stop(): this process's exit is a stop all ranks agreed on
 
 
 class DistributedError(ValueError):
@@ -44,12 +45,22 @@ def detect() -> bool:
 
 
 def _mpi():
+    import signal
+
+    # MPI starts while mpi4py's module is imported (about a second): a Ctrl-C or SIGTERM
+    # arriving then would abandon the import with MPI already running, and no way left to
+    # abort the job (abort_on_failure needs the module). Held until the import is done.
+    block = getattr(signal, "pthread_sigmask", None)
+    held = block(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if block else None
     try:
         from mpi4py import MPI
     except ImportError as e:
         raise DistributedError(f"--distributed needs mpi4py and an MPI library: {INSTALL_HINT}; "
                                f"then launch with mpirun -n K python -m nnx.train ... "
                                f"({e})") from None
+    finally:
+        if held is not None:
+            block(signal.SIG_SETMASK, held)
     return MPI
 
 
@@ -297,6 +308,31 @@ class _Held:
 FOLLOWER_GRACE_S = 3.0
 
 
+def _started_world():
+    """A ``Communicator`` over MPI's world when mpi4py has started MPI in this process but
+    ``create_communicator`` has not run (a failure or Ctrl-C on the way): the other ranks may
+    already wait for this one in a collective, so it must abort the job too. None otherwise."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    try:
+        if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+            return None
+        world = Communicator.__new__(Communicator)
+        world.MPI, world.comm, world.backend = mpi, mpi.COMM_WORLD, None
+        world.rank, world.size = world.comm.Get_rank(), world.comm.Get_size()
+        return world
+    except Exception:  # noqa: BLE001 — best effort on the way out
+        return None
+
+
+def agreed_stop() -> None:
+    """Say that this process is exiting because every rank agreed to stop (Ctrl-C/SIGTERM
+    acted on at a read point, checkpoint saved): ``abort_on_failure`` then lets it exit
+    without MPI_Abort. Any other exit code but 0, an interrupt before or outside that
+    agreement included, aborts the job: the other ranks might wait for this one for ever."""
+    global _AGREED_STOP
+    _AGREED_STOP = True
+
+
 def abort_on_failure(main):
     """Wrap a CLI ``main`` (outside ``cli_main``) so that a failure on any process of a
     distributed run stops all of them (MPI_Abort), with one message: rank 0's own, or,
@@ -311,9 +347,12 @@ def abort_on_failure(main):
             raise
         finally:
             comm = _ACTIVE
-            # 130/143: Ctrl-C or SIGTERM, which the ranks agreed on and stopped at together
-            # (checkpoint saved): an orderly exit, not a failure to abort
-            if code not in (0, None, 130, 143) and comm is not None and comm.size > 1:
+            # 130/143 after agreed_stop(): Ctrl-C or SIGTERM, which the ranks agreed on and
+            # stopped at together (checkpoint saved): an orderly exit, not a failure to abort
+            orderly = code in (0, None) or (code in (130, 143) and _AGREED_STOP)
+            if comm is None and not orderly:  # failed before its communicator was made
+                comm = _started_world()
+            if not orderly and comm is not None and comm.size > 1:
                 error = sys.exc_info()[1]
                 if error is not None and not isinstance(error, SystemExit):  # --debug
                     import traceback

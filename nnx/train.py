@@ -755,9 +755,12 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         import signal
 
+        from .distributed import agreed_stop
+
         where = e.checkpoint or "(no run folder)"
         print(f"\ninterrupted: saved checkpoint {where}\nresume with: {resume_hint}", file=sys.stderr)
-        return 143 if getattr(trainer, "_stop_signal", None) == signal.SIGTERM else 130
+        agreed_stop()
+        return 143 if getattr(trainer, "_stop_kind", None) == signal.SIGTERM else 130
     except KeyboardInterrupt:
         kept = list_checkpoints(run_dir)
         print(f"\naborted: {'the last complete checkpoint is ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}"

@@ -109,6 +109,7 @@ class Trainer:
         self.best_weights = None
         self.history: list[dict] = []
         self._stop_requested = False
+        self._stop_signal = self._stop_kind = None  # (set while fit runs: _graceful_sigint)
         self._warmup_left = self.WARMUP_STEPS
         self._warmup = [0.0, 0]  # this epoch's warm-up: seconds, rows
 
@@ -245,10 +246,15 @@ class Trainer:
         host read, and one small allreduce when distributed."""
         if not self.comm:
             return float(picked), float(correct), stop
-        total_picked, total_correct, stops = self.comm.allreduce_scalars(
-            [picked, correct, float(stop)])
+        import signal
+
+        # and whether any rank's stop came from SIGTERM: every rank then exits with 143
+        total_picked, total_correct, stops, terms = self.comm.allreduce_scalars(
+            [picked, correct, float(stop), float(self._stop_kind == signal.SIGTERM)])
         if stops:
-            self._stop_requested = True
+            self._stop_requested = True  # (not this rank's own signal: _stop_signal stays)
+            if terms:
+                self._stop_kind = signal.SIGTERM
         return total_picked, total_correct, bool(stops)
 
     def _shuffler(self, seed):
@@ -439,11 +445,13 @@ class _graceful_sigint:
         trainer = self.trainer
         trainer._stop_requested = False
         trainer._abort_pending = False
-        trainer._stop_signal = None
+        trainer._stop_signal = trainer._stop_kind = None  # this rank's signal; the stop's kind
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                if trainer._stop_requested:
+                # a second signal to this process (a stop the ranks agreed on after another
+                # rank's signal is not one: this process's own first signal joins it)
+                if trainer._stop_signal is not None:
                     if getattr(trainer, "_saving", False):
                         trainer._abort_pending = True
                         print(f"\n{name}: a checkpoint is being written; stopping as soon as "
@@ -452,6 +460,7 @@ class _graceful_sigint:
                     raise KeyboardInterrupt
                 trainer._stop_requested = True
                 trainer._stop_signal = signum
+                trainer._stop_kind = trainer._stop_kind or signum
                 print(f"\n{name}: finishing this step and saving a checkpoint (press Ctrl-C "
                       "again to abort without saving)", file=sys.stderr, flush=True)
 

@@ -7,15 +7,18 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mnist_location import mnist_dir
+from nnx.checkpoint import list_checkpoints
 
 MPIRUN = shutil.which("mpirun") or shutil.which(str(Path(sys.executable).parent / "mpirun"))
 needs_mpi = pytest.mark.skipif(
@@ -441,3 +444,85 @@ def test_batchnorm_cnn_with_more_processes_than_rows_in_the_last_batch(sync):
                     make_schedule("constant", 0.1, 1, 1), batch_size=63, epochs=1,
                     progress=False, log=lambda *a: None)
     assert abs(alone.evaluate(val)[0] - float(out[0]["val"])) <= 1e-12
+
+
+def _rank_pids(out_dir, k, deadline):
+    """The pids of the K ranks training into ``out_dir`` (Linux /proc: their environment
+    names their rank), once all have started."""
+    found = {}
+    while len(found) < k and time.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                if str(out_dir).encode() not in cmd or b"nnx.train" not in cmd:
+                    continue
+                env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0")
+                           if b"=" in v)
+            except OSError:
+                continue
+            rank = env.get(b"OMPI_COMM_WORLD_RANK")
+            if rank is not None:
+                found[int(rank)] = int(proc.name)
+        time.sleep(0.05)
+    return found
+
+
+def _launch(tmp_path, out, k=2):
+    data = mnist_dir()
+    if data is None:
+        pytest.skip("MNIST not found (set NNX_DATA_DIR; see tests/mnist_location.py)")
+    cmd = [MPIRUN, "-n", str(k), "--oversubscribe", sys.executable, "-m", "nnx.train",
+           "--distributed", "--limit", "2000", "--layers", "784,16,10", "--batch-size", "20",
+           "--epochs", "300", "--quiet", "--no-plots", "--no-download", "--data-dir", str(data),
+           "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigterm_to_one_follower_stops_every_rank_with_143(tmp_path):
+    """A scheduler's SIGTERM reaching one process only: the ranks agree to stop at the next
+    read point, rank 0 saves the checkpoint, and every rank exits 143 (the stop's kind is
+    shared with the agreement)."""
+    out = tmp_path / "run"
+    p = _launch(tmp_path, out)
+    try:
+        deadline = time.time() + 120
+        while not list_checkpoints(out) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        pids = _rank_pids(out, 2, deadline)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "interrupted: saved checkpoint" in err and "MPI_ABORT" not in err
+    assert not [f for f in out.rglob(".*")]  # no temporary files left
+
+
+@needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_ctrl_c_to_one_rank_before_training_ends_the_job(tmp_path):
+    """Ctrl-C to one rank while the run starts (after MPI is up, around the time the run
+    folder appears): whether it lands before the training loop takes signals (then the job
+    is aborted) or in it (then the ranks agree to stop), no rank is left waiting in a
+    collective for ever."""
+    out = tmp_path / "run"
+    p = _launch(tmp_path, out)
+    try:
+        deadline = time.time() + 60
+        while not out.exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.002)
+        pids = _rank_pids(out, 2, deadline)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGINT)
+        p.communicate(timeout=120)  # a hang raises TimeoutExpired
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
