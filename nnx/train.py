@@ -613,8 +613,6 @@ def main(argv=None) -> int:
     from .step import CompileError, check_compilable
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-    if cfg.get("_note"):
-        note(cfg["_note"])
     run_dir = Path(cfg.get("out") or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if not cfg.get("out"):
         check_out_dir(run_dir, parser)
@@ -639,6 +637,8 @@ def main(argv=None) -> int:
         if rank:
             log, note = (lambda *a, **k: None), (lambda *a: None)
             comm.quiet_follower()
+    if cfg.get("_note"):  # (rank 0 alone, when distributed)
+        note(cfg["_note"])
     world = comm.size if comm else 1
     if world > 1 and (cfg["batch_size"] % world or compile_step):  # before any folder exists
         print("error: " + ((f"this run's batch size {cfg['batch_size']} (the global batch, kept "
