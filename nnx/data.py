@@ -30,6 +30,7 @@ class Split:
         if (x is None) == (pixels is None):
             raise ValueError("a Split needs either images x or uint8 pixels (and a dtype)")
         self._x, self.y, self.pixels, self.dtype = x, y, pixels, dtype
+        self._xp = None if pixels is None else array_api_compat.array_namespace(pixels)
 
     @property
     def x(self):
@@ -47,8 +48,7 @@ class Split:
         return self._converted(backend.take_rows(self.pixels, index))
 
     def _converted(self, pixels):
-        xp = array_api_compat.array_namespace(pixels)
-        x = xp.astype(pixels, self.dtype)
+        x = self._xp.astype(pixels, self.dtype)
         x *= PIXEL_SCALE  # in place on the fresh array (float32 · weak scalar: float32 product)
         return x
 
