@@ -339,7 +339,8 @@ def abort_on_failure(main):
     when a follower failed alone, the follower's held-back error (after a short grace)."""
     @functools.wraps(main)
     def wrapped(argv=None):
-        code = 1
+        global _AGREED_STOP
+        code, _AGREED_STOP = 1, False
         try:
             code = main(argv)
         except SystemExit as e:

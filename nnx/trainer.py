@@ -246,16 +246,21 @@ class Trainer:
         host read, and one small allreduce when distributed."""
         if not self.comm:
             return float(picked), float(correct), stop
+        return self._agree_on_stop(stop, picked, correct)
+
+    def _agree_on_stop(self, stop, *sums):
+        """Distributed: whether any rank was asked to stop (and the sums of ``sums``), in one
+        small allreduce. A stop makes every rank stop; if any rank's came from SIGTERM, every
+        rank's exit code says so (143)."""
         import signal
 
-        # and whether any rank's stop came from SIGTERM: every rank then exits with 143
-        total_picked, total_correct, stops, terms = self.comm.allreduce_scalars(
-            [picked, correct, float(stop), float(self._stop_kind == signal.SIGTERM)])
+        *totals, stops, terms = self.comm.allreduce_scalars(
+            [*sums, float(stop), float(self._stop_kind == signal.SIGTERM)])
         if stops:
             self._stop_requested = True  # (not this rank's own signal: _stop_signal stays)
             if terms:
                 self._stop_kind = signal.SIGTERM
-        return total_picked, total_correct, bool(stops)
+        return (*totals, bool(stops)) if sums else bool(stops)
 
     def _shuffler(self, seed):
         """The run's one device stream for epoch orders, restarted from ``seed`` (the same
@@ -324,8 +329,8 @@ class Trainer:
             self.epoch += 1
             stop = self._early_stopping(row)
             stop_now = self._stop_requested and self.epoch < self.epochs  # Ctrl-C at epoch end
-            if self.comm:  # every rank stops, or none
-                stop_now = bool(self.comm.allreduce_scalars([stop_now])[0])
+            if self.comm:  # every rank stops, or none (and with 143 if a SIGTERM asked)
+                stop_now = self._agree_on_stop(stop_now)
             self.history.append(row)
             self._log_epoch(row)
             path = None
@@ -484,16 +489,18 @@ class _Interrupt(Exception):
 
 def batchnorm_rows_problem(model, n: int, batch_size: int, world: int = 1,
                            sync: bool | None = None) -> str | None:
-    """Why some training step would hand a BatchNorm over features (after a Dense layer) a
-    single row, whose variance is 0 (torch refuses such a batch too), or None. Checked before
-    training: otherwise the run would stop at the last batch of its first epoch. Each process
-    normalises its own share of a global batch unless ``sync`` (--sync-bn); an empty share
-    is fine (nnx.layers.batchnorm), a convolution's maps give ≥ 2 values from one row."""
+    """Why some training step would hand a BatchNorm a single value per feature — one row,
+    after a Dense layer or on 1×1 maps — whose variance is 0 (torch refuses such a batch
+    too), or None. Checked before training: otherwise the run would stop at the last batch of
+    its first epoch. Each process normalises its own share of a global batch unless ``sync``
+    (--sync-bn); an empty share is fine (nnx.layers.batchnorm), and larger maps give ≥ 2
+    values per feature from one row."""
     from .distributed import shard
     from .layers.batchnorm import BatchNorm
 
+    # layers where one row gives one value per feature: after a Dense layer, or on 1×1 maps
     layers = [layer for layer in model.walk()
-              if isinstance(layer, BatchNorm) and len(layer.in_shape) == 1]
+              if isinstance(layer, BatchNorm) and math.prod(layer.in_shape[1:]) == 1]
     if not layers or n <= 0:
         return None
     if sync is None:  # as the layers are set up (nnx.distributed.sync_batchnorm)
@@ -511,6 +518,6 @@ def batchnorm_rows_problem(model, n: int, batch_size: int, world: int = 1,
         fix = ("change --batch-size, --limit or --val-size" if rows == 1 else
                "use --sync-bn (statistics over the global batch), or change --batch-size, "
                "--limit or --val-size")
-        return (f"layer {name}: {where}, and a batch norm over features needs at least 2 rows "
-                f"per step (one row has variance 0); {fix}")
+        return (f"layer {name}: {where}, and this batch norm needs at least 2 rows per step "
+                f"(it sees one value per feature in each row: one row has variance 0); {fix}")
     return None

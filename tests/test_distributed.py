@@ -526,3 +526,69 @@ def test_ctrl_c_to_one_rank_before_training_ends_the_job(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode != 0
+
+
+def test_a_sigterm_at_the_end_of_an_epoch_gives_every_rank_143():
+    """SIGTERM reaching one rank during validation: the ranks agree at the epoch's end to
+    stop, and the stop's kind travels with the agreement (every rank's CLI exits 143)."""
+    import nnx
+    from nnx.data import Split
+    from nnx.optim import make_optimizer
+    from nnx.schedules import make_schedule
+    from nnx.trainer import Trainer, TrainingInterrupted
+
+    b = nnx.get_backend("numpy")
+    g = np.random.default_rng(0)
+    data = Split(b.from_numpy(g.random((40, 8))), b.from_numpy(g.integers(0, 3, 40)))
+    ranks, kinds = ThreadRanks(2), {}
+
+    def train(r):
+        model = nnx.Sequential([nnx.Dense(8, 3)], (8,), backend=b, dtype="float64", seed=1)
+        t = Trainer(model, make_optimizer("sgd", model.named_parameters(), 0.1),
+                    make_schedule("constant", 0.1, 3, 2), batch_size=20, epochs=3,
+                    progress=False, log=lambda *a: None, comm=ThreadComm(r, ranks))
+        if r == 1:  # (the main thread: the one that takes signals)
+            evaluate = t.evaluate
+
+            def signalled(split, batch_size=2048):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return evaluate(split, batch_size)
+
+            t.evaluate = signalled
+        try:
+            t.fit(data, data)
+            kinds[r] = "finished"
+        except TrainingInterrupted:
+            kinds[r] = t._stop_kind
+        except BaseException as e:
+            kinds[r] = e
+            ranks.barrier.abort()
+
+    other = threading.Thread(target=train, args=(0,), daemon=True)
+    other.start()
+    train(1)
+    other.join(timeout=60)
+    assert kinds == {0: signal.SIGTERM, 1: signal.SIGTERM}, kinds
+
+
+@needs_mpi
+def test_a_rank_failing_before_its_communicator_exists_aborts_the_job(tmp_path):
+    """MPI is up (mpi4py imported) but the communicator not made yet when rank 1 is
+    interrupted: the job is aborted instead of rank 0 waiting in a collective for ever."""
+    script = tmp_path / "early.py"
+    script.write_text(
+        "import sys\n"
+        "from nnx.distributed import _mpi, abort_on_failure\n"
+        "from nnx.errors import cli_main\n"
+        "@abort_on_failure\n"
+        "@cli_main\n"
+        "def main(argv=None):\n"
+        "    MPI = _mpi()\n"
+        "    if MPI.COMM_WORLD.Get_rank() == 1:\n"
+        "        raise KeyboardInterrupt\n"
+        "    MPI.COMM_WORLD.Barrier()\n"
+        "    return 0\n"
+        "sys.exit(main())\n")
+    r = run([sys.executable, str(script)], k=2, timeout=60)  # a hang: TimeoutExpired
+    assert r.returncode != 0 and "MPI_ABORT" in r.stdout + r.stderr, r.stdout + r.stderr
+

@@ -402,6 +402,9 @@ def test_batchnorm_over_features_with_a_one_row_step_is_refused_before_training(
     assert "last batch of each epoch holds 1 row" in batchnorm_rows_problem(dense_bn, 129, 64)
     assert batchnorm_rows_problem(dense_bn, 130, 64) is None
     assert batchnorm_rows_problem(conv_bn, 129, 64) is None  # 1 row × 16 positions
+    pooled_to_1x1 = nnx.Sequential(build_layers("conv:2,maxpool:2,maxpool:2,bn,relu,flatten,dense:3",
+                                                (1, 4, 4)), (1, 4, 4), backend=b)
+    assert "holds 1 row" in batchnorm_rows_problem(pooled_to_1x1, 129, 64)  # 1×1 maps
     # 4 processes: a last batch of 5 rows gives shares 1, 1, 1, 2; of 2 rows, 0, 1, 0, 1
     assert "use --sync-bn" in batchnorm_rows_problem(dense_bn, 128 + 5, 64, world=4)
     assert batchnorm_rows_problem(dense_bn, 128 + 5, 64, world=4, sync=True) is None
