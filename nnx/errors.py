@@ -2,7 +2,8 @@
 
 ``cli_main`` wraps the ``main`` of every command-line tool: an error becomes one line on
 stderr (``error: ...``) and a non-zero exit code, never a traceback — unless ``--debug`` is
-on the command line or ``NNX_DEBUG=1`` is set, which re-raise it.
+on the command line or ``NNX_DEBUG=1`` is set, which re-raise it. ``check_out_dir`` refuses
+an ``--out`` folder that cannot be written, before any work.
 """
 from __future__ import annotations
 
@@ -67,3 +68,18 @@ def cli_main(fn):
             print(f"error: {describe(e)}", file=sys.stderr)
             return 1
     return main
+
+
+def check_out_dir(out, parser) -> None:
+    """--out (a ``Path``) must be (or become) a writable folder: not a file, not inside a
+    file; ``parser.error`` otherwise, before a command does any work (train, evaluate)."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder (it is created if needed)")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        parser.error(f"--out {out} lies inside {ancestor}, which is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: cannot write in {ancestor} (permission denied or a "
+                     "read-only file system); choose another --out")

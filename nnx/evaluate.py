@@ -26,6 +26,7 @@ import numpy as np
 
 from . import plots as _plots
 from .errors import cli_main as _cli_main
+from .errors import check_out_dir as _check_out_dir
 from .errors import debug_requested as _debug_requested
 from . import runs as _runs
 
@@ -305,9 +306,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out:  # before any work: a file, a folder inside a file, or nowhere to write
-        from .train import check_out_dir
-
-        check_out_dir(Path(args.out), parser)
+        _check_out_dir(Path(args.out), parser)
     from .threads import set_threads
 
     set_threads(args.threads)

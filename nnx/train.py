@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .distributed import abort_on_failure
-from .errors import cli_main
+from .errors import check_out_dir, cli_main
 from .errors import debug_requested as _debug_requested
 
 DEFAULTS = {
@@ -437,20 +437,6 @@ def _has_progress(run_dir: Path) -> bool:
     from .checkpoint import list_checkpoints
 
     return bool(list_checkpoints(run_dir)) or (run_dir / "model.safetensors").exists()
-
-
-def check_out_dir(out: Path, parser) -> None:
-    """--out must be (or become) a writable folder: not a file, not inside a file."""
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder (it is created if needed)")
-    ancestor = out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        parser.error(f"--out {out} lies inside {ancestor}, which is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: cannot write in {ancestor} (permission denied or a "
-                     "read-only file system); choose another --out")
 
 
 def resolve_config(args, parser) -> dict:
