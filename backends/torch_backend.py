@@ -75,7 +75,9 @@ class TorchBackend(Backend):
 
     def to_numpy(self, x):
         a = x.detach().cpu().numpy()
-        return a.copy() if x.device.type == "cpu" else np.ascontiguousarray(a)  # CPU tensors would share memory
+        # CPU tensors would share memory; np.require keeps a 0-D shape (ascontiguousarray
+        # would make it 1-D)
+        return a.copy() if x.device.type == "cpu" else np.require(a, requirements="C")
 
     def device_of(self, x):
         return x.device

@@ -100,11 +100,11 @@ step() {  # [STEP_RESULTS=results.json] step NAME SECONDS LOGFILE command...: ru
 
 # --- 0. the two pure-Python dependencies, from the wheels brought along; nnx itself --------
 if ! python -c "import array_api_compat, array_api_strict" 2>/dev/null; then
-    pip install --no-index --find-links "$WHEELS" array-api-compat array-api-strict \
+    python -m pip install -q --no-deps --no-index --find-links "$WHEELS" array-api-compat array-api-strict \
         || { echo "array-api-compat/array-api-strict missing and not in $WHEELS/ (see the top of this script)" | tee -a "$SUMMARY"; exit 1; }
 fi
 if ! python -c "import nnx.backends" 2>/dev/null; then
-    pip install --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || true
+    python -m pip install --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || true
 fi
 if ! python -c "import nnx.backends" 2>/dev/null; then
     # no setuptools to install with: the package as links (nnx/ plus backends/ as nnx.backends)

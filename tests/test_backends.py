@@ -105,6 +105,16 @@ def test_to_numpy_from_numpy_round_trip(backend, np_dtype, rng):
     np.testing.assert_array_equal(back, a)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (2, 3)])
+def test_to_numpy_keeps_the_shape(backend, shape):
+    """0-D arrays stay 0-D (counters such as BatchNorm's num_batches_tracked go through
+    to_numpy into checkpoints, and a (1,) there no longer matches the model)."""
+    a = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    back = backend.to_numpy(backend.from_numpy(a))
+    assert back.shape == shape and back.flags.c_contiguous
+    np.testing.assert_array_equal(back, a)
+
+
 def test_from_numpy_casts_to_the_requested_dtype(backend, rng):
     a = rng.standard_normal((5,))
     x = backend.from_numpy(a, dtype=backend.float32)

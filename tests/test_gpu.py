@@ -173,12 +173,14 @@ def test_cuda_1_never_touches_gpu_0():
 
 @pytest.mark.gpu
 def test_resume_on_gpu(tmp_path):
-    """Two epochs straight = one epoch, then resume for the second (same seed, on CuPy)."""
+    """Two epochs straight = one epoch, then resume for the second (same seed, on CuPy):
+    the same weights. Constant learning rate: a resume to more epochs stretches a cosine
+    schedule (the note it prints says so)."""
     _cupy_or_skip()
     from nnx import train
 
     args = ["--device", "cuda", "--limit", "2000", "--val-size", "200", "--quiet",
-            "--no-plots", "--dtype", "float64"]
+            "--no-plots", "--dtype", "float64", "--schedule", "constant"]
     assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
     assert train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
     assert train.main(["--resume", str(tmp_path / "b"), "--epochs", "2", "--quiet",
@@ -188,3 +190,10 @@ def test_resume_on_gpu(tmp_path):
     ra = json.loads((tmp_path / "a" / "results.json").read_text())
     rb = json.loads((tmp_path / "b" / "results.json").read_text())
     assert rb["test_acc"] == pytest.approx(ra["test_acc"], abs=1e-9)
+    from safetensors.numpy import load_file
+
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert set(wa) == set(wb)
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-10, atol=1e-12, err_msg=name)
