@@ -6,6 +6,28 @@ from __future__ import annotations
 from .base import Layer
 
 
+def run_order(layers) -> list[int]:
+    """The order a chain runs its layers in: theirs, except that a ReLU directly followed
+    by a MaxPool2D runs after it. max over a window of max(0, ·) = max(0, max over the
+    window), so the output is the same number for number, and so is every gradient: where
+    the window's maximum is > 0, both orders route the gradient to its first maximum; where
+    it is ≤ 0, ReLU's derivative 0 stops it in both. The ReLU then works on the pooled map,
+    k² times smaller (docs/cnn.md, "ReLU after max pool"). Nothing else is reordered."""
+    from .activations import ReLU
+    from .pool import MaxPool2D
+
+    order, i = [], 0
+    while i < len(layers):
+        if (i + 1 < len(layers) and type(layers[i]) is ReLU
+                and type(layers[i + 1]) is MaxPool2D):
+            order += [i + 1, i]
+            i += 2
+        else:
+            order.append(i)
+            i += 1
+    return order
+
+
 class Chain(Layer):
     """``Chain(layers)``: y = fₙ(…f₂(f₁(x))).
 
@@ -16,6 +38,9 @@ class Chain(Layer):
 
     prefix = ""
     rng = None  # the model's device random stream, passed on to children at build
+    #: run a ReLU after the max pool that follows it (``run_order``); off: the layers'
+    #: own order (``--no-fused``, which turns overrides off, gives that order too)
+    reorder = True
 
     def __init__(self, layers):
         super().__init__()
@@ -43,20 +68,31 @@ class Chain(Layer):
         #: backward with input_grad=False stops here: nothing below has parameters
         self.first_trainable = next((i for i, layer in enumerate(self.layers)
                                      if layer.named_parameters()), len(self.layers))
+        self.order = run_order(self.layers)  # swaps only parameter-free neighbours, so
+        self._ran = None                     # first_trainable keeps its position
         return shape
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train=False):
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        order = self._ran = self._order()
+        for i in order:
+            x = self.layers[i].forward(x, train)
         return x
 
+    def _order(self):
+        from ..backends.overrides import enabled
+
+        own = getattr(self, "order", None)
+        return own if own is not None and self.reorder and enabled() else range(len(self.layers))
+
     def backward(self, grad, input_grad=True):
-        """Through every child in reverse. With ``input_grad`` False the walk stops at the
-        first child with parameters, which is told to skip its own input gradient."""
+        """Through every child in reverse (of the order the forward ran). With
+        ``input_grad`` False the walk stops at the first child with parameters, which is
+        told to skip its own input gradient."""
+        order = self._ran if self._ran is not None else self._order()
         stop = 0 if input_grad else self.first_trainable
-        for i in range(len(self.layers) - 1, stop - 1, -1):
-            grad = self.layers[i].backward(grad, input_grad or i > stop)
+        for pos in range(len(order) - 1, stop - 1, -1):
+            grad = self.layers[order[pos]].backward(grad, input_grad or pos > stop)
         return grad if input_grad else None
 
     def skip_random(self, batch):
