@@ -165,3 +165,6 @@ def adam_update(opt, p, g, slots, hyper):
     _kernels()["adam"](g, hyper[1], hyper[2], decay, opt.beta1, 1.0 - opt.beta1,
                        opt.beta2, 1.0 - opt.beta2, opt.eps, opt.weight_decay,
                        np.int32(mode), p, m, v)
+
+
+from . import cupy_pairs  # noqa: E402,F401  (registers the "conv2d", "batchnorm", "maxpool" pairs)

@@ -103,7 +103,108 @@ def test_cupy_kernels_match_the_standard_path(dtype):
                 assert g.dtype == w.dtype, (name, shape)
                 np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{name} {shape}")
             seen.add(name)
-    assert seen == set(overrides.listed("cupy")) and cupy_kernels is not None
+    # the pairs: test_cupy_pairs_match_the_standard_pairs below
+    assert seen == set(overrides.listed("cupy")) - set(overrides.PAIRS) and cupy_kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cupy_pairs_match_the_standard_pairs(dtype, monkeypatch):
+    """The conv2d, maxpool and batchnorm kernels on the GPU: tests/test_cupy_pairs.py's
+    cases (configurations, layouts, ties) with CuPy arrays instead of NumPy ones."""
+    b = _cupy_or_skip()
+    import test_cupy_pairs as T
+
+    cupy = b._cupy
+    real_close = T._close
+    monkeypatch.setattr(T, "_layout", lambda a, cm: cupy.asarray(np.ascontiguousarray(
+        a.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3) if cm else cupy.asarray(a))
+    monkeypatch.setattr(T, "_close", lambda got, want, dt: real_close(
+        [None if g is None else cupy.asnumpy(g) for g in got],
+        [None if w is None else cupy.asnumpy(w) for w in want], dt))
+    to_gpu = lambda a: a if a is None or isinstance(a, cupy.ndarray) else cupy.asarray(a)
+    with b.activate():
+        for c, o, k, s, p, hw in [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)),
+                                  (2, 3, 5, 1, 2, (6, 6)), (4, 2, 1, 1, 0, (3, 5)),
+                                  (2, 2, 4, 3, 1, (10, 7)), (32, 64, 3, 1, 1, (14, 14))]:
+            for cm in (False, True):
+                rng = np.random.default_rng(11)
+                x = T._layout(rng.standard_normal((3, c, *hw)).astype(dtype), cm)
+                w = to_gpu(rng.standard_normal((o, c, k, k)).astype(dtype) / (c * k * k) ** 0.5)
+                bias = to_gpu(rng.standard_normal(o).astype(dtype))
+                g = to_gpu(rng.standard_normal((3, o, T.out_size(hw[0], k, s, p),
+                                                T.out_size(hw[1], k, s, p))).astype(dtype))
+                for input_grad in (True, False):
+                    want_y, want_saved = T.Im2colPair.forward(x, w, bias, s, p)
+                    got_y, got_saved = T.cupy_pairs.CupyConv2D.forward(x, w, bias, s, p)
+                    T._close([got_y], [want_y], dtype)
+                    T._close(T.cupy_pairs.CupyConv2D.backward(got_saved, g, input_grad),
+                             T.Im2colPair.backward(want_saved, g, input_grad), dtype)
+        for k, s, p, hw in [(2, 2, 0, (8, 6)), (2, 2, 0, (7, 5)), (3, 2, 1, (7, 8)),
+                            (3, 1, 1, (5, 5)), (2, 1, 0, (4, 6))]:
+            for cm in (False, True):
+                rng = np.random.default_rng(14)
+                xh = np.round(rng.standard_normal((2, 3, *hw)), 1).astype(dtype)
+                xh[0, 0] = 1.0
+                x = T._layout(xh, cm)
+                want_out, want_saved = T.MaxPoolPair.forward(x, k, s, p, True)
+                got_out, got_saved = T.cupy_pairs.CupyMaxPool.forward(x, k, s, p, True)
+                np.testing.assert_array_equal(cupy.asnumpy(got_out), cupy.asnumpy(want_out))
+                g = to_gpu(rng.standard_normal(tuple(want_out.shape)).astype(dtype))
+                T._close([T.cupy_pairs.CupyMaxPool.backward(got_saved, g, True)],
+                         [T.MaxPoolPair.backward(want_saved, g, True)], dtype)
+        for shape in [(6, 4), (5, 3, 4, 7), (128, 32, 28, 28)]:
+            rng = np.random.default_rng(12)
+            x = T._layout((rng.standard_normal(shape) * 3 + 1).astype(dtype), len(shape) == 4) \
+                if len(shape) == 4 else to_gpu((rng.standard_normal(shape) * 3 + 1).astype(dtype))
+            weight = to_gpu(rng.standard_normal(shape[1]).astype(dtype))
+            bias = to_gpu(rng.standard_normal(shape[1]).astype(dtype))
+            g = to_gpu(rng.standard_normal(shape).astype(dtype))
+            for input_grad in (True, False):
+                want, want_saved = T.BatchNormPair.forward(x, weight, bias, 1e-5)
+                got, got_saved = T.cupy_pairs.CupyBatchNorm.forward(x, weight, bias, 1e-5)
+                T._close(list(got), list(want), dtype)
+                T._close(T.cupy_pairs.CupyBatchNorm.backward(got_saved, g, input_grad),
+                         T.BatchNormPair.backward(want_saved, g, input_grad), dtype)
+
+
+@pytest.mark.gpu
+def test_cupy_cnn_training_runs_the_pairs_and_matches_the_standard_path():
+    """A conv/batch-norm/max-pool net on CuPy, float64: with the pairs (no self-check may
+    fail: warnings are errors) and with overrides off, the same weights after a few steps."""
+    import warnings
+
+    from nnx.architectures import build_layers
+    from nnx.backends import overrides
+    from nnx.optim import make_optimizer
+
+    b = _cupy_or_skip()
+
+    def train(enabled):
+        overrides.set_enabled(enabled)
+        try:
+            model = nnx.Sequential(build_layers("conv:6,bn,relu,maxpool:2,conv:8:3:2,bn,relu,"
+                                                "maxpool:2,flatten,dense:10", (1, 16, 16)),
+                                   input_shape=(1, 16, 16), backend=b, dtype="float64", seed=3)
+            opt = make_optimizer("adam", model.named_parameters(), 1e-2, xp=model.xp)
+            rng = np.random.default_rng(0)
+            x = b.from_numpy(rng.standard_normal((16, 1, 16, 16)))
+            y = b.from_numpy(rng.integers(0, 10, 16))
+            loss = nnx.SoftmaxCrossEntropy()
+            for _ in range(4):
+                loss.forward(model.forward(x, train=True), y)
+                model.backward(loss.backward())
+                opt.step()
+            return [b.to_numpy(p.value) for p in model.parameters()]
+        finally:
+            overrides.set_enabled(True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train(True)
+    want = train(False)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.gpu

@@ -143,7 +143,8 @@ def test_registry_lists_what_each_backend_replaces(fresh):
 
     strict = make_backend("strict", "device1")
     assert strict.overrides() == []  # the standard path only
-    assert overrides.listed("cupy") == list(overrides.OPS)  # importable without CuPy
+    # importable without CuPy: every operation and pair
+    assert overrides.listed("cupy") == list(overrides.OPS) + list(overrides.PAIRS)
     fake = _register("fake-some", {"softmax_xent": _right({})["softmax_xent"]})
     assert fake.overrides() == ["softmax_xent"]
     with pytest.raises(ValueError, match="unknown op"):
