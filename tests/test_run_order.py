@@ -54,8 +54,15 @@ def test_relu_after_maxpool_gives_the_same_numbers(backend, kind, dtype):
     ref = _run(backend, kind, False, x, g, dtype)
     new = _run(backend, kind, True, x, g, dtype)
     assert ref.keys() == new.keys()
+    # torch on CUDA: cuDNN's convolution backward need not give the same bits twice (seen on
+    # an H200: 1e-16 apart in float64 with both orders), so there the two agree to rounding
+    exact = not (backend.name == "torch" and str(backend.device).startswith("cuda"))
     for k in ref:
-        np.testing.assert_array_equal(new[k], ref[k], err_msg=k)
+        if exact:
+            np.testing.assert_array_equal(new[k], ref[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(new[k], ref[k], err_msg=k,
+                                       rtol=1e-12 if dtype == "float64" else 1e-5, atol=1e-12)
     assert np.any(ref["dx"] != 0)
 
 
@@ -67,6 +74,17 @@ def test_no_fused_runs_the_layers_own_order():
         assert list(model._order()) == list(range(9))
     finally:
         overrides.set_enabled(True)
+
+
+def test_layers_run_one_by_one_then_the_models_backward():
+    """Driving the layers by hand (a profiler, a student) and then calling the model's
+    backward: the layers' own order, since no forward of the model set another."""
+    model = nnx.Sequential(_layers("cnn"), (1, 28, 28), seed=0)
+    h = x = np.random.default_rng(0).random((2, 1, 28, 28)).astype(np.float32)
+    for layer in model.layers:
+        h = layer.forward(h, train=True)
+    dx = model.backward(np.ones((2, 10), np.float32))
+    assert dx.shape == x.shape
 
 
 def test_backward_follows_the_order_its_forward_ran():

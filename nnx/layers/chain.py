@@ -89,7 +89,9 @@ class Chain(Layer):
         """Through every child in reverse (of the order the forward ran). With
         ``input_grad`` False the walk stops at the first child with parameters, which is
         told to skip its own input gradient."""
-        order = self._ran if self._ran is not None else self._order()
+        # the order this chain's last forward ran; the layers' own when they were run one by
+        # one instead (then no forward of the chain preceded this backward)
+        order, self._ran = (self._ran if self._ran is not None else range(len(self.layers))), None
         stop = 0 if input_grad else self.first_trainable
         for pos in range(len(order) - 1, stop - 1, -1):
             grad = self.layers[order[pos]].backward(grad, input_grad or pos > stop)
