@@ -5,6 +5,7 @@ one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
     python tools/step_time.py --arch cnn,cnn-fast --torch   # also torch eager, same layers
     python tools/step_time.py --arch cnn --conv-method gather,fast --torch --infer
     python tools/step_time.py --arch cnn --torch --without maxpool,batchnorm  # NumPy pairs A/B
+    python tools/step_time.py --arch cnn --infer --without reorder  # ReLU after max pool A/B
     python tools/step_time.py --arch cnn --torch --data mnist   # real digits, not random inputs
 
 Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
@@ -14,7 +15,9 @@ A/B of the convolution inside whole steps); ``--infer`` also times inference for
 ``--without NAMES`` adds, for every nnx run, a twin run with those NumPy pairs
 (backends/numpy_ops.py: ``maxpool``, ``batchnorm``, ...) taken out of the registry during its
 steps, so that those layers run the standard pairs: an interleaved A/B. ``--without all``
-turns every override off in the twin (``overrides.set_enabled(False)``, as ``--no-fused``).
+turns every override off in the twin (``overrides.set_enabled(False)``, as ``--no-fused``);
+``--without reorder`` runs the twin's layers in their own order (``Chain.reorder``: no
+ReLU moved after its max pool).
 ``--data mnist`` feeds the first training images and labels of MNIST (``NNX_DATA_DIR`` or
 ``--data-dir``) instead of uniform random inputs: torch's max-pool forward branches on the
 data and runs ~35% faster on digit images (docs/cnn.md), so the nnx/torch ratio depends on it.
@@ -50,8 +53,9 @@ def main(argv=None):
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--conv-method", default="", help="comma-separated Conv2D methods to compare")
     ap.add_argument("--infer", action="store_true", help="also time inference forwards")
-    ap.add_argument("--without", default="", help="comma-separated NumPy pairs, or 'all': also "
-                    "run every nnx model with these off (the standard path), interleaved")
+    ap.add_argument("--without", default="", help="comma-separated NumPy pairs, 'all' or "
+                    "'reorder': also run every nnx model with these off (the standard path, or "
+                    "the layers' own order), interleaved")
     ap.add_argument("--data", choices=("random", "mnist"), default="random",
                     help="inputs: uniform random (default) or MNIST training images")
     ap.add_argument("--data-dir", default=None, help="MNIST folder (default: NNX_DATA_DIR)")
@@ -74,14 +78,16 @@ def main(argv=None):
     registry = overrides._load("numpy")
     off = [n for n in args.without.split(",") if n]
     pairs = [n for n in overrides.PAIRS if n in registry]
-    unknown = [n for n in off if n not in pairs + ["all"]]
+    unknown = [n for n in off if n not in pairs + ["all", "reorder"]]
     if unknown:
         raise SystemExit(f"--without: {', '.join(unknown)} is not a NumPy pair (NumPy has "
-                         f"{', '.join(pairs) or 'none'}; or 'all')")
+                         f"{', '.join(pairs) or 'none'}; or 'all', or 'reorder')")
 
     def without(fn):
         """``fn`` with the NumPy pairs in ``off`` out of the registry while it runs (a layer
-        asks ``backend.offers`` on every call), or with every override off for 'all'."""
+        asks ``backend.offers`` on every call), or with every override off for 'all'. (For
+        'reorder' the twin is a model of its own, built with ``Chain.reorder`` off: one model
+        alternating between the two orders re-sizes its caches every step.)"""
         def run():
             saved = {n: registry.pop(n) for n in off if n in registry}
             overrides.set_enabled("all" not in off)
@@ -104,27 +110,34 @@ def main(argv=None):
                 x = rng.random((b, 1, 28, 28), dtype=np.float32)
                 y = rng.integers(0, 10, b)
             for meth in args.conv_method.split(",") if args.conv_method else [None]:
-                model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
-                                   backend=get_backend("numpy"), dtype="float32", seed=0)
-                for layer in model.walk():
-                    if meth and type(layer).__name__ == "Conv2D":
-                        layer.method = meth
-                opt = make_optimizer("adam", model.named_parameters(), 1e-3)
-                loss = SoftmaxCrossEntropy()
+                def make(reorder=True, meth=meth, x=x, y=y, spec=spec):
+                    model = Sequential(build_layers(spec, (1, 28, 28)), (1, 28, 28),
+                                       backend=get_backend("numpy"), dtype="float32", seed=0)
+                    for layer in model.walk():
+                        if meth and type(layer).__name__ == "Conv2D":
+                            layer.method = meth
+                        if hasattr(layer, "reorder"):  # a chain (nnx.layers.chain.run_order)
+                            layer.reorder = reorder
+                    opt = make_optimizer("adam", model.named_parameters(), 1e-3)
+                    loss = SoftmaxCrossEntropy()
 
-                def step(model=model, opt=opt, loss=loss, x=x, y=y):
-                    loss.forward(model.forward(x, train=True), y)
-                    model.backward(loss.backward(), input_grad=False)
-                    opt.step(1e-3)
+                    def step():
+                        loss.forward(model.forward(x, train=True), y)
+                        model.backward(loss.backward(), input_grad=False)
+                        opt.step(1e-3)
+                    return model, step, lambda: model.forward(x)
+
+                model, step, infer = make()
                 tag = f" {meth}" if meth else ""
                 runs[f"nnx {arch} b{b}{tag}"] = (step, b)
                 if off:
-                    runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)}"] = (without(step), b)
+                    _, tstep, tinfer = make(reorder="reorder" not in off) if "reorder" in off \
+                        else (model, step, infer)
+                    runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)}"] = (without(tstep), b)
                 if args.infer:
-                    infer = lambda model=model, x=x: model.forward(x)  # noqa: E731
                     runs[f"nnx {arch} b{b}{tag} infer"] = (infer, b)
                     if off:
-                        runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)} infer"] = (without(infer), b)
+                        runs[f"nnx {arch} b{b}{tag} -{'-'.join(off)} infer"] = (without(tinfer), b)
             if args.torch:
                 from profile_cnn import torch_module
 
