@@ -60,6 +60,32 @@ def torch_module(layer, nn):
     return m
 
 
+def layer_traffic(model, tmods, x, xt, upstream):
+    """The input each layer really sees (nnx's and its torch twin's, from ``x`` and ``xt``)
+    and the gradient a real backward pass hands each nnx layer (from ``upstream(shape)``, a
+    gradient of the logits): values, shapes AND memory layouts, as in a training step. The
+    layers run one by one in the order given."""
+    import torch
+
+    ins, tins, h, ht = [], [], x, xt
+    for layer, m in zip(model.layers, tmods):
+        ins.append(h)
+        tins.append(ht)
+        h = layer.forward(h, train=True)
+        with torch.no_grad():
+            ht = m(ht)
+    grads = [None] * len(model.layers)
+    for i, layer in enumerate(model.layers):
+        def spy(grad, input_grad=True, i=i, real=layer.backward):
+            grads[i] = grad
+            return real(grad, input_grad)
+        layer.backward = spy
+    model.backward(upstream(tuple(h.shape)))
+    for layer in model.layers:
+        del layer.backward  # the class's method again
+    return ins, tins, grads
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -110,25 +136,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, 1, 28, 28), dtype=np.float32)
 
-    # the inputs each layer really sees, and the upstream gradient a real backward pass hands
-    # each layer (from a random gradient of the logits): values, shapes AND memory layouts
-    ins_n, ins_t = [], []
-    h, ht = x, torch.from_numpy(x)
-    for layer, m in zip(model.layers, tmods):
-        ins_n.append(h)
-        ins_t.append(ht)
-        h = layer.forward(h, train=True)
-        with torch.no_grad():
-            ht = m(ht)
-    grads = [None] * len(model.layers)
-    for i, layer in enumerate(model.layers):
-        def spy(grad, input_grad=True, i=i, real=layer.backward):
-            grads[i] = grad
-            return real(grad, input_grad)
-        layer.backward = spy
-    model.backward(rng.standard_normal(h.shape, dtype=np.float32))
-    for layer in model.layers:
-        del layer.backward  # the class's method again
+    ins_n, ins_t, grads = layer_traffic(
+        model, tmods, x, torch.from_numpy(x),
+        lambda shape: rng.standard_normal(shape, dtype=np.float32))
     tgrads = [torch.from_numpy(np.ascontiguousarray(g)) for g in grads]  # autograd's layout
     names = [layer.describe() for layer in model.layers]
     cols = ("fwd", "bwd", "inf")

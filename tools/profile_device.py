@@ -44,7 +44,7 @@ def main(argv=None):
     from nnx.backends import get_backend
     from nnx.losses import SoftmaxCrossEntropy
     from nnx.optim import make_optimizer
-    from profile_cnn import torch_module
+    from profile_cnn import layer_traffic, torch_module
 
     b = get_backend(args.backend, args.device)
     tdev = torch.device("cuda" if str(b.device).startswith("cuda") else "cpu")
@@ -68,22 +68,9 @@ def main(argv=None):
     tmods = [torch_module(layer, torch.nn).to(tdev).train() for layer in model.layers]
     rng = np.random.default_rng(0)
     xh = rng.random((args.batch, 1, 28, 28), dtype=np.float32)
-    ins, tins, h, ht = [], [], b.from_numpy(xh), torch.from_numpy(xh).to(tdev)
-    for layer, m in zip(model.layers, tmods):
-        ins.append(h)
-        tins.append(ht)
-        h = layer.forward(h, train=True)
-        with torch.no_grad():
-            ht = m(ht)
-    grads = [None] * len(model.layers)
-    for i, layer in enumerate(model.layers):
-        def spy(grad, input_grad=True, i=i, real=layer.backward):
-            grads[i] = grad
-            return real(grad, input_grad)
-        layer.backward = spy
-    model.backward(b.from_numpy(rng.standard_normal(tuple(h.shape), dtype=np.float32)))
-    for layer in model.layers:
-        del layer.backward
+    ins, tins, grads = layer_traffic(
+        model, tmods, b.from_numpy(xh), torch.from_numpy(xh).to(tdev),
+        lambda shape: b.from_numpy(rng.standard_normal(shape, dtype=np.float32)))
     tgrads = [torch.from_numpy(np.ascontiguousarray(b.to_numpy(g))).to(tdev) for g in grads]
     res = {}
 
