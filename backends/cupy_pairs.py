@@ -48,7 +48,8 @@ def _unplanes(a, channel_major):
 
 #: the kernels that index their inputs themselves (``raw``), as (inputs, outputs, body) of
 #: ``cupy.ElementwiseKernel``: ``i`` is the output element. tests/test_cupy_pairs.py also
-#: compiles these bodies as C++ and runs the pairs on the CPU against the standard pairs.
+#: compiles these bodies as C++ and runs the pairs on the CPU against the standard pairs
+#: (the batch-norm kernels below are plain arithmetic: there NumPy stands in for them).
 RAW_KERNELS = {
     # cols[(c·k + a)·k + b, (n·Ho + oh)·Wo + ow] = x[n, c, oh·s − p + a, ow·s − p + b], 0 outside
     "im2col": (

@@ -179,6 +179,22 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def incomplete_checkpoints(run_dir) -> list[Path]:
+    """Checkpoint folders without their state.json (a file deleted by hand: checkpoints are
+    written whole), newer than the latest complete one: a resume skips them."""
+    root, complete = Path(run_dir) / "checkpoints", list_checkpoints(run_dir)
+    if not root.is_dir():
+        return []
+    last = complete[-1].name if complete else ""
+    return sorted(p for p in root.iterdir() if _CKPT_RE.match(p.name) and p.is_dir()
+                  and not (p / "state.json").is_file() and _order(p.name) > _order(last))
+
+
+def _order(name: str):
+    m = _CKPT_RE.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
+
+
 def latest_checkpoint(run_dir) -> Path:
     found = list_checkpoints(run_dir)
     if not found:

@@ -68,7 +68,8 @@ class SoftmaxCrossEntropy:
                              f"match logits {(n, c)}")
         logp = log_softmax(xp, logits)
         self.probs, self.target, self.n, self._grad = xp.exp(logp), target, n, None
-        return xp.sum(logp * target) * (-1.0 / n)
+        # the mean over no rows is NaN (as torch's and NumPy's means of nothing are)
+        return xp.sum(logp * target) * ((-1.0 / n) if n else float("nan"))
 
     def train_forward(self, logits, target):
         """The training step's loss: ``(Σ log p(target), correct)`` as 0-D arrays for a batch
@@ -132,10 +133,10 @@ class MSE:
         self.size = 1
         for d in output.shape:
             self.size *= d
-        return xp.sum(self.diff * self.diff) / self.size
+        return xp.sum(self.diff * self.diff) * ((1.0 / self.size) if self.size else float("nan"))
 
     def backward(self):
-        return self.diff * (2.0 / self.size)
+        return self.diff * (2.0 / max(self.size, 1))  # (no elements: an empty gradient)
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

@@ -31,6 +31,8 @@ MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
                   "cnn-fast": {"optimizer": "adam", "weight_decay": 0.0, "lr": 3e-3, "epochs": 3,
                                "batch_size": 64}}
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
+#: the optimizers --momentum applies to
+MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download",
                        "sync_bn"}
@@ -418,6 +420,11 @@ def _read_run_config(run: str, parser) -> dict:
     """The settings in RUN/config.json, or one clear error when the file is missing or damaged."""
     config_file = Path(run) / "config.json"
     if not config_file.is_file():
+        for folder in Path(run).resolve().parents:
+            if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
+                parser.error(f"--resume {run}: that is a checkpoint of the run {folder.parent}; "
+                             f"resume the run itself: --resume {folder.parent} (it continues "
+                             "from its latest checkpoint)")
         parser.error(f"--resume {run}: no config.json there; is it a run folder?")
     try:
         saved = json.loads(config_file.read_text())["settings"]
@@ -426,10 +433,42 @@ def _read_run_config(run: str, parser) -> dict:
         unknown = sorted(set(saved) - set(DEFAULTS))
         if unknown:
             raise KeyError(f"unknown settings {unknown}")
+        missing = sorted(set(DEFAULTS) - RESUMABLE_OVERRIDES - set(saved))
+        if missing:  # filling them from today's defaults would train another run
+            raise KeyError(f"missing settings {missing}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         parser.error(f"--resume {run}: {config_file} is damaged ({e}); it holds the run's "
                      "settings, so restore it from a backup or start a new run with another --out")
     return saved
+
+
+#: files a run folder holds: a new run in a folder with any of them would overwrite them
+RUN_FILES = ("model.safetensors", "results.json", "metrics.jsonl", "state.json",
+             "optimizer.safetensors", "checkpoints")
+
+
+def _refuse_run_files(out: Path, parser) -> None:
+    """--out must not be a checkpoint of a run, a folder inside one, or a folder holding a
+    run's files without its config.json (those would be overwritten or mixed)."""
+    for folder in (out, *out.parents):
+        if folder.name == "checkpoints" and (folder.parent / "config.json").exists():
+            parser.error(f"--out {out} lies inside the checkpoints of the run {folder.parent}; "
+                         "choose another --out")
+    if out.is_dir() and not (out / "config.json").exists():
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            parser.error(f"--out {out} already holds {', '.join(found)} (a run's files, or a "
+                         "checkpoint's); choose another --out")
+
+
+def _default_run_dir() -> Path:
+    """runs/<date-time>, with -2, -3, ... when a run started in the same second took it."""
+    base = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
 
 
 def _has_progress(run_dir: Path) -> bool:
@@ -474,8 +513,12 @@ def resolve_config(args, parser) -> dict:
         except ValueError as e:
             parser.error(f"--arch: {e}")
     if not cfg.get("resume") and cfg.get("out"):
-        out = Path(cfg["out"])
+        out = Path(cfg["out"]).expanduser()
+        if ".." in out.parts:  # a/missing/../b: the folder the OS would reach, not a new "missing"
+            out = Path(os.path.realpath(out))
+            cfg["out"] = str(out)
         check_out_dir(out, parser)
+        _refuse_run_files(Path(os.path.realpath(out)), parser)
         if (out / "config.json").exists():
             if _has_progress(out):
                 parser.error(f"--out {out} already holds a run; continue it with --resume "
@@ -487,6 +530,10 @@ def resolve_config(args, parser) -> dict:
     if cfg["lr"] is None and isinstance(cfg["optimizer"], str):
         cfg["lr"] = DEFAULT_LR.get(cfg["optimizer"])
     validate(cfg, parser)
+    if "momentum" in given and "resume" not in given and cfg["optimizer"] not in MOMENTUM_OPTIMIZERS:
+        parser.error(f"--momentum applies to --optimizer {' or '.join(MOMENTUM_OPTIMIZERS)}; "
+                     f"{cfg['optimizer']} has none, so it would be ignored (leave it out, or "
+                     "choose --optimizer nesterov)")
     return cfg
 
 
@@ -534,6 +581,38 @@ def _saved_architecture(run_dir):
         return state["architecture"], tuple(state["input_shape"])
     except (CheckpointError, KeyError, TypeError):
         return None
+
+
+def _config_contradicts_checkpoint(cfg: dict, run_dir) -> str | None:
+    """What config.json says that the run's latest checkpoint contradicts (its dtype, or
+    another network: other layer types or sizes), or None. Details the spec builder has
+    changed since (a convolution's bias before batch norm, say) do not count: the resume
+    rebuilds the checkpoint's own layers (``build_model``'s ``saved``)."""
+    from .backends import get_backend
+    from .checkpoint import CheckpointError, latest_checkpoint, read_state
+
+    try:
+        state = read_state(latest_checkpoint(run_dir))
+    except CheckpointError:
+        return None  # no checkpoint yet, or a damaged one: the resume reports that
+    if state.get("dtype") not in (None, cfg["dtype"]):
+        return f"config.json says dtype {cfg['dtype']}, its checkpoint holds {state['dtype']} weights"
+
+    def coarse(arch):
+        return [(s.get("type"), s.get("out_features", s.get("out_channels", s.get("num_features"))))
+                for s in arch if isinstance(s, dict)]
+
+    try:
+        model = build_model(dict(cfg, dtype="float32"), get_backend("numpy"))
+        have, shape = coarse(model.architecture()), list(model.input_shape)
+        want = coarse(state["architecture"])
+    except Exception:  # noqa: BLE001  (a spec that does not build: validate() has said so)
+        return None
+    if have != want or shape != list(state["input_shape"]):
+        describe = lambda arch: ", ".join(f"{t}({n})" if n else str(t) for t, n in arch)
+        return (f"config.json describes another network than its checkpoint (config: "
+                f"{describe(have)}; checkpoint: {describe(want)})")
+    return None
 
 
 def build_model(cfg: dict, backend, flat: bool = True, saved=None):
@@ -592,14 +671,15 @@ def main(argv=None) -> int:
     from . import datasets
     from .backends import BackendError, get_backend
     from .checkpoint import (CheckpointError, SaveError, atomic_write_json, check_position,
-                             clean_run_folder, latest_checkpoint, list_checkpoints)
+                             clean_run_folder, incomplete_checkpoints, latest_checkpoint,
+                             list_checkpoints)
     from .data import make_splits
     from .optim import make_optimizer
     from .schedules import make_schedule
     from .step import CompileError, check_compilable
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-    run_dir = Path(cfg.get("out") or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(cfg.get("out") or _default_run_dir())
     if not cfg.get("out"):
         check_out_dir(run_dir, parser)
     try:
@@ -650,6 +730,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if cfg.get("resume"):
+        problem = _config_contradicts_checkpoint(cfg, run_dir)
+        if problem:
+            print(f"error: --resume {run_dir}: {problem}; config.json was edited or belongs to "
+                  "another run: restore it, or start a new run with another --out",
+                  file=sys.stderr)
+            return 2
     model = build_model(cfg, backend, flat=not compile_step,
                         saved=_saved_architecture(run_dir) if cfg.get("resume") else None)
     splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
@@ -677,7 +764,14 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # a default folder is taken atomically: another run started in the same second
+        # (which _default_run_dir may not have seen yet) must not write into it too
+        fresh = not cfg.get("out") and not cfg.get("resume") and comm is None
+        run_dir.mkdir(parents=True, exist_ok=not fresh)
+    except FileExistsError:
+        print(f"error: another run has just taken the folder {run_dir}; start this one again "
+              "(or pass --out)", file=sys.stderr)
+        return 1
     except OSError as e:
         if _debug_requested(argv):
             raise
@@ -695,11 +789,24 @@ def main(argv=None) -> int:
     trainer.checkpoint_every = checkpoint_every
     if cfg.get("resume"):
         if not list_checkpoints(run_dir):
+            trained = [name for name in ("model.safetensors", "results.json")
+                       if (run_dir / name).exists()]
+            if trained:  # finished once: starting over would overwrite its model and results
+                print(f"error: --resume {run_dir}: no complete checkpoint is left in "
+                      f"{run_dir / 'checkpoints'}, but the run holds {' and '.join(trained)} "
+                      "from training: resuming would start it over and overwrite them. Restore "
+                      "the checkpoints folder, or train further in a new run (--out)",
+                      file=sys.stderr)
+                return 1
             note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "
                  "starting it over from epoch 1 with its saved settings")
             if rank == 0 and (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()
         else:
+            for bad in incomplete_checkpoints(run_dir) if rank == 0 else ():
+                note(f"{bad} is incomplete (no state.json): skipped; resuming from "
+                     f"{latest_checkpoint(run_dir).name}, and a new checkpoint of that name "
+                     "will replace it")
             try:
                 ckpt = latest_checkpoint(run_dir)
                 trainer.resume(ckpt)
@@ -732,7 +839,7 @@ def main(argv=None) -> int:
         f"val {len(splits['val']) if 'val' in splits else 0:,}  test {len(splits['test']):,}")
     log(model.summary())
     log(f"optimizer {cfg['optimizer']} lr {cfg['lr']:g} ({cfg['schedule']}), batch {cfg['batch_size']}, "
-        f"{cfg['epochs']} epochs -> {run_dir}")
+        f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} -> {run_dir}")
     launcher = f"mpirun -n {comm.size} " if comm else ""
     resume_hint = f"{launcher}python -m nnx.train --resume {run_dir}"
     try:
@@ -805,8 +912,10 @@ def _explain_resume(cfg, trainer, schedule, steps_per_epoch, note) -> None:
                             warmup_epochs=cfg["warmup_epochs"])
         step = trainer.global_step
         before, after = old(max(0, step - 1)), schedule(step)
-        note(f"--epochs {cfg['epochs']} (was {previous}) stretches the cosine schedule: the "
-             f"learning rate, {before:.3g} at the last step done, restarts at {after:.3g} and "
+        how, moves = (("stretches", "restarts at") if after >= before
+                      else ("shortens", "drops to"))
+        note(f"--epochs {cfg['epochs']} (was {previous}) {how} the cosine schedule: the "
+             f"learning rate, {before:.3g} at the last step done, {moves} {after:.3g} and "
              f"decays to 0 over the remaining {cfg['epochs'] - trainer.epoch} epoch(s)")
 
 

@@ -92,8 +92,9 @@ class _DenseForgotTranspose(Dense):
     """dW computed as xᵀ g (shape (in, out)) instead of gᵀ x; square layers hide the shape bug."""
 
     def backward(self, grad, input_grad=True):
+        x = self.x  # (backward lets go of it)
         dx = super().backward(grad)
-        self.weight.grad = self.x.T @ grad
+        self.weight.grad = x.T @ grad
         return dx
 
 

@@ -276,8 +276,9 @@ def test_run_that_died_before_its_first_checkpoint(tmp_path, synthetic, capsys):
     assert train([*QUICK, "--out", run]) == 0
     import shutil
 
-    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "checkpoints")  # what a run killed in its first epoch leaves
     (run / "model.safetensors").unlink()
+    (run / "results.json").unlink()
     (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"ep')
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -726,3 +727,156 @@ def test_batchnorm_over_features_with_a_one_row_last_batch_is_an_error_up_front(
                   "100", "--epochs", "1", "--quiet", "--no-plots", "--out", tmp_path / "run"]) == 2
     assert "holds 1 row" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
+
+
+# --- run folders: nothing overwritten by a new run or a resume (a hostile trial's findings) ---
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_out_through_a_missing_folder_and_dotdot_is_still_the_run(finished_run, capsys, monkeypatch):
+    """``--out missing/../run`` reaches the existing run: refused, and no ``missing`` made."""
+    monkeypatch.chdir(finished_run.parent)
+    before = _snapshot(finished_run)
+    with pytest.raises(SystemExit) as info:
+        train([*QUICK, "--out", "missing/../run"])
+    assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert not (finished_run.parent / "missing").exists() and _snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("where", ["checkpoints/epoch-0002", "checkpoints", "copy"])
+def test_out_is_not_a_checkpoint_or_a_folder_of_run_files(finished_run, capsys, where):
+    import shutil
+
+    target = finished_run / where if where != "copy" else finished_run.parent / "copy"
+    if where == "copy":  # a run's files without its config.json
+        shutil.copytree(finished_run / "checkpoints" / "epoch-0002", target)
+    before = _snapshot(finished_run.parent)
+    with pytest.raises(SystemExit) as info:
+        train([*QUICK, "--out", target])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and ("inside the checkpoints" in err or "already holds" in err)
+    assert _snapshot(finished_run.parent) == before
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    import datetime
+
+    import nnx.train as t
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 30, 12, 0, 0)
+
+    monkeypatch.setattr(t._dt, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    assert t._default_run_dir() == Path("runs/20261130-120000")
+    (tmp_path / "runs" / "20261130-120000").mkdir(parents=True)
+    (tmp_path / "runs" / "20261130-120000-2").mkdir()
+    assert t._default_run_dir() == Path("runs/20261130-120000-3")
+
+
+def test_resume_of_a_finished_run_without_checkpoints_refuses(finished_run, capsys):
+    import shutil
+
+    shutil.rmtree(finished_run / "checkpoints")
+    before = _snapshot(finished_run)
+    assert train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "no complete checkpoint is left" in line and "model.safetensors" in line
+    assert _snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("lr"), "missing settings ['lr']"),
+    (lambda s: s.update(dtype="float64"), "dtype float64, its checkpoint holds float32"),
+    (lambda s: s.update(layers="784,32,10"), "another network than its checkpoint"),
+])
+def test_resume_refuses_a_config_json_that_is_not_the_checkpoints(finished_run, capsys, edit,
+                                                                    message):
+    config = json.loads((finished_run / "config.json").read_text())
+    edit(config["settings"])
+    (finished_run / "config.json").write_text(json.dumps(config))
+    before = _snapshot(finished_run)
+    with pytest.raises(SystemExit) if "missing" in message else _returns(2) as box:
+        box.value = train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"])
+    assert message in capsys.readouterr().err
+    assert _snapshot(finished_run) == before
+
+
+class _returns:
+    """``with _returns(code) as box: box.value = call()`` checks the call's return code."""
+
+    def __init__(self, code):
+        self.code, self.value = code, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        assert exc[0] is None and self.value == self.code, (exc, self.value)
+
+
+def test_an_incomplete_newest_checkpoint_is_named(finished_run, capsys):
+    (finished_run / "checkpoints" / "epoch-0002" / "state.json").unlink()
+    assert train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "epoch-0002 is incomplete (no state.json)" in err and "resuming from epoch-0001" in err
+
+
+@pytest.mark.parametrize("argv", [["--optimizer", "adam", "--momentum", "0.5"],
+                                  ["--model", "cnn", "--momentum", "0.5"],
+                                  ["--optimizer", "sgd", "--momentum", "0.5"]])
+def test_momentum_for_an_optimizer_without_it_is_an_error(tmp_path, capsys, argv, synthetic):
+    with pytest.raises(SystemExit) as info:
+        train([*argv, "--out", tmp_path / "run"])
+    assert info.value.code == 2 and "--momentum applies to --optimizer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_to_fewer_epochs_says_the_schedule_shortens():
+    from types import SimpleNamespace
+
+    from nnx.schedules import make_schedule
+    from nnx.train import _explain_resume
+
+    notes = []
+    for epochs, previous in ((3, 6), (8, 6)):
+        cfg = {"_previous_epochs": previous, "epochs": epochs, "schedule": "cosine", "lr": 0.1,
+               "warmup_epochs": 0.0}
+        trainer = SimpleNamespace(epoch=2, global_step=20)
+        _explain_resume(cfg, trainer, make_schedule("cosine", 0.1, epochs, 10), 10, notes.append)
+    assert "(was 6) shortens the cosine schedule" in notes[0] and "drops to" in notes[0]
+    assert "(was 6) stretches the cosine schedule" in notes[1] and "restarts at" in notes[1]
+
+
+def test_dense_backward_needs_its_own_training_forward():
+    b = nnx.get_backend("numpy")
+    model = nnx.mlp([4, 3, 2], backend=b, seed=0)
+    x = np.ones((2, 4), np.float32)
+    dense = model.layers[0]
+    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+        dense.backward(np.ones((2, 3), np.float32))  # no forward at all
+    dense.forward(x, train=False)
+    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+        dense.backward(np.ones((2, 3), np.float32))
+    dense.forward(x, train=True)
+    dense.backward(np.ones((2, 3), np.float32))
+    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+        dense.backward(np.ones((2, 3), np.float32))  # once per forward
+
+
+def test_losses_of_an_empty_batch_are_nan_not_a_crash():
+    ce, mse = nnx.SoftmaxCrossEntropy(), nnx.losses.MSE()
+    assert np.isnan(float(ce.forward(np.zeros((0, 10), np.float32), np.zeros(0, np.int64))))
+    assert ce.backward().shape == (0, 10)
+    assert np.isnan(float(mse.forward(np.zeros((0, 3)), np.zeros((0, 3)))))
+    assert mse.backward().shape == (0, 3)
+
+
+def test_resume_of_a_checkpoint_folder_names_its_run(finished_run, capsys):
+    with pytest.raises(SystemExit) as info:
+        train(["--resume", finished_run / "checkpoints" / "epoch-0002"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--resume {finished_run.resolve()}" in err

@@ -11,11 +11,12 @@ from nnx.backends import overrides
 from nnx.layers.chain import run_order
 
 
-def test_run_order_swaps_only_relu_then_maxpool():
+def test_run_order_swaps_only_relu_then_a_non_overlapping_maxpool():
     layers = [L.Conv2D(1, 4, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.ReLU(), L.MaxPool2D(2),
               L.LeakyReLU(), L.MaxPool2D(2), L.ReLU(), L.AvgPool2D(2), L.MaxPool2D(2), L.ReLU(),
-              L.Flatten(), L.ReLU()]
-    assert run_order(layers) == [0, 2, 1, 4, 3, 5, 6, 7, 8, 9, 10, 11, 12]
+              L.Flatten(), L.ReLU(), L.MaxPool2D(3, stride=1, padding=1), L.ReLU(),
+              L.MaxPool2D(3, stride=3, padding=1)]
+    assert run_order(layers) == [0, 2, 1, 4, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 14]
     assert run_order([]) == [] and run_order([L.ReLU()]) == [0]
 
 
@@ -24,10 +25,10 @@ def _layers(kind):
         return [L.Conv2D(1, 4, 3, padding=1), L.BatchNorm(4), L.ReLU(), L.MaxPool2D(2),
                 L.Conv2D(4, 6, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
                 L.Dense(6 * 7 * 7, 10)]
-    # overlapping padded windows (stride 1, padding 1), inside a residual block too
+    # padded windows (moved), overlapping ones (kept in place), inside a residual block too
     return [L.Conv2D(1, 4, 3, padding=1), L.ReLU(), L.MaxPool2D(3, stride=1, padding=1),
             L.Residual([L.Conv2D(4, 4, 3, padding=1), L.ReLU(), L.MaxPool2D(3, stride=1, padding=1)]),
-            L.ReLU(), L.MaxPool2D(2, stride=2), L.Flatten(), L.Dense(4 * 14 * 14, 10)]
+            L.ReLU(), L.MaxPool2D(3, stride=3, padding=1), L.Flatten(), L.Dense(4 * 10 * 10, 10)]
 
 
 def _run(backend, kind, reorder, x, g, dtype):
@@ -85,6 +86,26 @@ def test_layers_run_one_by_one_then_the_models_backward():
         h = layer.forward(h, train=True)
     dx = model.backward(np.ones((2, 10), np.float32))
     assert dx.shape == x.shape
+
+
+@pytest.mark.parametrize("before", ["inference", "failed forward"])
+def test_layers_run_by_hand_after_another_forward(before):
+    """An inference forward (predict) or a forward that raised part-way leaves no order for
+    a later backward: layers driven by hand then get the layers' own order."""
+    model = nnx.Sequential(_layers("cnn"), (1, 28, 28), seed=0)
+    x = np.random.default_rng(0).random((2, 1, 28, 28)).astype(np.float32)
+    if before == "inference":
+        model.predict(x)
+    else:
+        dense = model.layers[-1]
+        dense.forward = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError):
+            model.forward(x, train=True)
+        del dense.forward
+    h = x
+    for layer in model.layers:
+        h = layer.forward(h, train=True)
+    assert model.backward(np.ones((2, 10), np.float32)).shape == x.shape
 
 
 def test_backward_follows_the_order_its_forward_ran():

@@ -63,8 +63,9 @@ def torch_module(layer, nn):
 def layer_traffic(model, tmods, x, xt, upstream):
     """The input each layer really sees (nnx's and its torch twin's, from ``x`` and ``xt``)
     and the gradient a real backward pass hands each nnx layer (from ``upstream(shape)``, a
-    gradient of the logits): values, shapes AND memory layouts, as in a training step. The
-    layers run one by one in the order given."""
+    gradient of the logits): values, shapes AND memory layouts, as in a training step in
+    the layers' own order. (A real step runs a ReLU after the max pool that follows it,
+    nnx.layers.chain.run_order, on the pooled map: whole-step timings show that.)"""
     import torch
 
     ins, tins, h, ht = [], [], x, xt

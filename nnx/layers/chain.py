@@ -8,18 +8,21 @@ from .base import Layer
 
 def run_order(layers) -> list[int]:
     """The order a chain runs its layers in: theirs, except that a ReLU directly followed
-    by a MaxPool2D runs after it. max over a window of max(0, ·) = max(0, max over the
-    window), so the output is the same number for number, and so is every gradient: where
-    the window's maximum is > 0, both orders route the gradient to its first maximum; where
-    it is ≤ 0, ReLU's derivative 0 stops it in both. The ReLU then works on the pooled map,
-    k² times smaller (docs/cnn.md, "ReLU after max pool"). Nothing else is reordered."""
+    by a MaxPool2D whose windows do not overlap (stride ≥ kernel) runs after it. max over a
+    window of max(0, ·) = max(0, max over the window), so on finite inputs the output is the
+    same number for number, and so is every gradient: where the window's maximum is > 0,
+    both orders route the gradient to its first maximum; where it is ≤ 0, ReLU's derivative
+    0 stops it in both. The ReLU then works on the pooled map, about k² times smaller
+    (docs/cnn.md, "ReLU after max pool", also says what differs for NaN). Nothing else is
+    reordered."""
     from .activations import ReLU
     from .pool import MaxPool2D
 
     order, i = [], 0
     while i < len(layers):
         if (i + 1 < len(layers) and type(layers[i]) is ReLU
-                and type(layers[i + 1]) is MaxPool2D):
+                and type(layers[i + 1]) is MaxPool2D
+                and layers[i + 1].stride >= layers[i + 1].kernel_size):
             order += [i + 1, i]
             i += 2
         else:
@@ -74,9 +77,12 @@ class Chain(Layer):
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train=False):
-        order = self._ran = self._order()
+        order, self._ran = self._order(), None
         for i in order:
             x = self.layers[i].forward(x, train)
+        # the order a backward must walk: only after a complete forward that backward may
+        # follow (training, or an inference forward whose caches are kept: gradcheck)
+        self._ran = order if train or self.retain else None
         return x
 
     def _order(self):

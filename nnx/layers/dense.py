@@ -49,9 +49,12 @@ class Dense(Layer):
         return self.backend.affine(x, self.weight.value, self.bias.value if self.use_bias else None)
 
     def backward(self, grad, input_grad=True):
+        x, self.x = getattr(self, "x", None), None  # one backward per forward, like the others
+        if x is None:
+            raise self.no_forward()
         # written straight into the flat gradient array where the model has one (grad_out)
         w, b = self.weight, self.bias if self.use_bias else None
-        w.grad = self.backend.matmul(grad.T, self.x, out=w.grad_out)
+        w.grad = self.backend.matmul(grad.T, x, out=w.grad_out)
         if b is not None:
             b.grad = self.backend.sum(grad, axis=0, out=b.grad_out)
         if not input_grad:
