@@ -11,7 +11,7 @@ from .errors import ShapeError
 from .gradcheck import gradcheck
 from .layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool,
                      LeakyReLU, MaxPool2D, ReLU, Reshape, Residual, Sigmoid, Softmax, Tanh)
-from .checkpoint import load
+from .checkpoint import load, save
 from .losses import MSE, SoftmaxCrossEntropy
 from .model import Sequential, mlp
 
@@ -29,5 +29,5 @@ def __getattr__(name):
 __all__ = [*_LAZY, "__version__", "get_backend", "Backend", "BackendError", "BackendMismatchError",
            "ShapeError", "gradcheck", "Sequential", "mlp", "Dense", "ReLU", "LeakyReLU", "Sigmoid",
            "Tanh", "Dropout", "Flatten", "Reshape", "Softmax", "SoftmaxCrossEntropy", "MSE",
-           "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Residual", "load",
+           "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "BatchNorm", "Residual", "load", "save",
            "init", "layers"]

@@ -104,6 +104,29 @@ def save_weights(path, model) -> None:
     save_safetensors(path, model.state_dict(), model_metadata(model))
 
 
+def save(model, path) -> Path:
+    """``nnx.save(model, path)``: the model's weights, buffers and architecture in one
+    safetensors file that ``nnx.load`` rebuilds on any backend (and that torch's
+    ``load_state_dict`` reads: the names are a ``torch.nn.Sequential``'s). ``path`` is the
+    file (``*.safetensors``) or a folder to hold ``model.safetensors``; missing folders are
+    created. Written atomically: an existing file is replaced whole or not at all.
+    Returns the file's path; a write that fails raises ``SaveError``."""
+    from .model import Sequential
+
+    if not isinstance(model, Sequential):
+        raise TypeError(f"nnx.save takes an nnx Sequential model, not {type(model).__name__}")
+    path = Path(path).expanduser()
+    target = path if path.suffix == ".safetensors" else path / "model.safetensors"
+    if target.is_dir():
+        raise SaveError(f"cannot save to {target}: it is a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(target, model)
+    except OSError as e:
+        raise SaveError(f"cannot save the model to {target} ({_describe_os_error(e)})") from e
+    return target
+
+
 # --- training checkpoints ----------------------------------------------------------------
 def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
     """``epoch-0003`` after 3 full epochs; ``epoch-0003-step-000120`` when interrupted mid-epoch."""

@@ -880,3 +880,34 @@ def test_resume_of_a_checkpoint_folder_names_its_run(finished_run, capsys):
         train(["--resume", finished_run / "checkpoints" / "epoch-0002"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--resume {finished_run.resolve()}" in err
+
+
+def test_nnx_save_then_load_on_another_backend(tmp_path):
+    from nnx.architectures import build_layers
+
+    b = nnx.get_backend("numpy")
+    model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,flatten,dense:10", (1, 28, 28)),
+                           (1, 28, 28), backend=b, seed=1)
+    x = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    model.forward(x, train=True)  # running statistics move away from their initial values
+    path = nnx.save(model, tmp_path / "new" / "deeper")  # a folder, created
+    assert path == tmp_path / "new" / "deeper" / "model.safetensors"
+    assert nnx.save(model, tmp_path / "m.safetensors") == tmp_path / "m.safetensors"
+    want = b.to_numpy(model.probabilities(x))
+    for where in (path, tmp_path / "m.safetensors", path.parent):
+        back = nnx.load(where, backend="strict", device="device1")
+        got = back.backend.to_numpy(back.probabilities(back.backend.from_numpy(x)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary file left
+
+
+def test_nnx_save_errors_are_clear(tmp_path):
+    model = nnx.mlp([4, 3], seed=0)
+    with pytest.raises(TypeError, match="nnx Sequential"):
+        nnx.save(model.layers[0], tmp_path / "x.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(ck.SaveError, match="is a folder"):
+        nnx.save(model, tmp_path / "folder.safetensors")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ck.SaveError, match="cannot save the model"):
+        nnx.save(model, tmp_path / "file" / "m.safetensors")  # inside a file
