@@ -202,6 +202,11 @@ def test_cupy_cnn_training_runs_the_pairs_and_matches_the_standard_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = train(True)
+    # the pairs really ran: every self-check of a CuPy pair (this test's or an earlier one's,
+    # cached per configuration) passed
+    checks = [(k[2], ok) for k, ok in overrides._CHECKED.items()
+              if k[0] == "cupy" and k[2] in overrides.PAIRS]
+    assert {name for name, _ in checks} == set(overrides.PAIRS) and all(ok for _, ok in checks)
     want = train(False)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
