@@ -180,7 +180,10 @@ def save_checkpoint(run_dir, model, optimizer, state: dict, best_weights: dict |
         old = root / f".{name}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file (or link) that sat on the checkpoint's name
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, final)
     _fsync_dir(root)

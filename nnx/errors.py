@@ -70,16 +70,17 @@ def cli_main(fn):
     return main
 
 
-def check_out_dir(out, parser) -> None:
-    """--out (a ``Path``) must be (or become) a writable folder: not a file, not inside a
-    file; ``parser.error`` otherwise, before a command does any work (train, evaluate)."""
+def check_out_dir(out, parser, option: str = "--out") -> None:
+    """``option`` (a folder, ``Path``) must be (or become) a writable folder: not a file,
+    not inside a file; ``parser.error`` otherwise, before a command does any work (train,
+    evaluate, predict's --show-dir)."""
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder (it is created if needed)")
+        parser.error(f"{option} {out} is a file; give a folder (it is created if needed)")
     ancestor = out
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        parser.error(f"--out {out} lies inside {ancestor}, which is a file, not a folder")
+        parser.error(f"{option} {out} lies inside {ancestor}, which is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: cannot write in {ancestor} (permission denied or a "
-                     "read-only file system); choose another --out")
+        parser.error(f"{option} {out}: cannot write in {ancestor} (permission denied or a "
+                     f"read-only file system); choose another {option}")

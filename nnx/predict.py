@@ -120,7 +120,8 @@ def predict(model_or_path, files, backend=None, device: str | None = None, top: 
                     entry["preview_large"] = str(save_png(a, preview_path(f, show_dir, large=True),
                                                           scale=PREVIEW_SCALE))
                 except OSError as e:
-                    entry["preview_error"] = f"cannot write preview ({e.strerror or e})"
+                    entry["preview_error"] = (f"cannot write preview {preview_path(f, show_dir)} "
+                                              f"({e.strerror or e})")
             images.append(a)
             slots.append(len(results))
         results.append(entry)
@@ -190,6 +191,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error(f"--top must be >= 1, got {args.top}")
+    if args.show_dir:
+        from .errors import check_out_dir
+
+        check_out_dir(Path(args.show_dir).expanduser(), parser, "--show-dir")
     from .threads import set_threads
 
     set_threads(args.threads)

@@ -911,3 +911,13 @@ def test_nnx_save_errors_are_clear(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ck.SaveError, match="cannot save the model"):
         nnx.save(model, tmp_path / "file" / "m.safetensors")  # inside a file
+
+
+def test_a_file_squatting_on_a_checkpoint_name_is_not_left_behind(finished_run, capsys):
+    import shutil
+
+    shutil.rmtree(finished_run / "checkpoints" / "epoch-0002")
+    (finished_run / "checkpoints" / "epoch-0002").write_text("squatter")
+    assert train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"]) == 0
+    assert [p.name for p in finished_run.rglob(".*")] == []
+    assert [p.name for p in list_checkpoints(finished_run)] == ["epoch-0002", "epoch-0003"]

@@ -253,3 +253,13 @@ def test_png_digits_classify_like_arrays(mnist, tmp_path):
     assert acc_array > 0.85
     assert acc_png >= acc_array - 0.01
     assert (from_png == from_array).mean() >= 0.97
+
+
+def test_show_dir_that_is_a_file_is_refused_before_any_work(files, mlp_file, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main([str(mlp_file), str(files / "seven.png"), "--show-dir", str(blocker)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--show-dir {blocker} is a file" in err
+    assert blocker.read_text() == "x"
