@@ -124,6 +124,10 @@ def load_array(path) -> np.ndarray:
     return a.astype(np.float32)
 
 
+#: largest picture decoded (after a JPEG's reduced-size decoding): 50 megapixels
+MAX_PIXELS = 50_000_000
+
+
 def load_image(path):
     """Open a PNG/JPEG/... with Pillow (fully decoded), or raise ImageError."""
     from PIL import Image, UnidentifiedImageError
@@ -133,6 +137,10 @@ def load_image(path):
             if im.format == "JPEG" and max(im.size) > 2 * _MAX_SIDE:  # decode at 1/2..1/8 size
                 f = _MAX_SIDE / max(im.size)
                 im.draft(im.mode, (int(im.width * f) + 1, int(im.height * f) + 1))
+            if im.width * im.height > MAX_PIXELS:  # decoding would take gigabytes first
+                raise ImageError(f"is {im.width}x{im.height} pixels; pictures of up to "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels are read (a digit needs "
+                                 "far fewer): scale it down first")
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:

@@ -263,3 +263,14 @@ def test_show_dir_that_is_a_file_is_refused_before_any_work(files, mlp_file, tmp
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--show-dir {blocker} is a file" in err
     assert blocker.read_text() == "x"
+
+
+def test_a_huge_picture_is_refused_before_it_is_decoded(tmp_path):
+    from PIL import Image
+
+    from nnx.imageprep import MAX_PIXELS, load_input
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (MAX_PIXELS // 4000 + 1, 4000), 255).save(path)  # a few KB on disk
+    with pytest.raises(ImageError, match="megapixels are read"):
+        load_input(path)
