@@ -25,6 +25,24 @@ def _namespace(loss, x):
     return loss.xp
 
 
+def _same_library(loss, output, target):
+    """A clear error for targets of another array library than the model's output (a NumPy
+    label array with a torch model, say) instead of the library's own confusing one."""
+    if type(target) is not type(output):
+        import array_api_compat
+
+        try:
+            array_api_compat.array_namespace(output, target)
+        except TypeError:
+            raise TypeError(f"{type(loss).__name__}: the output is a {_kind(output)} but the "
+                            f"target is a {_kind(target)}; put the target on the model's "
+                            "backend first (backend.from_numpy(y))") from None
+
+
+def _kind(a) -> str:
+    return f"{type(a).__module__.split('.')[0]}.{type(a).__name__}"
+
+
 class SoftmaxCrossEntropy:
     """Softmax followed by cross-entropy, fused: L = −mean_i Σ_c y_ic log softmax(z)_ic.
 
@@ -53,6 +71,7 @@ class SoftmaxCrossEntropy:
 
     def forward(self, logits, target):
         xp = _namespace(self, logits)
+        _same_library(self, logits, target)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits (batch, classes), got {tuple(logits.shape)}")
         n, c = logits.shape
@@ -129,6 +148,7 @@ class MSE:
             raise ShapeError(f"MSE: output shape {tuple(output.shape)} != target shape "
                              f"{tuple(target.shape)}")
         xp = _namespace(self, output)
+        _same_library(self, output, target)
         self.diff = output - target
         self.size = 1
         for d in output.shape:

@@ -921,3 +921,13 @@ def test_a_file_squatting_on_a_checkpoint_name_is_not_left_behind(finished_run, 
     assert train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"]) == 0
     assert [p.name for p in finished_run.rglob(".*")] == []
     assert [p.name for p in list_checkpoints(finished_run)] == ["epoch-0002", "epoch-0003"]
+
+
+def test_labels_of_another_library_are_a_clear_error():
+    pytest.importorskip("torch")
+    b = nnx.get_backend("torch", "cpu")
+    out = nnx.mlp([4, 3], backend=b, seed=0).forward(b.from_numpy(np.ones((2, 4), np.float32)))
+    for loss, target in ((nnx.SoftmaxCrossEntropy(), np.array([0, 1])),
+                         (nnx.MSE(), np.zeros((2, 3), np.float32))):
+        with pytest.raises(TypeError, match="put the target on the model's backend"):
+            loss.forward(out, target)
