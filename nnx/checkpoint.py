@@ -457,6 +457,9 @@ def resolve_weights(path) -> Path:
         return path / "model.safetensors"  # a run folder with its final weights
     if (path / "state.json").is_file():
         return path / "model.safetensors"
+    if not (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path}: not a run folder, a checkpoint folder or an nnx "
+                              ".safetensors file (no model.safetensors and no checkpoints/ in it)")
     return latest_checkpoint(path) / "model.safetensors"
 
 

@@ -120,7 +120,7 @@ def load_array(path) -> np.ndarray:
         a = a / 255.0
     a = np.clip(a, 0.0, 1.0)
     if a.max() <= 0.0:
-        raise EmptyImageError("is all zeros (no ink)")
+        raise EmptyImageError("has no ink (no value above 0)")
     return a.astype(np.float32)
 
 

@@ -38,7 +38,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for target, words in ((tmp_path / "missing", "no such file"),
                           (tmp_path / "notes.txt", "not a readable safetensors"),
-                          (tmp_path / "empty", "no complete checkpoint")):
+                          (tmp_path / "empty", "not a run folder, a checkpoint folder")):
         assert main([str(target), "--no-download"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
