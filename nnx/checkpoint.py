@@ -457,6 +457,9 @@ def resolve_weights(path) -> Path:
         return path / "model.safetensors"  # a run folder with its final weights
     if (path / "state.json").is_file():
         return path / "model.safetensors"
+    if (path / "config.json").is_file() and not list_checkpoints(path):
+        raise CheckpointError(f"{path}: this run has no weights yet (no model.safetensors, no "
+                              "complete checkpoint: it stopped during its first epoch)")
     if not (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path}: not a run folder, a checkpoint folder or an nnx "
                               ".safetensors file (no model.safetensors and no checkpoints/ in it)")
