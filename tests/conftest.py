@@ -16,6 +16,11 @@ from nnx.backends import BackendError, get_backend
 
 CPU_BACKENDS = [("numpy", "cpu"), ("strict", "CPU_DEVICE"), ("strict", "device1"), ("torch", "cpu")]
 GPU_BACKENDS = [("cupy", "cuda"), ("torch", "cuda")]
+#: convolution configurations a library's conv2d pair is checked on against im2col
+#: (in channels, out channels, kernel, stride, padding, input size): one input channel,
+#: stride and no padding, wide padding, a 1x1 kernel, an even kernel with stride 3
+CONV_PAIR_CASES = [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)), (2, 3, 5, 1, 2, (6, 6)),
+                   (4, 2, 1, 1, 0, (3, 5)), (2, 2, 4, 3, 1, (10, 7))]
 #: what to install for each backend, for the header line
 INSTALL_HINTS = {
     "strict": "pip install -e '.[test]'",

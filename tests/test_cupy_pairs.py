@@ -14,6 +14,7 @@ import types
 import numpy as np
 import pytest
 
+from conftest import CONV_PAIR_CASES
 from nnx.backends import cupy_pairs
 from nnx.layers.batchnorm import BatchNormPair
 from nnx.layers.conv import Im2colPair, out_size
@@ -124,9 +125,7 @@ def _close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("c,o,k,s,p,hw", [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)),
-                                          (2, 3, 5, 1, 2, (6, 6)), (4, 2, 1, 1, 0, (3, 5)),
-                                          (2, 2, 4, 3, 1, (10, 7))])
+@pytest.mark.parametrize("c,o,k,s,p,hw", CONV_PAIR_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channel_major", [False, True])
 def test_conv2d_pair_matches_im2col(on_cpu, dtype, c, o, k, s, p, hw, bias, channel_major):

@@ -124,9 +124,9 @@ def test_cupy_pairs_match_the_standard_pairs(dtype, monkeypatch):
         [None if w is None else cupy.asnumpy(w) for w in want], dt))
     to_gpu = lambda a: a if a is None or isinstance(a, cupy.ndarray) else cupy.asarray(a)
     with b.activate():
-        for c, o, k, s, p, hw in [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)),
-                                  (2, 3, 5, 1, 2, (6, 6)), (4, 2, 1, 1, 0, (3, 5)),
-                                  (2, 2, 4, 3, 1, (10, 7)), (32, 64, 3, 1, 1, (14, 14))]:
+        from conftest import CONV_PAIR_CASES
+
+        for c, o, k, s, p, hw in CONV_PAIR_CASES + [(32, 64, 3, 1, 1, (14, 14))]:
             for cm in (False, True):
                 rng = np.random.default_rng(11)
                 x = T._layout(rng.standard_normal((3, c, *hw)).astype(dtype), cm)

@@ -12,7 +12,7 @@ from nnx.layers.activations import ReLU
 from nnx.losses import SoftmaxCrossEntropy
 from nnx.optim import make_optimizer
 
-from conftest import make_backend
+from conftest import CONV_PAIR_CASES, make_backend
 
 TOL = {"float32": dict(rtol=2e-6, atol=1e-6), "float64": dict(rtol=1e-13, atol=1e-14)}
 
@@ -168,9 +168,7 @@ def _close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("c,o,k,s,p,hw", [(1, 4, 3, 1, 1, (7, 6)), (3, 5, 3, 2, 0, (9, 8)),
-                                          (2, 3, 5, 1, 2, (6, 6)), (4, 2, 1, 1, 0, (3, 5)),
-                                          (2, 2, 4, 3, 1, (10, 7))])
+@pytest.mark.parametrize("c,o,k,s,p,hw", CONV_PAIR_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_conv2d_pair_matches_im2col(torch_backend, dtype, c, o, k, s, p, hw, bias, input_grad):
