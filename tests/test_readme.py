@@ -53,3 +53,18 @@ def test_readme_block_runs_alone(code, tmp_path):
         assert loss < 0.05, out.stdout
     if "gradcheck" in code:
         assert "'0.weight'" in out.stdout
+
+
+def test_the_new_layer_example_of_docs_architecture_runs(tmp_path):
+    """docs/architecture.md, "Writing a new layer": its three blocks, pasted one after the
+    other into a fresh interpreter, build the layers and pass their gradient check."""
+    text = (README.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("### Writing a new layer", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    assert len(blocks) == 3
+    code = "\n".join(blocks)
+    if importlib.util.find_spec("torch") is None:
+        code = code.replace(', ("torch", "cpu")', "")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
