@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out:  # before any work: a file, a folder inside a file, or nowhere to write
+    if args.out is not None:  # before any work: a file, a folder inside a file, nowhere to write
+        if not args.out.strip():
+            parser.error("--out is empty; give a folder (it is created if needed)")
         _check_out_dir(Path(args.out), parser)
     from .threads import set_threads
 

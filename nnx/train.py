@@ -128,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel on the K processes of `mpirun -n K python -m nnx.train "
                         "...` (on by itself under an MPI launcher); --batch-size stays the "
                         "global batch; see docs/distributed.md")
-    g.add_argument("--sync-bn", action="store_true", default=None,
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="with --distributed: BatchNorm statistics of the global batch (all "
                         "processes' rows, like torch's SyncBatchNorm) instead of each "
-                        "process's own; the run then matches one process")
+                        "process's own; the run then matches one process (--no-sync-bn: "
+                        "each process's own, also to turn it off on --resume)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default: mnist")
     g.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw)")
