@@ -96,7 +96,8 @@ def most_confused(counts, top: int = 10) -> list[dict]:
 
 def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=None,
              device: str | None = None, out_dir=None, plots: bool = True,
-             download: bool = True, batch_size: int = 2048, log=None) -> dict:
+             download: bool = True, batch_size: int = 2048, log=None,
+             full_test: bool = False) -> dict:
     """Evaluate a model (a ``Sequential``, or a run folder / checkpoint folder / .safetensors
     file loaded with ``nnx.load``) on a test set.
 
@@ -105,6 +106,9 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
     Files (the PNGs of ``nnx.plots`` unless ``plots=False``, ``report.md``,
     ``evaluation.json``) go to ``out_dir``; by default to the folder given (or the folder of
     the .safetensors file); nothing is written for an in-memory model without ``out_dir``.
+    A run trained with ``--limit N`` is scored on the test images its training scored (the
+    first N // 6, as ``nnx.data.make_splits`` takes them), so results.json, the run's plots
+    and this agree; ``full_test=True`` scores the whole test set.
 
     Returns a JSON-able dict: ``accuracy``, ``loss``, ``samples``, ``errors``, ``per_class``
     (class, precision, recall, f1, support), ``macro_avg``, ``most_confused`` (top 10
@@ -139,6 +143,12 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
         raise EvaluateError(f"the model takes inputs of shape {in_shape}; {dataset} images are "
                             "28x28 (784 values)")
     images, labels = _runs.load_test_images(dataset, data_dir, download=download)
+    limit = settings.get("limit") if settings.get("dataset", dataset) == dataset else None
+    subset = None
+    if limit and not full_test:  # the run's own test images (make_splits: the first N // 6)
+        n = max(1, int(limit) // 6)
+        images, labels = images[:n], labels[:n]
+        subset = f"the first {n:,} test images, as the run's --limit {int(limit):,} trained"
     probs = _plots.predict_proba(model, images.reshape(len(images), *in_shape), batch_size)
     classes = probs.shape[1]
     if classes < int(labels.max()) + 1:
@@ -158,6 +168,7 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
         "dataset": dataset,
         "split": "test",
         "samples": int(len(labels)),
+        "subset": subset,
         "accuracy": accuracy,
         "loss": loss,
         "errors": int(counts.sum() - np.trace(counts)),
@@ -229,8 +240,10 @@ def summary_text(result) -> str:
     lines = [f"model: {result['model']}  ({result['architecture']}, {result['backend']})",
              f"test accuracy {100 * acc:.2f}%  ({result['samples'] - result['errors']:,} of "
              f"{result['samples']:,} {result['dataset']} test images), loss "
-             f"{result['loss']:.4f}, {result['errors']:,} mistakes", "",
-             class_table(result), "", "most confused (true → predicted: count):"]
+             f"{result['loss']:.4f}, {result['errors']:,} mistakes"]
+    if result.get("subset"):
+        lines.append(f"({result['subset']}; --full-test scores all of them)")
+    lines += ["", class_table(result), "", "most confused (true → predicted: count):"]
     pairs = result["most_confused"]
     lines.append("  " + ",  ".join(f"{p['true']} → {p['pred']}: {p['count']}" for p in pairs)
                  if pairs else "  none")
@@ -243,7 +256,8 @@ def render_report(result, pictures) -> str:
     out = [f"# Evaluation: `{result['model']}`", "",
            f"- model: {result['architecture']} ({result['backend']})",
            f"- weights: `{result['weights']}`" if result.get("weights") else "- weights: in memory",
-           f"- data: {result['dataset']} {result['split']} set, {result['samples']:,} images",
+           f"- data: {result['dataset']} {result['split']} set, {result['samples']:,} images"
+           + (f" ({result['subset']})" if result.get("subset") else ""),
            f"- **accuracy {100 * acc:.2f}%** ({result['errors']:,} mistakes), "
            f"cross-entropy loss {result['loss']:.4f}", "",
            "## Per class", "",
@@ -296,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="no PNGs (report.md and evaluation.json are still written)")
+    p.add_argument("--full-test", action="store_true",
+                   help="a run trained with --limit N is scored on the test images it was "
+                        "(the first N // 6); this scores the whole test set")
     p.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an error (also: NNX_DEBUG=1)")
     return p
@@ -321,7 +338,8 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.model, dataset=args.dataset, data_dir=args.data_dir,
                           backend=args.backend, device=args.device, out_dir=args.out,
-                          plots=args.plots, download=args.download, log=notes)
+                          plots=args.plots, download=args.download, log=notes,
+                          full_test=args.full_test)
     except (CheckpointError, DatasetError, EvaluateError, BackendError, ShapeError, OSError,
             ValueError) as e:
         if _debug_requested(argv):

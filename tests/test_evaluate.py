@@ -147,3 +147,25 @@ def test_cli_missing_data(run, tmp_path, capsys):
     assert main([str(run["dir"]), "--data-dir", str(empty), "--no-plots"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "nodata" in err
+
+
+def test_a_limit_run_is_scored_on_its_own_test_images(tmp_path, capsys):
+    """A run trained with --limit: nnx.evaluate scores the test images its training scored
+    (results.json and the evaluation agree), and --full-test all of them."""
+    folder = mnist_dir()
+    if folder is None:
+        pytest.skip(SKIP_REASON)
+    from nnx.train import main as train
+
+    run = tmp_path / "run"
+    assert train(["--limit", "1200", "--val-size", "100", "--epochs", "1", "--layers",
+                  "784,16,10", "--quiet", "--no-plots", "--no-download", "--data-dir",
+                  str(folder), "--out", str(run)]) == 0
+    trained = json.loads((run / "results.json").read_text())
+    result = evaluate(run, plots=False)
+    assert result["samples"] == 200 and "--limit 1,200" in result["subset"]
+    assert result["accuracy"] == pytest.approx(trained["test_acc"], abs=1e-9)
+    assert evaluate(run, plots=False, full_test=True)["samples"] == 10000
+    capsys.readouterr()
+    assert main([str(run), "--no-plots"]) == 0
+    assert "the first 200 test images" in capsys.readouterr().out
