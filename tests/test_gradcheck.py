@@ -215,3 +215,35 @@ def test_central_difference_error_is_second_order():
     assert 30 < ratio < 300, f"error ratio {ratio:.1f} for a 10x smaller eps (expected ~100)"
     assert err[1e-6] < TOL
     assert err[1e-12] > 10 * err[1e-6]  # rounding: the right arm of the V
+
+
+def test_a_parameter_whose_gradient_is_zero_is_not_flagged_and_running_stats_stay(backend):
+    """A bias before batch norm has a zero gradient (the normalisation removes any constant):
+    its difference quotients are rounding noise, and the check measures them against the
+    model's gradient scale, not against zero. The training forwards of the check leave
+    BatchNorm's running statistics as they were."""
+    from nnx.layers import BatchNorm
+
+    model = Sequential([Dense(5, 4), BatchNorm(4), Tanh(), Dense(4, 3)], input_shape=(5,),
+                       backend=backend, dtype="float64", seed=2)
+    g = np.random.default_rng(2)
+    x, y = f64(backend, g.standard_normal((6, 5))), backend.from_numpy(g.integers(0, 3, 6))
+    before = {k: backend.to_numpy(v).copy() for k, v in model.named_buffers().items()}
+    errors = gradcheck(model, x, y, train=True)
+    assert max(errors.values()) < 1e-6, errors
+    for k, v in model.named_buffers().items():
+        np.testing.assert_array_equal(backend.to_numpy(v), before[k], err_msg=k)
+
+
+def test_gradcheck_refuses_what_it_cannot_check():
+    import nnx
+
+    b = nnx.get_backend("numpy")
+    model = nnx.mlp([3, 2], backend=b, dtype="float64", seed=0)
+    x = np.ones((2, 3))
+    with pytest.raises(ValueError, match="at least one value"):
+        gradcheck(model, np.ones((0, 3)))
+    with pytest.raises(ValueError, match="eps must be"):
+        gradcheck(model, x, eps=0.0)
+    with pytest.raises(TypeError, match="built model or layer"):
+        gradcheck(Dense(3, 2), x)
