@@ -555,6 +555,9 @@ def _meta_json(weights, meta: dict, key: str, kind):
     except (TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{weights}: its {key!r} metadata is not valid JSON ({e}); the "
                               "file was altered or damaged") from e
+    except RecursionError:
+        raise CheckpointError(f"{weights}: its {key!r} metadata nests too deeply to be a "
+                              "model nnx wrote") from None
     if not isinstance(value, kind):
         raise CheckpointError(f"{weights}: its {key!r} metadata is a {type(value).__name__}, "
                               f"expected a {kind.__name__}")
@@ -587,14 +590,22 @@ def load(path, backend=None, device: str | None = None, dtype: str | None = None
     if file_dtype not in ("float32", "float64"):
         raise CheckpointError(f"{weights}: dtype {file_dtype!r} in its metadata; expected "
                               "float32 or float64")
-    _check_tensors(weights, arrays, architecture, file_dtype)
-    layers = []
-    for i, spec in enumerate(architecture):
-        try:
-            layers.append(layer_from_spec(spec))
-        except (TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{weights}: layer {i} of its architecture metadata cannot be "
-                                  f"built ({e})") from e
+    try:
+        _check_tensors(weights, arrays, architecture, file_dtype)
+        layers = []
+        for i, spec in enumerate(architecture):
+            try:
+                layers.append(layer_from_spec(spec))
+            except (TypeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{weights}: layer {i} of its architecture metadata "
+                                      f"cannot be built ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{weights}: its architecture metadata nests layers too deeply "
+                              "to be a model nnx wrote") from None
+    for name, a in arrays.items():
+        if name.endswith("running_var") and not bool(np.all(a >= 0)):
+            raise CheckpointError(f"{weights}: {name} holds negative or NaN variances; the "
+                                  "file is damaged")
     if not isinstance(backend, Backend):
         backend = get_backend(backend or "auto", device or ("cuda" if backend == "cupy" else "cpu"))
     if (dtype or file_dtype) == "float64" and not backend.supports_float64():

@@ -133,6 +133,8 @@ class SoftmaxCrossEntropy:
         if g is not None:  # computed by train_forward
             self._grad = None
             return g
+        if getattr(self, "probs", None) is None:
+            raise RuntimeError("SoftmaxCrossEntropy: backward needs a forward first")
         g = self.probs - self.target  # a new array: scale it in place
         g *= 1.0 / max(self.n, 1)  # (an empty batch: a process's empty share of a last batch)
         return g
@@ -156,6 +158,8 @@ class MSE:
         return xp.sum(self.diff * self.diff) * ((1.0 / self.size) if self.size else float("nan"))
 
     def backward(self):
+        if getattr(self, "diff", None) is None:
+            raise RuntimeError("MSE: backward needs a forward first")
         return self.diff * (2.0 / max(self.size, 1))  # (no elements: an empty gradient)
 
 

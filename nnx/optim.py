@@ -81,6 +81,8 @@ class Optimizer:
     # --- the update ---------------------------------------------------------------------
     def step(self, lr: float | None = None) -> None:
         """Apply one update with ``lr`` (the schedule's value) or the base learning rate."""
+        if lr is not None and not (math.isfinite(float(lr)) and float(lr) >= 0):
+            raise ValueError(f"step(lr=...) needs a finite learning rate >= 0, got {lr!r}")
         missing = [key for key, p in self.params.items() if p.grad is None]
         if missing:
             raise RuntimeError(f"parameters {missing} have no gradient: call backward() before step()")
@@ -221,6 +223,11 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kw):
         super().__init__(params, lr, **kw)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        for i, b in enumerate((self.beta1, self.beta2)):
+            if not 0.0 <= b < 1.0:  # 1 would divide by 1 − βᵗ = 0 in the bias correction
+                raise ValueError(f"Adam betas[{i}] must be in [0, 1), got {b}")
+        if not (math.isfinite(self.eps) and self.eps >= 0.0):
+            raise ValueError(f"Adam eps must be a finite number >= 0, got {self.eps}")
 
     def hyper(self, t, lr):
         """(lr, lr / (1 − β₁ᵗ), 1 / √(1 − β₂ᵗ)): the bias corrections depend only on t."""

@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 
 
+def _positive(value, what: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):  # a negative factor: a complex rate
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")
+    return value
+
+
 class Schedule:
     """``lr(step)`` for step = 0, 1, ... (the step about to be taken)."""
 
@@ -31,7 +38,7 @@ class StepDecay(Schedule):
 
     def __init__(self, *args, gamma: float = 0.1, every_epochs: int = 3, **kw):
         super().__init__(*args, **kw)
-        self.gamma, self.every = float(gamma), max(1, int(every_epochs))
+        self.gamma, self.every = _positive(gamma, "StepDecay gamma"), max(1, int(every_epochs))
 
     def decayed(self, step):
         return self.base_lr * self.gamma ** ((step // self.steps_per_epoch) // self.every)
@@ -42,7 +49,7 @@ class Exponential(Schedule):
 
     def __init__(self, *args, gamma: float = 0.9, **kw):
         super().__init__(*args, **kw)
-        self.gamma = float(gamma)
+        self.gamma = _positive(gamma, "Exponential gamma")
 
     def decayed(self, step):
         return self.base_lr * self.gamma ** (step / self.steps_per_epoch)

@@ -19,9 +19,12 @@ def layer_from_spec(spec: dict):
     spec = dict(spec)
     kind = spec.pop("type")
     try:
+        if not isinstance(kind, str) or kind.startswith("_") or kind == "Sequential":
+            raise KeyError(kind)  # internal base classes and whole models are not layers here
         cls = LAYER_TYPES[kind]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown layer type {kind!r} in architecture; known: {sorted(LAYER_TYPES)}") from None
+        known = sorted(k for k in LAYER_TYPES if not k.startswith("_") and k != "Sequential")
+        raise ValueError(f"unknown layer type {kind!r} in architecture; known: {known}") from None
     if isinstance(spec.get("layers"), list):  # composite (Residual): children first
         spec["layers"] = [layer_from_spec(s) if isinstance(s, dict) else s for s in spec["layers"]]
     import inspect

@@ -931,3 +931,69 @@ def test_labels_of_another_library_are_a_clear_error():
                          (nnx.MSE(), np.zeros((2, 3), np.float32))):
         with pytest.raises(TypeError, match="put the target on the model's backend"):
             loss.forward(out, target)
+
+
+# --- the Python API's argument checks (a second hostile trial) --------------------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda p: nnx.optim.Adam(p, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
+    (lambda p: nnx.optim.Adam(p, betas=(0.9, -0.1)), r"betas\[1\] must be in \[0, 1\)"),
+    (lambda p: nnx.optim.Adam(p, eps=-1e-8), "eps must be a finite number >= 0"),
+    (lambda p: nnx.Dense(4.5, 3), "positive integers"),
+    (lambda p: nnx.LeakyReLU(float("nan")), "slope must be a finite number"),
+    (lambda p: nnx.schedules.Exponential(0.1, 100, 10, gamma=-1.0), "gamma must be a finite number > 0"),
+    (lambda p: nnx.schedules.StepDecay(0.1, 100, 10, gamma=0.0), "gamma must be a finite number > 0"),
+])
+def test_bad_constructor_arguments_are_refused(make, message):
+    import nnx.optim  # noqa: F401
+    import nnx.schedules  # noqa: F401
+
+    params = nnx.mlp([3, 2], seed=0).named_parameters()
+    with pytest.raises(ValueError, match=message):
+        make(params)
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf")])
+def test_optimizer_step_refuses_a_bad_learning_rate(lr):
+    from nnx.optim import SGD
+
+    model = nnx.mlp([3, 2], seed=0)
+    model.forward(np.ones((2, 3), np.float32), train=True)
+    model.backward(np.ones((2, 2), np.float32))
+    opt = SGD(model.named_parameters(), lr=0.1)
+    before = [np.array(p.value) for p in model.parameters()]
+    with pytest.raises(ValueError, match="finite learning rate"):
+        opt.step(lr)
+    for a, p in zip(before, model.parameters()):
+        np.testing.assert_array_equal(a, p.value)
+
+
+def test_loss_backward_before_forward_is_a_clear_error():
+    for loss in (nnx.SoftmaxCrossEntropy(), nnx.MSE()):
+        with pytest.raises(RuntimeError, match="backward needs a forward first"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("_Pool2D", "unknown layer type '_Pool2D'"),
+    ("Sequential", "unknown layer type 'Sequential'"),
+    ("deep", "nests"),
+    ("negative var", "negative or NaN variances"),
+])
+def test_tampered_architectures_and_buffers_are_refused(tmp_path, tamper, message):
+    from nnx.architectures import build_layers
+
+    model = nnx.Sequential(build_layers("dense:4,bn,relu,dense:3", (5,)), (5,), seed=0)
+    path = nnx.save(model, tmp_path / "m.safetensors")
+    arrays, meta = ck.load_safetensors(path)
+    arch = json.loads(meta["architecture"])
+    if tamper in ("_Pool2D", "Sequential"):
+        arch[2] = {"type": tamper}
+    elif tamper == "negative var":
+        arrays["1.running_var"] = -np.abs(arrays["1.running_var"]) - 1.0
+    meta["architecture"] = json.dumps(arch)
+    if tamper == "deep":  # written as text: json.dumps itself would recurse too deeply
+        deep = '{"type": "Residual", "layers": [' * 5000 + '{"type": "ReLU"}' + "]}" * 5000
+        meta["architecture"] = json.dumps(arch[:2])[:-1] + ", " + deep + "]"
+    ck.save_safetensors(path, arrays, meta)
+    with pytest.raises(CheckpointError, match=message):
+        nnx.load(path)

@@ -1,6 +1,8 @@
 """Element-wise activations. Backward multiplies the incoming gradient by f'(x)."""
 from __future__ import annotations
 
+import math
+
 from .base import Layer
 
 
@@ -71,6 +73,8 @@ class LeakyReLU(Layer):
     def __init__(self, slope: float = 0.01):
         super().__init__()
         self.slope = float(slope)
+        if not math.isfinite(self.slope):
+            raise ValueError(f"LeakyReLU slope must be a finite number, got {slope!r}")
 
     def forward(self, x, train=False):
         mask = x > 0

@@ -19,8 +19,10 @@ class Dense(Layer):
     def __init__(self, in_features: int, out_features: int, init: str = "he_normal",
                  bias: bool = True):
         super().__init__()
-        if int(in_features) <= 0 or int(out_features) <= 0:
-            raise ValueError(f"Dense sizes must be positive, got ({in_features}, {out_features})")
+        for v in (in_features, out_features):  # 4.5 must not quietly become 4
+            if isinstance(v, bool) or int(v) != v or int(v) <= 0:
+                raise ValueError(f"Dense sizes must be positive integers, got "
+                                 f"({in_features!r}, {out_features!r})")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.init, self.use_bias = init, bias
 
