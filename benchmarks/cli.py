@@ -14,7 +14,8 @@ QUICK_BATCHES = (8, 64)
 
 
 def _csv(s):
-    return [p.strip() for p in str(s).split(",") if p.strip()]
+    """Comma-separated items, each once, in the order given."""
+    return list(dict.fromkeys(p.strip() for p in str(s).split(",") if p.strip()))
 
 
 def build_parser():
@@ -78,6 +79,8 @@ def build_parser():
 
 def _listed(parser, option, value, allowed):
     items = _csv(value)
+    if not items:
+        parser.error(f"{option} is empty (use {', '.join(allowed)})")
     for v in items:
         if v not in allowed:
             parser.error(f"{option}: unknown {v!r} (use {', '.join(allowed)})")
@@ -105,12 +108,20 @@ def _resolve(args, parser):
         parser.error("batch sizes must be comma-separated integers")
     if min(cfg.batch_sizes + cfg.cnn_batch_sizes) <= 0:
         parser.error("batch sizes must be positive")
-    cfg.repeats = args.repeats or (3 if q else 7)
+    cfg.repeats = (3 if q else 7) if args.repeats is None else args.repeats
     cfg.warmup = (1 if q else 5) if args.warmup is None else args.warmup
     cfg.min_time = (0.002 if q else 0.05) if args.min_time is None else args.min_time
-    cfg.epoch_repeats = args.epoch_repeats or (1 if q else 3)
-    if cfg.repeats <= 0 or cfg.epoch_repeats <= 0 or cfg.warmup < 0 or cfg.min_time < 0:
-        parser.error("--repeats/--epoch-repeats must be positive, --warmup/--min-time >= 0")
+    cfg.epoch_repeats = (1 if q else 3) if args.epoch_repeats is None else args.epoch_repeats
+    if (cfg.repeats <= 0 or cfg.epoch_repeats <= 0 or cfg.warmup < 0
+            or not 0 <= cfg.min_time < float("inf")):  # (nan fails the comparison too)
+        parser.error("--repeats/--epoch-repeats must be positive, --warmup >= 0, --min-time a "
+                     "finite number >= 0")
+    if args.out is not None:  # before any work: not a file, not inside one, writable
+        from nnx.errors import check_out_dir
+
+        if not args.out.strip():
+            parser.error("--out is empty; give a folder (it is created if needed)")
+        check_out_dir(Path(args.out).expanduser(), parser)
     if cfg.threads is not None and cfg.threads <= 0:
         parser.error("--threads must be positive")
     cfg.input_grad = args.with_input_grad

@@ -448,3 +448,29 @@ def test_noise_line_names_rows_with_a_wide_spread():
     assert "within 10%" in noise_lines({"cases": [quiet]})[0]
     line = noise_lines({"cases": [quiet, loud, {"kind": "skipped"}]})[0]
     assert "1 of 2 timed rows" in line and "torch-ref@cpu 30%" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-time", "nan"], "--min-time a finite number"),
+    (["--min-time", "inf"], "--min-time a finite number"),
+    (["--repeats", "0"], "--repeats/--epoch-repeats must be positive"),
+    (["--models", ""], "--models is empty"),
+    (["--out", "FILE"], "is a file"),
+])
+def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    from benchmarks.cli import _resolve, build_parser
+
+    (tmp_path / "file").write_text("x")
+    argv = [str(tmp_path / "file") if a == "FILE" else a for a in argv]
+    p = build_parser()
+    with pytest.raises(SystemExit) as info:
+        _resolve(p.parse_args(["--quick", *argv]), p)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_listed_items_run_once():
+    from benchmarks.cli import _resolve, build_parser
+
+    p = build_parser()
+    cfg = _resolve(p.parse_args(["--quick", "--backends", "numpy,numpy", "--models", "mlp,mlp"]), p)
+    assert cfg.backends == ["numpy"] and cfg.models == ["mlp"]
