@@ -3,6 +3,8 @@ moved to the backend's device, so training steps only gather batches there (on t
 training split stays uint8 and each batch is converted after its gather: ``Split``)."""
 from __future__ import annotations
 
+import math
+
 import array_api_compat
 import numpy as np
 
@@ -85,7 +87,10 @@ def to_split(images: np.ndarray, labels: np.ndarray, backend, dtype, flatten: bo
 
     ``compact``: keep uint8 pixels and convert per batch (``Split``), for float32 only (a
     float64 split holds float32 values widened, which a batch conversion would not match)."""
-    x = images.reshape(images.shape[0], -1) if flatten else images[:, None, :, :]
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    features = math.prod(images.shape[1:])  # (not -1: an empty split has no size to infer from)
+    x = images.reshape(images.shape[0], features) if flatten else images[:, None, :, :]
     y = backend.from_numpy(labels.astype(np.int64))
     if compact and x.dtype == np.uint8 and backend.dtype_name(dtype) == "float32":
         return Split(y=y, pixels=backend.from_numpy(x), dtype=dtype)

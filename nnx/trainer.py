@@ -296,6 +296,8 @@ class Trainer:
             return self._fit(train, val, test)
 
     def _fit(self, train, val, test):
+        if len(train) == 0:
+            raise ValueError("the training split is empty: nothing to train on")
         problem = batchnorm_rows_problem(self.model, len(train), self.batch_size, self.world)
         if problem:
             raise ValueError(problem)

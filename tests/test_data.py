@@ -94,3 +94,22 @@ class _Sized:
 
     def __len__(self):
         return int(self.y.shape[0])
+
+
+def test_an_empty_training_split_is_one_clear_error():
+    import nnx
+    from nnx.data import to_split
+    from nnx.optim import SGD
+    from nnx.schedules import make_schedule
+    from nnx.trainer import Trainer
+
+    b = nnx.get_backend("numpy")
+    empty = to_split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), b, b.float32)
+    assert len(empty) == 0 and tuple(empty.x.shape) == (0, 784)
+    m = nnx.mlp([784, 10], seed=0, backend=b)
+    t = Trainer(m, SGD(m.named_parameters(), 0.1), make_schedule("constant", 0.1, 1, 1),
+                batch_size=4, epochs=1, progress=False, log=lambda *a, **k: None)
+    with pytest.raises(ValueError, match="training split is empty"):
+        t.fit(empty)
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        to_split(np.zeros((3, 28, 28), np.uint8), np.zeros(2, np.int64), b, b.float32)
