@@ -997,3 +997,12 @@ def test_tampered_architectures_and_buffers_are_refused(tmp_path, tamper, messag
     ck.save_safetensors(path, arrays, meta)
     with pytest.raises(CheckpointError, match=message):
         nnx.load(path)
+
+
+def test_no_sync_bn_turns_a_runs_setting_off_on_resume(finished_run, capsys):
+    config = json.loads((finished_run / "config.json").read_text())
+    config["settings"]["sync_bn"] = True
+    (finished_run / "config.json").write_text(json.dumps(config))
+    assert train(["--resume", finished_run, "--epochs", "3", "--no-sync-bn", "--quiet",
+                  "--no-plots"]) == 0
+    assert json.loads((finished_run / "config.json").read_text())["settings"]["sync_bn"] is False
