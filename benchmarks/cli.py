@@ -106,6 +106,8 @@ def _resolve(args, parser):
                                     else [settings("cnn-fast")["batch_size"]])
     except ValueError:
         parser.error("batch sizes must be comma-separated integers")
+    if not cfg.batch_sizes or not cfg.cnn_batch_sizes:
+        parser.error("--batch-sizes/--cnn-batch-sizes are empty: name at least one size")
     if min(cfg.batch_sizes + cfg.cnn_batch_sizes) <= 0:
         parser.error("batch sizes must be positive")
     cfg.repeats = (3 if q else 7) if args.repeats is None else args.repeats
@@ -121,12 +123,16 @@ def _resolve(args, parser):
 
         if not args.out.strip():
             parser.error("--out is empty; give a folder (it is created if needed)")
-        check_out_dir(Path(args.out).expanduser(), parser)
+        cfg.out = str(Path(args.out).expanduser())  # checked where it is written
+        check_out_dir(Path(cfg.out), parser)
     if cfg.threads is not None and cfg.threads <= 0:
         parser.error("--threads must be positive")
     cfg.input_grad = args.with_input_grad
-    cfg.backends = _csv(args.backends) if args.backends else None
-    cfg.devices = _csv(args.devices) if args.devices else None
+    cfg.backends = _csv(args.backends) if args.backends is not None else None
+    cfg.devices = _csv(args.devices) if args.devices is not None else None
+    for option, given in (("--backends", cfg.backends), ("--devices", cfg.devices)):
+        if given == []:
+            parser.error(f"{option} is empty: name at least one, or leave it out for all")
     return cfg
 
 

@@ -448,7 +448,7 @@ def rewrite_metrics(run_dir, history: list) -> None:
 # --- loading a ready model -----------------------------------------------------------------
 def resolve_weights(path) -> Path:
     """A run folder, checkpoint folder or .safetensors file → the weights file to load."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         return path
     if not path.exists():

@@ -97,6 +97,12 @@ def to_split(images: np.ndarray, labels: np.ndarray, backend, dtype, flatten: bo
     return Split(backend.from_numpy(pixels_to_float32(x), dtype=dtype), y)
 
 
+def limited_test_size(limit: int) -> int:
+    """How many test images (the first ones) a ``--limit`` run uses: about the training
+    part's share, N // 6 (MNIST: 60,000 training and 10,000 test images)."""
+    return max(1, int(limit) // 6)
+
+
 def make_splits(data: dict, backend, dtype, val_size: int = 5000, seed: int = 0,
                 limit: int | None = None, flatten: bool = True,
                 num_classes: int | None = 10) -> dict:
@@ -113,7 +119,7 @@ def make_splits(data: dict, backend, dtype, val_size: int = 5000, seed: int = 0,
         check_labels(y_test, num_classes, "test labels")
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
-        n_test = max(1, limit // 6)
+        n_test = limited_test_size(limit)
         x_test, y_test = x_test[:n_test], y_test[:n_test]
     n = len(y_train)
     if not 0 <= val_size < n:

@@ -142,13 +142,11 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
     if math.prod(in_shape) != 28 * 28:
         raise EvaluateError(f"the model takes inputs of shape {in_shape}; {dataset} images are "
                             "28x28 (784 values)")
-    images, labels = _runs.load_test_images(dataset, data_dir, download=download)
     limit = settings.get("limit") if settings.get("dataset", dataset) == dataset else None
-    subset = None
-    if limit and not full_test:  # the run's own test images (make_splits: the first N // 6)
-        n = max(1, int(limit) // 6)
-        images, labels = images[:n], labels[:n]
-        subset = f"the first {n:,} test images, as the run's --limit {int(limit):,} trained"
+    limit = None if full_test else limit
+    images, labels = _runs.load_test_images(dataset, data_dir, download=download, limit=limit)
+    subset = (f"the first {len(labels):,} test images, the ones the run's --limit "
+              f"{int(limit):,} scored" if limit else None)
     probs = _plots.predict_proba(model, images.reshape(len(images), *in_shape), batch_size)
     classes = probs.shape[1]
     if classes < int(labels.max()) + 1:
@@ -311,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="no PNGs (report.md and evaluation.json are still written)")
     p.add_argument("--full-test", action="store_true",
-                   help="a run trained with --limit N is scored on the test images it was "
-                        "(the first N // 6); this scores the whole test set")
+                   help="score the whole test set (a run trained with --limit N is otherwise "
+                        "scored on the test images its training scored, the first N // 6)")
     p.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an error (also: NNX_DEBUG=1)")
     return p

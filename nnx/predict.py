@@ -191,10 +191,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error(f"--top must be >= 1, got {args.top}")
-    if args.show_dir:
+    if args.show_dir is not None:
         from .errors import check_out_dir
 
-        check_out_dir(Path(args.show_dir).expanduser(), parser, "--show-dir")
+        if not args.show_dir.strip():
+            parser.error("--show-dir is empty; give a folder (it is created if needed)")
+        args.show_dir = str(Path(args.show_dir).expanduser())  # checked where it is written
+        check_out_dir(Path(args.show_dir), parser, "--show-dir")
     from .threads import set_threads
 
     set_threads(args.threads)

@@ -45,12 +45,12 @@ def load_test_images(dataset: str = "mnist", data_dir=None, download: bool = Tru
                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The test split on the host: float32 (N, 28, 28) in [0, 1] and int64 labels."""
     from . import datasets
-    from .data import pixels_to_float32
+    from .data import limited_test_size, pixels_to_float32
 
     data = datasets.load(dataset, data_dir=data_dir, download=download, progress=False)
     x, y = data["test"]
-    if limit:
-        n = max(1, int(limit) // 6)  # what nnx.data.make_splits keeps with --limit
+    if limit:  # what nnx.data.make_splits keeps with --limit
+        n = limited_test_size(limit)
         x, y = x[:n], y[:n]
     return pixels_to_float32(x), y.astype(np.int64)
 

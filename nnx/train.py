@@ -33,6 +33,11 @@ MODEL_DEFAULTS = {"cnn": {"optimizer": "adam", "weight_decay": 0.0},
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3}
 #: the optimizers --momentum applies to
 MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
+#: settings a resumed run's config.json must hold (those of the first config.json nnx wrote;
+#: settings added since, like "arch", take their defaults when an older run lacks them)
+REQUIRED_SETTINGS = ("dataset", "model", "layers", "activation", "dropout", "optimizer", "lr",
+                     "momentum", "weight_decay", "clip_norm", "schedule", "warmup_epochs",
+                     "batch_size", "val_size", "seed", "dtype", "early_stopping", "limit")
 #: settings a resumed run may change; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = {"device", "backend", "data_dir", "epochs", "quiet", "plots", "download",
                        "sync_bn"}
@@ -434,7 +439,7 @@ def _read_run_config(run: str, parser) -> dict:
         unknown = sorted(set(saved) - set(DEFAULTS))
         if unknown:
             raise KeyError(f"unknown settings {unknown}")
-        missing = sorted(set(DEFAULTS) - RESUMABLE_OVERRIDES - set(saved))
+        missing = sorted(set(REQUIRED_SETTINGS) - set(saved))
         if missing:  # filling them from today's defaults would train another run
             raise KeyError(f"missing settings {missing}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -452,7 +457,7 @@ def _refuse_run_files(out: Path, parser) -> None:
     """--out must not be a checkpoint of a run, a folder inside one, or a folder holding a
     run's files without its config.json (those would be overwritten or mixed)."""
     for folder in (out, *out.parents):
-        if folder.name == "checkpoints" and (folder.parent / "config.json").exists():
+        if folder.name == "checkpoints" and _is_run(folder.parent):
             parser.error(f"--out {out} lies inside the checkpoints of the run {folder.parent}; "
                          "choose another --out")
     if out.is_dir() and not (out / "config.json").exists():
@@ -460,6 +465,14 @@ def _refuse_run_files(out: Path, parser) -> None:
         if found:
             parser.error(f"--out {out} already holds {', '.join(found)} (a run's files, or a "
                          "checkpoint's); choose another --out")
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an nnx run's config.json (JSON with its "settings")."""
+    try:
+        return isinstance(json.loads((folder / "config.json").read_text()).get("settings"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _default_run_dir() -> Path:
@@ -470,6 +483,19 @@ def _default_run_dir() -> Path:
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
     return run_dir
+
+
+def _reserve(base: Path) -> Path:
+    """Create ``base`` (or ``base-2``, ``base-3``... when another run took it first) with an
+    exclusive mkdir, and return the folder created."""
+    for n in range(1, 10_000):
+        run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: 10,000 run folders of that second exist")
 
 
 def _has_progress(run_dir: Path) -> bool:
@@ -514,10 +540,10 @@ def resolve_config(args, parser) -> dict:
         except ValueError as e:
             parser.error(f"--arch: {e}")
     if not cfg.get("resume") and cfg.get("out"):
-        out = Path(cfg["out"]).expanduser()
+        out = Path(cfg["out"]).expanduser()  # (--out=~/x reaches here unexpanded)
         if ".." in out.parts:  # a/missing/../b: the folder the OS would reach, not a new "missing"
             out = Path(os.path.realpath(out))
-            cfg["out"] = str(out)
+        cfg["out"] = str(out)  # the folder checked is the folder written
         check_out_dir(out, parser)
         _refuse_run_files(Path(os.path.realpath(out)), parser)
         if (out / "config.json").exists():
@@ -723,6 +749,13 @@ def main(argv=None) -> int:
     if rank == 0 and cfg.get("sync_bn") and world == 1:
         note("--sync-bn changes nothing in a one-process run (its statistics are the global "
              "batch's already)")
+    if cfg.get("resume"):
+        problem = _config_contradicts_checkpoint(cfg, run_dir)
+        if problem:
+            print(f"error: --resume {run_dir}: {problem}; config.json was edited or belongs to "
+                  "another run: restore it, or start a new run with another --out",
+                  file=sys.stderr)
+            return 2
     try:
         data = datasets.load(cfg["dataset"], data_dir=cfg["data_dir"], download=cfg["download"],
                              progress=not cfg["quiet"])
@@ -731,13 +764,6 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if cfg.get("resume"):
-        problem = _config_contradicts_checkpoint(cfg, run_dir)
-        if problem:
-            print(f"error: --resume {run_dir}: {problem}; config.json was edited or belongs to "
-                  "another run: restore it, or start a new run with another --out",
-                  file=sys.stderr)
-            return 2
     model = build_model(cfg, backend, flat=not compile_step,
                         saved=_saved_architecture(run_dir) if cfg.get("resume") else None)
     splits = make_splits(data, backend, dtype, val_size=cfg["val_size"], seed=cfg["seed"],
@@ -765,14 +791,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
-        # a default folder is taken atomically: another run started in the same second
-        # (which _default_run_dir may not have seen yet) must not write into it too
-        fresh = not cfg.get("out") and not cfg.get("resume") and comm is None
-        run_dir.mkdir(parents=True, exist_ok=not fresh)
-    except FileExistsError:
-        print(f"error: another run has just taken the folder {run_dir}; start this one again "
-              "(or pass --out)", file=sys.stderr)
-        return 1
+        if not cfg.get("out") and not cfg.get("resume"):  # a default folder: taken atomically
+            if rank == 0:  # by the one process that writes it (another run in the same second
+                run_dir = _reserve(run_dir)  # may have taken the name since it was chosen)
+            if comm:
+                run_dir = Path(comm.bcast(str(run_dir)))
+        run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         if _debug_requested(argv):
             raise
@@ -796,7 +820,7 @@ def main(argv=None) -> int:
                 print(f"error: --resume {run_dir}: no complete checkpoint is left in "
                       f"{run_dir / 'checkpoints'}, but the run holds {' and '.join(trained)} "
                       "from training: resuming would start it over and overwrite them. Restore "
-                      "the checkpoints folder, or train further in a new run (--out)",
+                      "the checkpoints folder to continue it; nnx.load still reads its model",
                       file=sys.stderr)
                 return 1
             note(f"{run_dir} has no checkpoint yet (the run stopped during its first epoch): "
@@ -913,8 +937,8 @@ def _explain_resume(cfg, trainer, schedule, steps_per_epoch, note) -> None:
                             warmup_epochs=cfg["warmup_epochs"])
         step = trainer.global_step
         before, after = old(max(0, step - 1)), schedule(step)
-        how, moves = (("stretches", "restarts at") if after >= before
-                      else ("shortens", "drops to"))
+        how = "stretches" if cfg["epochs"] > previous else "shortens"
+        moves = "restarts at" if after >= before else "drops to"
         note(f"--epochs {cfg['epochs']} (was {previous}) {how} the cosine schedule: the "
              f"learning rate, {before:.3g} at the last step done, {moves} {after:.3g} and "
              f"decays to 0 over the remaining {cfg['epochs'] - trainer.epoch} epoch(s)")

@@ -842,13 +842,14 @@ def test_resume_to_fewer_epochs_says_the_schedule_shortens():
     from nnx.train import _explain_resume
 
     notes = []
-    for epochs, previous in ((3, 6), (8, 6)):
+    for epochs, previous, step in ((3, 6, 20), (8, 6, 20), (11, 10, 1)):
         cfg = {"_previous_epochs": previous, "epochs": epochs, "schedule": "cosine", "lr": 0.1,
                "warmup_epochs": 0.0}
-        trainer = SimpleNamespace(epoch=2, global_step=20)
+        trainer = SimpleNamespace(epoch=step // 10, global_step=step)
         _explain_resume(cfg, trainer, make_schedule("cosine", 0.1, epochs, 10), 10, notes.append)
     assert "(was 6) shortens the cosine schedule" in notes[0] and "drops to" in notes[0]
     assert "(was 6) stretches the cosine schedule" in notes[1] and "restarts at" in notes[1]
+    assert "(was 10) stretches" in notes[2]  # early in a run: the rate still falls a little
 
 
 def test_dense_backward_needs_its_own_training_forward():
@@ -1006,3 +1007,43 @@ def test_no_sync_bn_turns_a_runs_setting_off_on_resume(finished_run, capsys):
     assert train(["--resume", finished_run, "--epochs", "3", "--no-sync-bn", "--quiet",
                   "--no-plots"]) == 0
     assert json.loads((finished_run / "config.json").read_text())["settings"]["sync_bn"] is False
+
+
+
+def test_out_with_a_tilde_is_checked_where_it_is_written(tmp_path, monkeypatch, capsys, synthetic):
+    """``--out=~/run`` (no shell expansion): the folder checked is the folder written, so a
+    second run into it is refused instead of overwriting it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert train([*QUICK, "--out", "~/run"]) == 0
+    assert (tmp_path / "home" / "run" / "model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(SystemExit) as info:
+        train([*QUICK, "--out", "~/run"])
+    assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert nnx.load("~/run").num_parameters() > 0  # nnx.load expands ~ too
+
+
+def test_a_default_folder_taken_meanwhile_gets_the_next_name(tmp_path):
+    from nnx.train import _reserve
+
+    base = tmp_path / "runs" / "20261130-120000"
+    assert _reserve(base) == base and base.is_dir()
+    assert _reserve(base) == tmp_path / "runs" / "20261130-120000-2"
+    assert _reserve(base) == tmp_path / "runs" / "20261130-120000-3"
+
+
+def test_a_run_from_before_newer_settings_still_resumes(finished_run):
+    """Settings added after the first config.json ("arch", "sync_bn") take their defaults."""
+    config = json.loads((finished_run / "config.json").read_text())
+    for key in ("arch", "sync_bn"):
+        config["settings"].pop(key, None)
+    (finished_run / "config.json").write_text(json.dumps(config))
+    assert train(["--resume", finished_run, "--epochs", "3", "--quiet", "--no-plots"]) == 0
+
+
+def test_checkpoints_folders_of_other_projects_are_not_runs(tmp_path, synthetic):
+    project = tmp_path / "proj"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"not": "nnx"}')
+    assert train([*QUICK, "--out", project / "checkpoints" / "nnx-run"]) == 0
