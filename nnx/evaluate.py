@@ -178,8 +178,12 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
     }
 
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(out_dir).expanduser()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EvaluateError(f"cannot create the output folder {out_dir} "
+                                f"({e.strerror or e}); choose another --out") from e
         written = []
         if plots:
             final = root is not None and weights is not None and \

@@ -18,7 +18,9 @@ class Schedule:
     def __init__(self, base_lr: float, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0):
         self.base_lr, self.total_steps = float(base_lr), max(1, int(total_steps))
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.warmup_steps = max(0, int(warmup_steps))
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warm-up steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -38,7 +40,9 @@ class StepDecay(Schedule):
 
     def __init__(self, *args, gamma: float = 0.1, every_epochs: int = 3, **kw):
         super().__init__(*args, **kw)
-        self.gamma, self.every = _positive(gamma, "StepDecay gamma"), max(1, int(every_epochs))
+        if isinstance(every_epochs, bool) or int(every_epochs) != every_epochs or every_epochs < 1:
+            raise ValueError(f"StepDecay every_epochs must be an integer >= 1, got {every_epochs!r}")
+        self.gamma, self.every = _positive(gamma, "StepDecay gamma"), int(every_epochs)
 
     def decayed(self, step):
         return self.base_lr * self.gamma ** ((step // self.steps_per_epoch) // self.every)
@@ -61,6 +65,9 @@ class Cosine(Schedule):
     def __init__(self, *args, min_lr: float = 0.0, **kw):
         super().__init__(*args, **kw)
         self.min_lr = float(min_lr)
+        if not 0.0 <= self.min_lr <= self.base_lr:  # (nan fails too)
+            raise ValueError(f"Cosine min_lr must be between 0 and the base rate "
+                             f"{self.base_lr:g}, got {min_lr}")
 
     def decayed(self, step):
         span = max(1, self.total_steps - self.warmup_steps)

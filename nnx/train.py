@@ -213,6 +213,8 @@ def validate(cfg: dict, parser) -> None:
     for key in STR_SETTINGS:
         if not isinstance(cfg[key], str):
             bad(f"{opt(key)} must be a string, got {cfg[key]!r}")
+    if not cfg["device"].strip():
+        bad("--device is empty: give cpu, cuda or cuda:N")
     for action in parser._actions:  # choices again: a resumed run's config.json may hold anything
         key = action.dest
         if action.choices and key in STR_SETTINGS and cfg[key] not in action.choices:

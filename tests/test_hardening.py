@@ -1047,3 +1047,40 @@ def test_checkpoints_folders_of_other_projects_are_not_runs(tmp_path, synthetic)
     (project / "checkpoints").mkdir(parents=True)
     (project / "config.json").write_text('{"not": "nnx"}')
     assert train([*QUICK, "--out", project / "checkpoints" / "nnx-run"]) == 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda s: s.StepDecay(0.1, 10, 1, every_epochs=0), "every_epochs must be an integer >= 1"),
+    (lambda s: s.Cosine(0.1, 10, 1, min_lr=0.2), "min_lr must be between 0 and the base rate"),
+    (lambda s: s.make_schedule("cosine", 0.1, 1, 10, warmup_epochs=-1), "warm-up steps must be >= 0"),
+])
+def test_bad_schedule_arguments_are_refused(make, message):
+    import nnx.schedules as s
+
+    with pytest.raises(ValueError, match=message):
+        make(s)
+
+
+def test_an_empty_device_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train(["--device", "", "--out", tmp_path / "run"])
+    assert info.value.code == 2 and "--device is empty" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_it_cannot_create_its_output_folder(tmp_path):
+    from nnx.evaluate import EvaluateError, evaluate
+
+    (tmp_path / "file").write_text("x")
+    model = nnx.mlp([784, 10], seed=0)
+    with pytest.raises(EvaluateError, match="cannot create the output folder"):
+        evaluate(model, out_dir=tmp_path / "file" / "sub", plots=False,
+                 data_dir=ds_dir_or_skip())
+
+
+def ds_dir_or_skip():
+    from mnist_location import SKIP_REASON, mnist_dir
+
+    folder = mnist_dir()
+    if folder is None:
+        pytest.skip(SKIP_REASON)
+    return folder
