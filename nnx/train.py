@@ -727,8 +727,7 @@ def main(argv=None) -> int:
     comm = create_communicator(backend) if distributed else None
     rank = comm.rank if comm else 0
     if comm:  # every rank has checked --out before rank 0 writes there; rank 0 alone logs
-        comm.barrier()
-        run_dir = Path(comm.bcast(str(run_dir)))
+        comm.barrier()  # (a default folder's name is rank 0's, broadcast when it is made)
         if rank:
             log, note = (lambda *a, **k: None), (lambda *a: None)
             comm.quiet_follower()
