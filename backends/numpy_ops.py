@@ -248,3 +248,95 @@ class NumpyBatchNorm:
                 t *= -(weight[a:b] * inv)[:, None]
         return (None if dx is None else unrows(np, dx, shape)), dgamma, dbeta
 
+
+
+@register("numpy", "batchnorm_maxpool")
+class NumpyBatchNormMaxPool:
+    """The "batchnorm_maxpool" pair: a training BatchNorm and the 2×2, stride-2 max pool
+    after it (``BatchNormMaxPoolPair`` composes the two), computed by POOLING FIRST.
+
+    Per channel the normalisation y = (x − μ)·(γ/σ) + β is, for γ/σ > 0, an increasing map,
+    and each of its three roundings is monotone too, so max over a window of y is the map of
+    the window's max of x, bit for bit: the statistics take their passes over x, the pool
+    runs on x, and the map on the pooled quarter only. Backward: with g the pooled map's
+    gradient, Σg and Σg·x̂ (dβ, dγ) are the same sums over the pooled positions (every other
+    position's gradient is 0), and
+
+        dx = unpool(g·γ/σ) − (γ/σ)·((x − μ)·dγ/(m·σ) + dβ/m)
+
+    — a per-channel affine map of x − μ everywhere, plus each window's gradient added at the
+    window's first maximum of x (``NumpyMaxPool``'s two stages, with ``+=``). So the
+    full-size passes are the statistics (Σx, x − μ, Σ(x − μ)²), the pool, and dx, instead of
+    the composition's normalisation, pool, pool backward and four-pass normalisation backward.
+
+    What differs from the composition: rounding in dx, dγ and dβ (sums in another order);
+    and where two values of one window differ in x but round to the same y, the gradient
+    goes to the first maximum of x instead of the first of y (either is a gradient of max).
+    Where γ/σ is not > 0 everywhere, a pool other than 2×2/stride 2/no padding, or a NaN in
+    x, the step runs the composition of NumPy's two pairs (the same values as the standard
+    path)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, k, s, p):
+        from nnx.layers.batchnorm import rows, unrows
+
+        n, c, h, w = x.shape
+        if k != 2 or s != 2 or p != 0 or h < 2 or w < 2 or n * c == 0:
+            return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
+        x2 = rows(np, x)                                       # (C, m), a view if channel-major
+        m = x2.shape[1]
+        mean = _sum(x2, 1) / m
+        xc = x2 - mean[:, None]
+        var = np.vecdot(xc, xc) / m                            # biased: / m
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = weight * inv_std                               # γ/σ
+        if not np.all(scale > 0):  # (NaN too) not an increasing map: the composition
+            return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
+        pooled, (_, out, top, left) = NumpyMaxPool.forward(x, k, s, p, True)
+        if top is None:  # a NaN window (NumpyMaxPool kept the standard pair's routing)
+            return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
+        pc = rows(np, pooled) - mean[:, None]                  # pooled x − μ: (C, m/4)
+        y = pc * scale[:, None]                                # the standard pair's operations
+        y += bias[:, None]
+        return ((unrows(np, y, pooled.shape), mean, var),
+                (xc, pc, inv_std, scale, top, left, tuple(x.shape)))
+
+    @staticmethod
+    def _composed(x, weight, bias, eps, k, s, p):
+        (y, mean, var), bn = NumpyBatchNorm.forward(x, weight, bias, eps)
+        out, pool = NumpyMaxPool.forward(y, k, s, p, True)
+        return (out, mean, var), (None, bn, pool)
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        from nnx.layers.batchnorm import rows
+
+        if saved[0] is None:  # the composition ran
+            _, bn, pool = saved
+            return NumpyBatchNorm.backward(bn, NumpyMaxPool.backward(pool, grad), input_grad)
+        xc, pc, inv_std, scale, top, left, shape = saved
+        g = rows(np, grad)                                     # (C, m/4)
+        dbeta = _sum(g, 1)
+        dgamma = np.vecdot(g, pc) * inv_std                    # Σ g·x̂
+        if not input_grad:
+            return None, dgamma, dbeta
+        n, c, h, w = shape
+        m = xc.shape[1]
+        # dx = (γ/σ)·unpool(g) + xc·a + b, written channel-major (the layout of a conv's output)
+        dx_rows = np.empty_like(xc)                            # (C, m)
+        np.multiply(xc, (-scale * dgamma * inv_std / m)[:, None], out=dx_rows)
+        dx_rows += (-scale * dbeta / m)[:, None]
+        dx = dx_rows.reshape(c, n, h, w).transpose(1, 0, 2, 3)
+        gs = (g * scale[:, None]).reshape(c, n, h // 2, w // 2).transpose(1, 0, 2, 3)
+        # NumpyMaxPool's backward, adding: the window's row holding its first maximum, ...
+        rows2 = np.empty_like(left, dtype=gs.dtype)            # (N, C, Ho, 2, Wo)
+        upper = rows2[:, :, :, 0]
+        np.multiply(gs, top, out=upper)
+        np.subtract(gs, upper, out=rows2[:, :, :, 1])          # exact: 0 or g
+        # ... then that row's column holding it
+        d6 = _pairs(dx, h // 2, w // 2)
+        share = rows2 * left
+        d6[..., 0] += share
+        rows2 -= share
+        d6[..., 1] += rows2
+        return dx, dgamma, dbeta

@@ -30,6 +30,12 @@ Named forward/backward pairs (``CheckedPair``; each side's ``saved`` is its own)
   biased var), saved)``, ``backward(saved, grad, input_grad) -> (dx or None, dγ, dβ)``
 - ``maxpool``: ``forward(x, k, s, p, keep) -> (out, saved)``, ``backward(saved, grad,
   input_grad) -> dx``
+
+Named pairs spanning two layers (``BLOCK_PAIRS``; a chain runs them, ``nnx.layers.chain``):
+
+- ``batchnorm_maxpool``: a training BatchNorm and the MaxPool2D after it,
+  ``forward(x, γ, β, eps, k, s, p) -> ((pooled y, mean, biased var), saved)``,
+  ``backward(saved, pooled grad, input_grad) -> (dx or None, dγ, dβ)``
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ OPS = ("relu_forward", "relu_backward", "softmax_xent", "nesterov_update", "adam
 #: named forward/backward PAIRS (see ``CheckedPair``): a layer whose backend offers one
 #: (``offers``) runs the pair instead of its own passes
 PAIRS = ("conv2d", "batchnorm", "maxpool")
+#: named pairs that stand for two layers run as one step (a chain asks for them)
+BLOCK_PAIRS = ("batchnorm_maxpool",)
 
 #: {backend name: {op name: implementation}}
 REGISTRY: dict[str, dict] = {}
@@ -54,8 +62,9 @@ TOLERANCE = {"float32": (2e-4, 2e-5), "float64": (1e-10, 1e-12)}
 
 def register(backend_name: str, op_name: str, impl=None):
     """Register ``impl`` as ``backend_name``'s version of ``op_name`` (usable as a decorator)."""
-    if op_name not in OPS + PAIRS:
-        raise ValueError(f"unknown op {op_name!r}; named ops are {', '.join(OPS + PAIRS)}")
+    if op_name not in OPS + PAIRS + BLOCK_PAIRS:
+        raise ValueError(f"unknown op {op_name!r}; named ops are "
+                         f"{', '.join(OPS + PAIRS + BLOCK_PAIRS)}")
 
     def add(f):
         REGISTRY.setdefault(backend_name, {})[op_name] = f
@@ -94,7 +103,7 @@ def _load(backend_name: str) -> dict:
 def listed(backend_name: str) -> list[str]:
     """The ops ``backend_name`` replaces (after loading its kernels), in ``OPS`` order."""
     ops = _load(backend_name)
-    return [name for name in OPS + PAIRS if name in ops]
+    return [name for name in OPS + PAIRS + BLOCK_PAIRS if name in ops]
 
 
 def offers(backend, name: str) -> bool:
@@ -334,5 +343,15 @@ def _sample_maxpool(backend, args, rng):
     return backend.from_numpy(a, dtype=x.dtype), k, s, p, True  # keep: backward follows
 
 
+def _sample_batchnorm_maxpool(backend, args, rng):
+    x, weight, bias, eps, k, s, p = args
+    c = int(x.shape[1])
+    a = rng.standard_normal((2, c, 2 * k + 3, 2 * k + 2))
+    a[0, 0, :2, :2] = 1.0  # a tie inside a window: the first maximum takes the gradient
+    # γ > 0: where a backend pools first (the normalisation an increasing map), not its fallback
+    return (backend.from_numpy(a, dtype=x.dtype), _like(backend, rng, weight, (c,), positive=True),
+            _like(backend, rng, bias, (c,)), eps, k, s, p)
+
+
 PAIR_SAMPLES = {"conv2d": _sample_conv2d, "batchnorm": _sample_batchnorm,
-                "maxpool": _sample_maxpool}
+                "maxpool": _sample_maxpool, "batchnorm_maxpool": _sample_batchnorm_maxpool}

@@ -23,6 +23,7 @@ from nnx.losses import SoftmaxCrossEntropy
 DTYPES = ["float32", "float64"]
 NUMPY_OPS = ["relu_forward", "relu_backward", "softmax_xent"]
 NUMPY_PAIRS = ["batchnorm", "maxpool"]
+NUMPY_BLOCK_PAIRS = ["batchnorm_maxpool"]  # (tests/test_batchnorm_maxpool.py)
 
 
 def _impl(name):
@@ -54,8 +55,8 @@ def _edge_x(dtype):
 
 
 def test_numpy_registers_the_ops_it_replaces():
-    assert NumpyBackend().overrides() == NUMPY_OPS + NUMPY_PAIRS
-    assert all(NumpyBackend().offers(name) for name in NUMPY_PAIRS)
+    assert NumpyBackend().overrides() == NUMPY_OPS + NUMPY_PAIRS + NUMPY_BLOCK_PAIRS
+    assert all(NumpyBackend().offers(name) for name in NUMPY_PAIRS + NUMPY_BLOCK_PAIRS)
     # the optimizers run their standard chains on NumPy (the reference itself, no wrapper)
     ref = object()
     assert NumpyBackend().op("nesterov_update", ref) is ref
@@ -540,7 +541,9 @@ def test_the_pairs_self_check_accepts_them_on_the_shapes_of_a_model():
     def train(enabled):
         overrides.set_enabled(enabled)
         try:
-            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,conv:6,maxpool:2,"
+            # (a batch norm before a max pool runs as the "batchnorm_maxpool" pair; the
+            # one after the second pool as "batchnorm")
+            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,conv:6,maxpool:2,bn,"
                                                 "flatten,dense:10", (1, 12, 10)),
                                    input_shape=(1, 12, 10), backend=NumpyBackend(),
                                    dtype="float64", seed=3)
@@ -564,7 +567,7 @@ def test_the_pairs_self_check_accepts_them_on_the_shapes_of_a_model():
             warnings.simplefilter("error")
             on = train(True)
         checked = {k[2] for k, v in overrides._CHECKED.items() if k[0] == "numpy" and v}
-        assert set(NUMPY_PAIRS) <= checked
+        assert set(NUMPY_PAIRS + NUMPY_BLOCK_PAIRS) <= checked
     finally:
         overrides._CHECKED.clear()
         overrides._CHECKED.update(saved)

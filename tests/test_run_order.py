@@ -46,9 +46,12 @@ def _run(backend, kind, reorder, x, g, dtype):
 
 @pytest.mark.parametrize("kind", ["cnn", "padded"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_relu_after_maxpool_gives_the_same_numbers(backend, kind, dtype):
+def test_relu_after_maxpool_gives_the_same_numbers(backend, kind, dtype, monkeypatch):
     """Inputs rounded to a few levels, half of them negative: windows with ties, windows
-    all ≤ 0 (where ReLU makes the ties), and exact zeros."""
+    all ≤ 0 (where ReLU makes the ties), and exact zeros. (Without the "batchnorm_maxpool"
+    pair, which the new order lets NumPy run and which rounds differently:
+    tests/test_batchnorm_maxpool.py.)"""
+    monkeypatch.delitem(overrides._load(backend.name), "batchnorm_maxpool", raising=False)
     rng = np.random.default_rng(7)
     x = np.round(rng.standard_normal((5, 1, 28, 28)) * 2) / 2
     g = rng.standard_normal((5, 10))

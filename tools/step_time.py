@@ -77,7 +77,7 @@ def main(argv=None):
 
     registry = overrides._load("numpy")
     off = [n for n in args.without.split(",") if n]
-    pairs = [n for n in overrides.PAIRS if n in registry]
+    pairs = [n for n in overrides.PAIRS + overrides.BLOCK_PAIRS if n in registry]
     unknown = [n for n in off if n not in pairs + ["all", "reorder"]]
     if unknown:
         raise SystemExit(f"--without: {', '.join(unknown)} is not a NumPy pair (NumPy has "

@@ -137,6 +137,33 @@ class BatchNorm(Layer):
             self.inv_std, self.m = inv_std, m
         return unrows(xp, y, x.shape)
 
+    def fuses_with(self, pool, x) -> bool:
+        """Whether a training forward of this layer on ``x`` and the MaxPool2D ``pool`` right
+        after it may run as one step, ``forward_pooled``: the backend offers the
+        "batchnorm_maxpool" pair, the statistics are this process's own, and ``x`` is a
+        batch of feature maps with at least two values per channel."""
+        return (self.sync is None and x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+                and self.backend is not None and self.backend.offers("batchnorm_maxpool"))
+
+    def forward_pooled(self, x, pool):
+        """A training forward of this layer followed by ``pool`` (a MaxPool2D), as one
+        "batchnorm_maxpool" pair (``BatchNormMaxPoolPair``; the chain calls it where
+        ``fuses_with``): the pooled output, this layer's running statistics updated, and
+        this layer's ``backward`` takes the POOLED map's gradient and returns the gradient
+        of this layer's input (``pool`` keeps nothing)."""
+        if tuple(x.shape[1:]) != self.in_shape:
+            self.check_features(x, self.in_shape)
+        pool._check(x)
+        n, _, h, w = x.shape
+        m = n * h * w
+        self.train_mode, self.shape, self.xc, pool.saved = True, tuple(x.shape), None, None
+        pair = self.pair("batchnorm_maxpool", BatchNormMaxPoolPair)
+        (y, mean, var), saved = pair.forward(x, self.weight.value, self.bias.value, self.eps,
+                                             pool.kernel_size, pool.stride, pool.padding)
+        self._update_running(mean, var, m)
+        self.saved = (pair, saved)
+        return y
+
     def _global_mean(self, x2, m):
         """Synchronised: (M, μ) of the global batch from this process's (F, m) rows; M is a
         0-D array (no host read)."""
@@ -262,6 +289,31 @@ class BatchNormPair:
             return None, dgamma, dbeta
         dx = _dx(g, xc, inv_std, weight * inv_std, dgamma, dbeta, xc.shape[1])
         return unrows(xp, dx, shape), dgamma, dbeta
+
+
+class BatchNormMaxPoolPair:
+    """The standard path of the "batchnorm_maxpool" pair (backends/overrides.py): a training
+    BatchNorm and the MaxPool2D right after it, composed — ``BatchNormPair``, then
+    ``MaxPoolPair`` on its output. ``forward(x, γ, β, eps, k, s, p) -> ((pooled y, μ,
+    biased var), saved)``; ``backward(saved, pooled grad, input_grad) -> (dx or None, dγ,
+    dβ)``. A backend's version may pool first: with γ/σ > 0 the normalisation is an
+    increasing map per channel, so max-pooling commutes with it (docs/cnn.md, "Batch norm
+    after max pool")."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, k, s, p):
+        from .pool import MaxPoolPair
+
+        (y, mean, var), bn = BatchNormPair.forward(x, weight, bias, eps)
+        out, pool = MaxPoolPair.forward(y, k, s, p, True)
+        return (out, mean, var), (bn, pool)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        from .pool import MaxPoolPair
+
+        bn, pool = saved
+        return BatchNormPair.backward(bn, MaxPoolPair.backward(pool, grad, True), input_grad)
 
 
 class _EmptyBatch:

@@ -31,6 +31,17 @@ def run_order(layers) -> list[int]:
     return order
 
 
+def pooled_pairs(layers, order) -> dict:
+    """{i: j} for each BatchNorm i directly followed, in ``order``, by a MaxPool2D j: in
+    training the two may run as one "batchnorm_maxpool" pair, which a backend can compute by
+    pooling first (docs/cnn.md, "Batch norm after max pool")."""
+    from .batchnorm import BatchNorm
+    from .pool import MaxPool2D
+
+    return {i: j for i, j in zip(order, list(order)[1:])
+            if type(layers[i]) is BatchNorm and type(layers[j]) is MaxPool2D}
+
+
 class Chain(Layer):
     """``Chain(layers)``: y = fₙ(…f₂(f₁(x))).
 
@@ -71,18 +82,35 @@ class Chain(Layer):
         #: backward with input_grad=False stops here: nothing below has parameters
         self.first_trainable = next((i for i, layer in enumerate(self.layers)
                                      if layer.named_parameters()), len(self.layers))
-        self.order = run_order(self.layers)  # swaps only parameter-free neighbours, so
-        self._ran = None                     # first_trainable keeps its position
+        self.order = run_order(self.layers)  # swaps only parameter-free neighbours
+        #: {i: j}: BatchNorm i runs with the max pool j that follows it in ``order`` as one
+        #: step in training where the backend offers that pair (``BatchNorm.fuses_with``)
+        self._pooled = pooled_pairs(self.layers, self.order)
+        self._ran = None
         return shape
 
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train=False):
         order, self._ran = self._order(), None
-        for i in order:
-            x = self.layers[i].forward(x, train)
-        # the order a backward must walk: only after a complete forward that backward may
-        # follow (training, or an inference forward whose caches are kept: gradcheck)
-        self._ran = order if train or self.retain else None
+        layers, pooled = self.layers, self._pooled if train and order is self.order else {}
+        ran, pos = [], 0
+        while pos < len(order):
+            i = order[pos]
+            j = pooled.get(i)  # (then j is order[pos + 1])
+            if j is not None and layers[i].fuses_with(layers[j], x):
+                # a BatchNorm and the max pool after it, as one pair (BatchNorm.forward_pooled);
+                # its backward is the BatchNorm's, from the pooled gradient
+                x = layers[i].forward_pooled(x, layers[j])
+                ran.append(i)
+                pos += 2
+            else:
+                x = layers[i].forward(x, train)
+                ran.append(i)
+                pos += 1
+        # the layers a backward must walk, in reverse: only after a complete forward that
+        # backward may follow (training, or an inference forward whose caches are kept:
+        # gradcheck)
+        self._ran = ran if train or self.retain else None
         return x
 
     def _order(self):
@@ -99,8 +127,12 @@ class Chain(Layer):
         # one instead (then no forward of the chain preceded this backward)
         order, self._ran = (self._ran if self._ran is not None else range(len(self.layers))), None
         stop = 0 if input_grad else self.first_trainable
-        for pos in range(len(order) - 1, stop - 1, -1):
-            grad = self.layers[order[pos]].backward(grad, input_grad or pos > stop)
+        # (a layer moved or fused is parameter-free, so the layers before first_trainable
+        # come first in any order)
+        for i in reversed(order):
+            if i < stop:
+                break
+            grad = self.layers[i].backward(grad, input_grad or i > stop)
         return grad if input_grad else None
 
     def skip_random(self, batch):
