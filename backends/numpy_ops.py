@@ -255,26 +255,28 @@ class NumpyBatchNormMaxPool:
     """The "batchnorm_maxpool" pair: a training BatchNorm and the 2×2, stride-2 max pool
     after it (``BatchNormMaxPoolPair`` composes the two), computed by POOLING FIRST.
 
-    Per channel the normalisation y = (x − μ)·(γ/σ) + β is, for γ/σ > 0, an increasing map,
-    and each of its three roundings is monotone too, so max over a window of y is the map of
-    the window's max of x, bit for bit: the statistics take their passes over x, the pool
-    runs on x, and the map on the pooled quarter only. Backward: with g the pooled map's
+    Per channel the normalisation is y = (x − μ)·s + β with s = γ/σ. Write it as
+    y = c·|s| + β with c = sign(s)·(x − μ): an increasing map of c, and each of its roundings
+    is monotone (and fl((x − μ)·s) = fl(c·|s|) exactly, negation being exact), so the max
+    over a window of y is the map of the window's max of c, bit for bit. The statistics take
+    their passes over x, c is x − μ with the rows of channels whose γ < 0 negated, the pool
+    runs on c, and the map on the pooled quarter only. Backward: with g the pooled map's
     gradient, Σg and Σg·x̂ (dβ, dγ) are the same sums over the pooled positions (every other
     position's gradient is 0), and
 
-        dx = unpool(g·γ/σ) − (γ/σ)·((x − μ)·dγ/(m·σ) + dβ/m)
+        dx = unpool(g·s) − s·((x − μ)·dγ/(m·σ) + dβ/m)
 
-    — a per-channel affine map of x − μ everywhere, plus each window's gradient added at the
-    window's first maximum of x (``NumpyMaxPool``'s two stages, with ``+=``). So the
+    — a per-channel affine map of c everywhere, plus each window's gradient added at the
+    window's first maximum of c (``NumpyMaxPool``'s two stages, with ``+=``). So the
     full-size passes are the statistics (Σx, x − μ, Σ(x − μ)²), the pool, and dx, instead of
     the composition's normalisation, pool, pool backward and four-pass normalisation backward.
 
     What differs from the composition: rounding in dx, dγ and dβ (sums in another order);
-    and where two values of one window differ in x but round to the same y, the gradient
-    goes to the first maximum of x instead of the first of y (either is a gradient of max).
-    Where γ/σ is not > 0 everywhere, a pool other than 2×2/stride 2/no padding, or a NaN in
-    x, the step runs the composition of NumPy's two pairs (the same values as the standard
-    path)."""
+    and where two values of one window differ in c but round to the same y, the gradient
+    goes to the first maximum of c instead of the first of y (either is a gradient of max).
+    Where some s is 0 or not finite (γ = 0, a NaN or ±inf in x), for a pool other than
+    2×2/stride 2/no padding, and for empty maps, the step runs the composition of NumPy's two
+    pairs (the same values as the standard path)."""
 
     @staticmethod
     def forward(x, weight, bias, eps, k, s, p):
@@ -289,14 +291,15 @@ class NumpyBatchNormMaxPool:
         xc = x2 - mean[:, None]
         var = np.vecdot(xc, xc) / m                            # biased: / m
         inv_std = 1.0 / np.sqrt(var + eps)
-        scale = weight * inv_std                               # γ/σ
-        if not np.all(scale > 0):  # (NaN too) not an increasing map: the composition
+        scale = weight * inv_std                               # s = γ/σ
+        if not np.all(np.isfinite(scale) & (scale != 0)):
             return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
-        pooled, (_, out, top, left) = NumpyMaxPool.forward(x, k, s, p, True)
-        if top is None:  # a NaN window (NumpyMaxPool kept the standard pair's routing)
-            return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
-        pc = rows(np, pooled) - mean[:, None]                  # pooled x − μ: (C, m/4)
-        y = pc * scale[:, None]                                # the standard pair's operations
+        for i in np.flatnonzero(scale < 0):  # c = sign(s)·(x − μ): a decreasing map's max
+            np.negative(xc[i], out=xc[i])    # is at the minimum of x − μ
+        c4 = xc.reshape(c, n, h, w).transpose(1, 0, 2, 3)      # (N, C, H, W), channel-major
+        pooled, (_, out, top, left) = NumpyMaxPool.forward(c4, k, s, p, True)
+        pc = rows(np, pooled)                                  # pooled c: (C, m/4), a view
+        y = pc * np.abs(scale)[:, None]                        # = the standard pair's xc·s
         y += bias[:, None]
         return ((unrows(np, y, pooled.shape), mean, var),
                 (xc, pc, inv_std, scale, top, left, tuple(x.shape)))
@@ -317,14 +320,15 @@ class NumpyBatchNormMaxPool:
         xc, pc, inv_std, scale, top, left, shape = saved
         g = rows(np, grad)                                     # (C, m/4)
         dbeta = _sum(g, 1)
-        dgamma = np.vecdot(g, pc) * inv_std                    # Σ g·x̂
+        # Σ g·x̂, x̂ = sign(s)·pc/σ at each window's maximum (±: negation is exact)
+        dgamma = np.vecdot(g, pc) * np.copysign(inv_std, scale)
         if not input_grad:
             return None, dgamma, dbeta
         n, c, h, w = shape
         m = xc.shape[1]
-        # dx = (γ/σ)·unpool(g) + xc·a + b, written channel-major (the layout of a conv's output)
+        # dx = s·unpool(g) + c·a + b, written channel-major (the layout of a conv's output)
         dx_rows = np.empty_like(xc)                            # (C, m)
-        np.multiply(xc, (-scale * dgamma * inv_std / m)[:, None], out=dx_rows)
+        np.multiply(xc, (-np.abs(scale) * dgamma * inv_std / m)[:, None], out=dx_rows)
         dx_rows += (-scale * dbeta / m)[:, None]
         dx = dx_rows.reshape(c, n, h, w).transpose(1, 0, 2, 3)
         gs = (g * scale[:, None]).reshape(c, n, h // 2, w // 2).transpose(1, 0, 2, 3)
