@@ -153,17 +153,26 @@ class NumpyMaxPool:
         if k != 2 or s != 2 or p != 0 or h < 2 or w < 2 or n * c == 0:  # (n = 0: a process's
             out, saved = MaxPoolPair.forward(x, k, s, p, keep)         # empty share of a batch)
             return out, (None, saved)
-        x6 = _pairs(x, h // 2, w // 2)
-        xl, xr = x6[..., 0], x6[..., 1]
-        cols = np.maximum(xl, xr)                             # (N, C, Ho, 2, Wo), x's layout
-        top, bottom = cols[:, :, :, 0], cols[:, :, :, 1]
-        out = np.maximum(top, bottom)                         # (N, C, Ho, Wo)
         if not keep:  # inference: no backward follows
-            return out, None
+            x6 = _pairs(x, h // 2, w // 2)
+            cols = np.maximum(x6[..., 0], x6[..., 1])         # (N, C, Ho, 2, Wo), x's layout
+            return np.maximum(cols[:, :, :, 0], cols[:, :, :, 1]), None
+        out, top, left = NumpyMaxPool.stages(x)
         peak = _max(out.ravel("K"))  # (a view: out is a fresh dense array)
         if peak != peak:  # a NaN window: the standard pair's backward for this step
             return out, (None, MaxPoolPair.forward(x, k, s, p, True)[1])
-        return out, (x, out, top >= bottom, xl >= xr)
+        return out, (x, out, top, left)
+
+    @staticmethod
+    def stages(x):
+        """The training forward's two stages on (N, C, H, W) ``x`` (H, W ≥ 2): the pooled
+        map (N, C, Ho, Wo) and the two comparisons its backward routes by, ``top`` (N, C,
+        Ho, Wo) and ``left`` (N, C, Ho, 2, Wo), all in x's layout."""
+        x6 = _pairs(x, x.shape[2] // 2, x.shape[3] // 2)
+        xl, xr = x6[..., 0], x6[..., 1]
+        cols = np.maximum(xl, xr)                             # (N, C, Ho, 2, Wo), x's layout
+        top, bottom = cols[:, :, :, 0], cols[:, :, :, 1]
+        return np.maximum(top, bottom), top >= bottom, xl >= xr
 
     @staticmethod
     def backward(saved, grad, input_grad=True):
@@ -297,7 +306,7 @@ class NumpyBatchNormMaxPool:
         for i in np.flatnonzero(scale < 0):  # c = sign(s)·(x − μ): a decreasing map's max
             np.negative(xc[i], out=xc[i])    # is at the minimum of x − μ
         c4 = xc.reshape(c, n, h, w).transpose(1, 0, 2, 3)      # (N, C, H, W), channel-major
-        pooled, (_, out, top, left) = NumpyMaxPool.forward(c4, k, s, p, True)
+        pooled, top, left = NumpyMaxPool.stages(c4)  # (c is finite: s is)
         pc = rows(np, pooled)                                  # pooled c: (C, m/4), a view
         y = pc * np.abs(scale)[:, None]                        # = the standard pair's xc·s
         y += bias[:, None]

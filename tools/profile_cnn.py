@@ -65,7 +65,9 @@ def layer_traffic(model, tmods, x, xt, upstream):
     and the gradient a real backward pass hands each nnx layer (from ``upstream(shape)``, a
     gradient of the logits): values, shapes AND memory layouts, as in a training step in
     the layers' own order. (A real step runs a ReLU after the max pool that follows it,
-    nnx.layers.chain.run_order, on the pooled map: whole-step timings show that.)"""
+    nnx.layers.chain.run_order, on the pooled map, and on NumPy a batch norm and that max
+    pool as one "batchnorm_maxpool" pair: whole-step timings, tools/step_time.py, show
+    those.)"""
     import torch
 
     ins, tins, h, ht = [], [], x, xt
@@ -116,7 +118,7 @@ def main(argv=None):
     for name in (n for n in args.without.split(",") if n):
         if name == "all":
             overrides.set_enabled(False)
-        elif name in overrides.PAIRS and name in registry:
+        elif name in overrides.PAIRS + overrides.BLOCK_PAIRS and name in registry:
             registry.pop(name)
         else:
             raise SystemExit(f"--without: {name} is not a NumPy pair (or 'all')")
