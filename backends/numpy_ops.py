@@ -30,12 +30,18 @@ a training step (docs/benchmarks.md, "The NumPy MLP epoch").
 Times: one thread, ``timeit`` on the 2-core Xeon (AVX-512) of that section.
 
 Forward/backward pairs (layers run them instead of the standard pairs, checked on first
-use; docs/cnn.md, "Where the time goes", measures them in whole training steps):
+use; docs/cnn.md, "Where the time goes", measures them in whole training steps). The
+one-layer pairs give the standard path's values bit for bit too; the two-layer
+``batchnorm_maxpool`` pair gives its forward values bit for bit and its gradients to
+rounding (its sums run in another order), so a model with a batch norm before a max pool
+ends training with weights equal to the standard path's to rounding, not bit for bit:
 
 - ``maxpool``: 2×2 windows at stride 2 in two stages (``NumpyMaxPool``), the same values
   bit for bit.
 - ``batchnorm``: the standard pair's operations, its backward block by block of feature
   rows (``NumpyBatchNorm``), the same values bit for bit.
+- ``batchnorm_maxpool`` (two layers): pools first and normalises the pooled quarter
+  (``NumpyBatchNormMaxPool``), the same forward values bit for bit, gradients to rounding.
 
 Not replaced: ``conv2d``. Conv2D's own ``"rows"`` method run over chunks of images (the
 row-partial outputs summed while in cache) was 3.5-5% faster per cnn training step with
@@ -283,9 +289,10 @@ class NumpyBatchNormMaxPool:
     What differs from the composition: rounding in dx, dγ and dβ (sums in another order);
     and where two values of one window differ in c but round to the same y, the gradient
     goes to the first maximum of c instead of the first of y (either is a gradient of max).
-    Where some s is 0 or not finite (γ = 0, a NaN or ±inf in x), for a pool other than
-    2×2/stride 2/no padding, and for empty maps, the step runs the composition of NumPy's two
-    pairs (the same values as the standard path)."""
+    Where some s is 0 or not finite (γ = 0, a NaN or ±inf in x), and for a pool other than
+    2×2/stride 2/no padding, the step runs the composition of NumPy's two pairs (the same
+    values as the standard path). (A chain never hands it an empty map or one with a single
+    value per channel: ``BatchNorm.fuses_with``.)"""
 
     @staticmethod
     def forward(x, weight, bias, eps, k, s, p):

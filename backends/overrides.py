@@ -348,8 +348,11 @@ def _sample_batchnorm_maxpool(backend, args, rng):
     c = int(x.shape[1])
     a = rng.standard_normal((2, c, 2 * k + 3, 2 * k + 2))
     a[0, 0, :2, :2] = 1.0  # a tie inside a window: the first maximum takes the gradient
-    # γ > 0: where a backend pools first (the normalisation an increasing map), not its fallback
-    return (backend.from_numpy(a, dtype=x.dtype), _like(backend, rng, weight, (c,), positive=True),
+    # γ ≠ 0, of both signs (the first channel's negative): a backend that pools first
+    # takes its pooling path, not a fallback, for increasing and decreasing maps
+    gamma = np.abs(rng.standard_normal(c)) + 0.1
+    gamma[0] = -gamma[0]
+    return (backend.from_numpy(a, dtype=x.dtype), backend.from_numpy(gamma, dtype=weight.dtype),
             _like(backend, rng, bias, (c,)), eps, k, s, p)
 
 

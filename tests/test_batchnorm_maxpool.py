@@ -5,8 +5,8 @@ layers' pairs; NumPy's (backends/numpy_ops.py) pools first and normalises the po
 Its forward gives the composition's values bit for bit (a max commutes with an increasing
 map, and each rounding of the map is monotone); its backward sums in another order, so dx, dγ
 and dβ agree to rounding — checked against the composition, against torch's autograd, and
-against finite differences. Where it cannot pool first (γ/σ ≤ 0, NaN, other pools) it runs
-the composition of NumPy's own pairs, which give the standard path's values exactly."""
+against finite differences. Where it cannot pool first (γ = 0, NaN or ±inf, other pools) it
+runs the composition of NumPy's own pairs, which give the standard path's values exactly."""
 from __future__ import annotations
 
 import numpy as np

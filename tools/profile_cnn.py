@@ -18,6 +18,8 @@ stage timed on its own, mirroring what the layer code does) so that the cost of 
 layout changes, im2col/col2im copies and reductions can be read off; where NumPy's own
 pair replaces a layer's passes (backends/numpy_ops.py) its forward and backward are timed
 as wholes too. ``--without NAMES`` takes those NumPy pairs out (``all``: every override off).
+Layers are run one by one here, so the two-layer ``batchnorm_maxpool`` pair of a training
+step (a batch norm and the max pool after it) never runs: tools/step_time.py measures it.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def main(argv=None):
     for name in (n for n in args.without.split(",") if n):
         if name == "all":
             overrides.set_enabled(False)
-        elif name in overrides.PAIRS + overrides.BLOCK_PAIRS and name in registry:
+        elif name in overrides.PAIRS and name in registry:
             registry.pop(name)
         else:
             raise SystemExit(f"--without: {name} is not a NumPy pair (or 'all')")

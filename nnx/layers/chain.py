@@ -92,7 +92,10 @@ class Chain(Layer):
     # --- the two passes -----------------------------------------------------------------
     def forward(self, x, train=False):
         order, self._ran = self._order(), None
-        layers, pooled = self.layers, self._pooled if train and order is self.order else {}
+        # (in training, in the run order: a BatchNorm and the MaxPool2D after it may be one
+        # step; --no-fused gives the layers' own order and passes)
+        fuse = train and order is getattr(self, "order", None)
+        layers, pooled = self.layers, self._pooled if fuse else {}
         ran, pos = [], 0
         while pos < len(order):
             i = order[pos]
