@@ -94,6 +94,23 @@ def most_confused(counts, top: int = 10) -> list[dict]:
     return out
 
 
+def _check_own_backend(model, backend, device) -> None:
+    """An in-memory model runs where it was built: ``backend``/``device`` (which choose where a
+    loaded path runs) may only name that place."""
+    own = getattr(model, "backend", None)
+    if own is None or (backend is None and device is None):
+        return
+    name = backend.name if hasattr(backend, "name") else str(backend).lower()
+    same_name = name in ("auto", own.name)
+    same_device = device is None or str(device).lower() == str(own.device).lower() or (
+        str(device).lower() == "cuda" and str(own.device).lower().startswith("cuda"))
+    if not (same_name and same_device):
+        raise EvaluateError(f"this model was built on {own.name} ({own.device}); backend and "
+                            f"device choose where a model loaded from a path runs, so give "
+                            f"evaluate the run folder or .safetensors file to evaluate on "
+                            f"{name}{'' if device is None else f' ({device})'}")
+
+
 def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=None,
              device: str | None = None, out_dir=None, plots: bool = True,
              download: bool = True, batch_size: int = 2048, log=None,
@@ -134,6 +151,7 @@ def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=N
         model = model_or_path
         if not hasattr(model, "probabilities") or not hasattr(model, "input_shape"):
             raise EvaluateError(f"expected an nnx Sequential or a path, got {type(model).__name__}")
+        _check_own_backend(model, backend, device)
 
     dataset = dataset or settings.get("dataset") or "mnist"
     if data_dir is None and settings.get("dataset", dataset) == dataset:

@@ -28,6 +28,11 @@ def set_threads(n: int | None = None) -> int | None:
         raise ValueError(f"thread count must be >= 0, got {n}")
     if n == 0:
         return None
+    cores = os.cpu_count() or 1
+    if n > cores:  # allowed (a measurement may want it), but rarely what a user meant
+        print(f"note: {n} threads per array library on {cores} CPU core"
+              f"{'s' if cores != 1 else ''}: threads beyond the cores wait for each other, and a "
+              "BLAS may cap the count (OpenBLAS at its build's maximum)", file=sys.stderr)
     for var in _ENV_VARS:  # for libraries loaded later (torch reads these when it starts)
         os.environ[var] = str(n)
     import numpy  # noqa: F401  (loads NumPy's BLAS, so that the limit below reaches it)

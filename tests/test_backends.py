@@ -53,6 +53,14 @@ def test_auto_cuda_without_cupy_says_what_to_install():
     assert "cupy-cuda12x" in msg and "--device cpu" in msg
 
 
+@pytest.mark.parametrize("name", ["auto", "cupy", "torch"])
+@pytest.mark.parametrize("device", ["cuda:-1", "cuda:x", "cuda:", "cuda:1.5"])
+def test_a_cuda_device_index_must_be_a_number(name, device):
+    # checked before any library is imported: the same message with or without a GPU
+    with pytest.raises(BackendError, match="cuda:N, N a GPU index"):
+        get_backend(name, device)
+
+
 def test_bad_strict_device_lists_the_choices():
     with pytest.raises(BackendError, match="no device 'device9'") as info:
         get_backend("strict", "device9")

@@ -115,6 +115,18 @@ def test_evaluate_in_memory_model_writes_nothing_without_out_dir(run, tmp_path):
     assert result["files"] == [] and result["accuracy"] == pytest.approx(run["test_acc"], abs=2e-4)
 
 
+def test_an_in_memory_model_is_evaluated_where_it_was_built(run):
+    model = run["model"]
+    same = evaluate(model, data_dir=run["data_dir"], backend="numpy", device="cpu", plots=False)
+    assert same["accuracy"] == pytest.approx(run["test_acc"], abs=2e-4)
+    # backend/device choose where a LOADED model runs; for this one they would be ignored
+    from nnx.evaluate import EvaluateError
+
+    for kw in ({"backend": "torch"}, {"device": "cuda"}, {"backend": "strict"}):
+        with pytest.raises(EvaluateError, match="built on numpy"):
+            evaluate(model, data_dir=run["data_dir"], plots=False, **kw)
+
+
 def test_cli_json_is_the_only_stdout(run, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main([str(run["dir"]), "--json", "--no-plots", "--out", str(out)]) == 0

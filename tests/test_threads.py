@@ -73,3 +73,14 @@ def test_train_banner_shows_threads_and_config_does_not_store_them(tmp_path, cap
     assert banner.startswith("nnx: numpy") and "1 thread)" in banner
     settings = json.loads((run / "config.json").read_text())["settings"]
     assert "threads" not in settings  # a machine setting: a resumed run may use another
+
+
+def test_more_threads_than_cores_is_allowed_with_a_note():
+    import os
+
+    n = (os.cpu_count() or 1) + 1
+    out = subprocess.run([sys.executable, "-c", f"from nnx.threads import set_threads; "
+                          f"print(set_threads({n}))"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(n)
+    assert f"note: {n} threads per array library" in out.stderr and "CPU core" in out.stderr
