@@ -310,8 +310,13 @@ class NumpyBatchNormMaxPool:
         scale = weight * inv_std                               # s = γ/σ
         if not np.all(np.isfinite(scale) & (scale != 0)):
             return NumpyBatchNormMaxPool._composed(x, weight, bias, eps, k, s, p)
+        # (var above from xc in x's layout, as the standard pair sums it; then contiguous
+        # rows, a copy only for an input that was not channel-major: the in-place passes
+        # below and in backward run on them. Not np.negative(out=): NumPy 2.4.6 writes
+        # wrong elements when its input and output are views strided by 4 float32 values.)
+        xc = np.ascontiguousarray(xc)
         for i in np.flatnonzero(scale < 0):  # c = sign(s)·(x − μ): a decreasing map's max
-            np.negative(xc[i], out=xc[i])    # is at the minimum of x − μ
+            xc[i] *= -1                      # is at the minimum of x − μ (exact)
         c4 = xc.reshape(c, n, h, w).transpose(1, 0, 2, 3)      # (N, C, H, W), channel-major
         pooled, top, left = NumpyMaxPool.stages(c4)  # (c is finite: s is)
         pc = rows(np, pooled)                                  # pooled c: (C, m/4), a view

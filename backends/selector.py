@@ -21,7 +21,8 @@ def get_backend(name: str = "auto", device: str = "cpu") -> Backend:
     device = str(device or "cpu").lower() if name != "strict" else str(device or "cpu")
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name != "strict" and device.startswith("cuda:") and not device[5:].isdigit():
+    index = device[5:]
+    if name != "strict" and device.startswith("cuda:") and not (index.isascii() and index.isdigit()):
         raise BackendError(f"device {device!r}: a CUDA device is cuda or cuda:N, N a GPU index "
                            "(0, 1, ...)")
     if name == "auto":

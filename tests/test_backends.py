@@ -54,7 +54,8 @@ def test_auto_cuda_without_cupy_says_what_to_install():
 
 
 @pytest.mark.parametrize("name", ["auto", "cupy", "torch"])
-@pytest.mark.parametrize("device", ["cuda:-1", "cuda:x", "cuda:", "cuda:1.5"])
+@pytest.mark.parametrize("device", ["cuda:-1", "cuda:x", "cuda:", "cuda:1.5", "cuda: 0", "cuda:+0",
+                                    "cuda:\u0663"])
 def test_a_cuda_device_index_must_be_a_number(name, device):
     # checked before any library is imported: the same message with or without a GPU
     with pytest.raises(BackendError, match="cuda:N, N a GPU index"):

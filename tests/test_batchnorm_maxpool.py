@@ -26,9 +26,11 @@ EPS = 1e-5
 
 
 def _maps(a, layout):
-    """``a`` (N, C, H, W) in one of the two memory layouts the layers see."""
+    """``a`` (N, C, H, W) in one of the memory layouts the layers may see."""
     if layout == "channel-major":  # a Conv2D's output
         return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    if layout == "channels-last":  # (N, H, W, C) images handed over as NCHW
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(a)
 
 
@@ -55,7 +57,7 @@ def _grad(out, layout, seed=1):
 
 
 def _run(pair, x, weight, bias, k, s, p, grad_layout="channel-major", input_grad=True):
-    (out, mean, var), saved = pair.forward(x.copy(), weight, bias, EPS, k, s, p)
+    (out, mean, var), saved = pair.forward(x.copy(order="K"), weight, bias, EPS, k, s, p)
     dx, dgamma, dbeta = pair.backward(saved, _grad(out, grad_layout), input_grad)
     return {"out": out, "mean": mean, "var": var, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}, saved
 
@@ -71,8 +73,9 @@ def _close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (3, 2, 7, 5), (2, 3, 2, 2), (5, 1, 4, 9)])
-@pytest.mark.parametrize("layout", ["channel-major", "nchw"])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (3, 2, 7, 5), (2, 3, 2, 2), (5, 1, 4, 9),
+                                   (3, 4, 6, 6), (2, 8, 4, 5)])  # (4 and 8 channels: rows
+@pytest.mark.parametrize("layout", ["channel-major", "nchw", "channels-last"])  # strided by 4, 8)
 @pytest.mark.parametrize("grad_layout", ["channel-major", "nchw"])
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("gammas", ["positive", "negative", "mixed"])
@@ -128,9 +131,10 @@ def test_where_it_cannot_pool_first_it_runs_the_composition_exactly(case):
 
 
 def _same_as_the_composition(x, weight, bias, k, s, p):
-    (out, mean, var), saved = NUMPY.forward(x.copy(), weight, bias, EPS, k, s, p)
+    (out, mean, var), saved = NUMPY.forward(x.copy(order="K"), weight, bias, EPS, k, s, p)
     assert saved[0] is None  # the composition of NumPy's pairs
-    (w_out, w_mean, w_var), w_saved = BatchNormMaxPoolPair.forward(x.copy(), weight, bias, EPS, k, s, p)
+    (w_out, w_mean, w_var), w_saved = BatchNormMaxPoolPair.forward(x.copy(order="K"), weight,
+                                                                   bias, EPS, k, s, p)
     for got, want in ((out, w_out), (mean, w_mean), (var, w_var)):
         np.testing.assert_array_equal(got, want)
     grad = _grad(out, "channel-major")
