@@ -94,21 +94,36 @@ def most_confused(counts, top: int = 10) -> list[dict]:
     return out
 
 
+def _place(backend) -> tuple[str, str]:
+    """(library, device label) of a built backend: 'cpu', 'cuda:0', or array-api-strict's own
+    device name."""
+    dev = backend.device
+    return backend.name, str(getattr(dev, "_device", dev))
+
+
 def _check_own_backend(model, backend, device) -> None:
     """An in-memory model runs where it was built: ``backend``/``device`` (which choose where a
     loaded path runs) may only name that place."""
     own = getattr(model, "backend", None)
     if own is None or (backend is None and device is None):
         return
-    name = backend.name if hasattr(backend, "name") else str(backend).lower()
-    same_name = name in ("auto", own.name)
-    same_device = device is None or str(device).lower() == str(own.device).lower() or (
-        str(device).lower() == "cuda" and str(own.device).lower().startswith("cuda"))
-    if not (same_name and same_device):
-        raise EvaluateError(f"this model was built on {own.name} ({own.device}); backend and "
-                            f"device choose where a model loaded from a path runs, so give "
-                            f"evaluate the run folder or .safetensors file to evaluate on "
-                            f"{name}{'' if device is None else f' ({device})'}")
+    name, label = _place(own)
+    if hasattr(backend, "name") and hasattr(backend, "device"):  # a built backend
+        asked_name, asked_device = _place(backend)
+    else:
+        asked_device = label if device is None else str(device)
+        asked_name = name if backend is None else str(backend).lower()
+        if asked_name == "auto":  # the selector's rule (nnx.backends.get_backend)
+            cuda = asked_device.lower() == "cuda" or asked_device.lower().startswith("cuda:")
+            asked_name = "cupy" if cuda else "numpy"
+    if name != "strict":
+        asked_device = asked_device.lower()
+    same_device = asked_device == label or (asked_device == "cuda" and label.startswith("cuda"))
+    if asked_name != name or not same_device:
+        raise EvaluateError(f"this model was built on {name} ({label}); backend and device "
+                            f"choose where a model loaded from a path runs, so give evaluate "
+                            f"the run folder or .safetensors file to evaluate on {asked_name} "
+                            f"({asked_device})")
 
 
 def evaluate(model_or_path, dataset: str | None = None, data_dir=None, backend=None,

@@ -16,6 +16,9 @@ import sys
 
 #: threads per library when --threads is not given (measured, see the module docstring)
 DEFAULT_THREADS = 1
+#: the most --threads takes: beyond any machine's cores, and within what every library's
+#: setter accepts (larger counts overflow or wrap around in their C integers)
+MAX_THREADS = 4096
 _ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -24,8 +27,8 @@ def set_threads(n: int | None = None) -> int | None:
     libraries' own defaults). Returns the limit applied, or None for 0. The limit stays in
     force for the rest of the process."""
     n = DEFAULT_THREADS if n is None else int(n)
-    if n < 0:
-        raise ValueError(f"thread count must be >= 0, got {n}")
+    if not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"thread count must be in [0, {MAX_THREADS}], got {n}")
     if n == 0:
         return None
     cores = os.cpu_count() or 1
@@ -68,4 +71,6 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {n}")
+    if n > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {n}")
     return n

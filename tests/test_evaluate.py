@@ -117,12 +117,15 @@ def test_evaluate_in_memory_model_writes_nothing_without_out_dir(run, tmp_path):
 
 def test_an_in_memory_model_is_evaluated_where_it_was_built(run):
     model = run["model"]
-    same = evaluate(model, data_dir=run["data_dir"], backend="numpy", device="cpu", plots=False)
-    assert same["accuracy"] == pytest.approx(run["test_acc"], abs=2e-4)
+    for kw in ({"backend": "numpy", "device": "cpu"}, {"device": "cpu"}, {"backend": "auto"},
+               {"backend": nnx.get_backend("numpy")}):  # its own place, named
+        same = evaluate(model, data_dir=run["data_dir"], plots=False, **kw)
+        assert same["accuracy"] == pytest.approx(run["test_acc"], abs=2e-4)
     # backend/device choose where a LOADED model runs; for this one they would be ignored
     from nnx.evaluate import EvaluateError
 
-    for kw in ({"backend": "torch"}, {"device": "cuda"}, {"backend": "strict"}):
+    for kw in ({"backend": "torch"}, {"device": "cuda"}, {"backend": "strict"},
+               {"backend": "auto", "device": "cuda:0"}):
         with pytest.raises(EvaluateError, match="built on numpy"):
             evaluate(model, data_dir=run["data_dir"], plots=False, **kw)
 

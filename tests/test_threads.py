@@ -9,7 +9,7 @@ import pytest
 
 from conftest import shared_mnist_dir
 from nnx import evaluate, predict, train
-from nnx.threads import DEFAULT_THREADS
+from nnx.threads import DEFAULT_THREADS, set_threads
 
 CLI_ARGS = {train: [], evaluate: ["run"], predict: ["run", "a.png"]}
 
@@ -84,3 +84,18 @@ def test_more_threads_than_cores_is_allowed_with_a_note():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(n)
     assert f"note: {n} threads per array library" in out.stderr and "CPU core" in out.stderr
+
+
+@pytest.mark.parametrize("count", ["4097", "4294967297", "99999999999999999999"])
+def test_absurd_thread_counts_are_refused(count, capsys):
+    import argparse
+
+    from nnx.threads import MAX_THREADS, add_threads_option
+
+    parser = argparse.ArgumentParser()
+    add_threads_option(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", count])
+    assert f"must be at most {MAX_THREADS}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="thread count must be in"):
+        set_threads(int(count))  # refused before anything is set
