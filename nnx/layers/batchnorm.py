@@ -296,9 +296,9 @@ class BatchNormMaxPoolPair:
     BatchNorm and the MaxPool2D right after it, composed — ``BatchNormPair``, then
     ``MaxPoolPair`` on its output. ``forward(x, γ, β, eps, k, s, p) -> ((pooled y, μ,
     biased var), saved)``; ``backward(saved, pooled grad, input_grad) -> (dx or None, dγ,
-    dβ)``. A backend's version may pool first: with γ/σ > 0 the normalisation is an
-    increasing map per channel, so max-pooling commutes with it (docs/cnn.md, "Batch norm
-    after max pool")."""
+    dβ)``. A backend's version may pool first: per channel the normalisation is a monotone
+    map, so the max of its outputs over a window is the map of the window's max of x where
+    γ > 0, of its min where γ < 0 (docs/cnn.md, "Batch norm after max pool")."""
 
     @staticmethod
     def forward(x, weight, bias, eps, k, s, p):
