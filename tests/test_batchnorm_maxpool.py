@@ -220,7 +220,8 @@ def test_a_model_runs_the_pair_where_its_backend_offers_it(backend, dtype, input
     _close({k: v for k, v in got.items() if not k.startswith("buffer")},
            {k: v for k, v in want.items() if not k.startswith("buffer")}, dtype)
     if backend.name == "numpy":
-        assert type(fused.layers[3]).__name__ == "MaxPool2D" and fused.layers[3].saved is None
+        assert type(fused.layers[3]).__name__ == "MaxPool2D"
+        assert fused.layers[3].saved[0].__name__ == "_RanInPair"  # its backward was the pair's
 
 
 def test_gamma_turning_negative_in_training_keeps_the_pair():
@@ -250,7 +251,11 @@ def test_layers_driven_one_by_one_still_run_their_own_passes():
     g = np.ones_like(y)
     dx = bn.backward(relu.backward(pool.backward(g)))
     assert dx.shape == x.shape
-    # after the chain fused them, the pool kept nothing: a backward of it alone is an error
+    # after the chain fused them, the pool kept nothing: a backward of it alone says why
     model.forward(np.zeros((2, 1, 14, 13)) + np.arange(13), train=True)
-    with pytest.raises(RuntimeError, match="backward needs a training forward"):
+    with pytest.raises(RuntimeError, match="inside one pair with the batch norm before it"):
         pool.backward(np.ones((2, 4, 7, 6)))
+    # and the ReLU the chain ran after the pool refuses a gradient of the pool's input shape
+    with pytest.raises(RuntimeError, match=r"shape \(2, 4, 7, 6\); got shape \(2, 4, 14, 13\)"):
+        relu.backward(np.ones((2, 4, 14, 13)))
+    model.backward(np.ones((2, 10)))  # the chain's own backward still works

@@ -48,7 +48,13 @@ class ReLU(Layer):
         return xp.maximum(x, zeros)
 
     def backward(self, grad, input_grad=True):
-        return self._op("relu_backward", self._backward)(grad, self.y)
+        y = getattr(self, "y", None)
+        if y is None or y.shape != grad.shape:  # (a chain may have run it after its max pool)
+            raise RuntimeError(f"layer {self.name or 'ReLU'}: backward needs the gradient of "
+                               "the output of this layer's last training forward (or "
+                               f"retain=True){'' if y is None else f', shape {tuple(y.shape)}'}; "
+                               f"got shape {tuple(grad.shape)}")
+        return self._op("relu_backward", self._backward)(grad, y)
 
     def _backward(self, grad, y):
         """grad · [y > 0]: the standard path of the "relu_backward" operation."""

@@ -156,7 +156,8 @@ class BatchNorm(Layer):
         pool._check(x)
         n, _, h, w = x.shape
         m = n * h * w
-        self.train_mode, self.shape, self.xc, pool.saved = True, tuple(x.shape), None, None
+        self.train_mode, self.shape, self.xc = True, tuple(x.shape), None
+        pool.saved = (_RanInPair, self.name or "BatchNorm")  # its backward is this layer's
         pair = self.pair("batchnorm_maxpool", BatchNormMaxPoolPair)
         (y, mean, var), saved = pair.forward(x, self.weight.value, self.bias.value, self.eps,
                                              pool.kernel_size, pool.stride, pool.padding)
@@ -314,6 +315,18 @@ class BatchNormMaxPoolPair:
 
         bn, pool = saved
         return BatchNormPair.backward(bn, MaxPoolPair.backward(pool, grad, True), input_grad)
+
+
+class _RanInPair:
+    """What a MaxPool2D keeps after its chain ran it with the batch norm before it as one
+    pair (``BatchNorm.forward_pooled``): nothing to go back through on its own."""
+
+    @staticmethod
+    def backward(bn_name, grad, input_grad=True):
+        raise RuntimeError(f"this max pool ran inside one pair with the batch norm before it "
+                           f"({bn_name}), in a training forward of their chain: that chain's "
+                           "backward goes back through both (model.backward), or run the "
+                           "layers one by one, forward and backward")
 
 
 class _EmptyBatch:
