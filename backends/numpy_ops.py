@@ -126,6 +126,17 @@ def _pairs(a, ho, wo):
                        (sn, sc, 2 * sh, sh, 2 * sw, sw))
 
 
+def _to_rows(grad, top, left):
+    """The max pool's backward, stage 1: each output gradient (N, C, Ho, Wo) sent to the row
+    of its window holding the first maximum, (N, C, Ho, 2, Wo) in ``left``'s layout: g·[top]
+    to the top row, g − g·[top] (exactly 0 or g) to the bottom one."""
+    rows = np.empty_like(left, dtype=grad.dtype)
+    upper = rows[:, :, :, 0]
+    np.multiply(grad, top, out=upper)
+    np.subtract(grad, upper, out=rows[:, :, :, 1])
+    return rows
+
+
 @register("numpy", "maxpool")
 class NumpyMaxPool:
     """The "maxpool" pair for 2×2 windows at stride 2 without padding (the CNN presets'
@@ -193,11 +204,7 @@ class NumpyMaxPool:
             g = np.empty_like(out)       # that the passes below do not mix layouts
             g[...] = grad
             grad = g
-        # stage 1: the output gradient to the window's row holding its first maximum
-        rows = np.empty_like(left, dtype=grad.dtype)          # (N, C, Ho, 2, Wo)
-        upper = rows[:, :, :, 0]
-        np.multiply(grad, top, out=upper)
-        np.subtract(grad, upper, out=rows[:, :, :, 1])        # exact: 0 or g
+        rows = _to_rows(grad, top, left)                      # stage 1
         # stage 2: each row's share to its column holding the row's first maximum
         dx = (np.empty_like if 2 * ho == h and 2 * wo == w else np.zeros_like)(x)
         d6 = _pairs(dx, ho, wo)
@@ -354,10 +361,7 @@ class NumpyBatchNormMaxPool:
         dx = dx_rows.reshape(c, n, h, w).transpose(1, 0, 2, 3)
         gs = (g * scale[:, None]).reshape(c, n, h // 2, w // 2).transpose(1, 0, 2, 3)
         # NumpyMaxPool's backward, adding: the window's row holding its first maximum, ...
-        rows2 = np.empty_like(left, dtype=gs.dtype)            # (N, C, Ho, 2, Wo)
-        upper = rows2[:, :, :, 0]
-        np.multiply(gs, top, out=upper)
-        np.subtract(gs, upper, out=rows2[:, :, :, 1])          # exact: 0 or g
+        rows2 = _to_rows(gs, top, left)
         # ... then that row's column holding it
         d6 = _pairs(dx, h // 2, w // 2)
         share = rows2 * left

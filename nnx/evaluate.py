@@ -114,8 +114,9 @@ def _check_own_backend(model, backend, device) -> None:
         asked_device = label if device is None else str(device)
         asked_name = name if backend is None else str(backend).lower()
         if asked_name == "auto":  # the selector's rule (nnx.backends.get_backend)
-            cuda = asked_device.lower() == "cuda" or asked_device.lower().startswith("cuda:")
-            asked_name = "cupy" if cuda else "numpy"
+            from .backends.selector import _is_cuda
+
+            asked_name = "cupy" if _is_cuda(asked_device.lower()) else "numpy"
     if name != "strict":
         asked_device = asked_device.lower()
     same_device = asked_device == label or (asked_device == "cuda" and label.startswith("cuda"))

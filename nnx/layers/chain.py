@@ -104,12 +104,11 @@ class Chain(Layer):
                 # a BatchNorm and the max pool after it, as one pair (BatchNorm.forward_pooled);
                 # its backward is the BatchNorm's, from the pooled gradient
                 x = layers[i].forward_pooled(x, layers[j])
-                ran.append(i)
                 pos += 2
             else:
                 x = layers[i].forward(x, train)
-                ran.append(i)
                 pos += 1
+            ran.append(i)
         # the layers a backward must walk, in reverse: only after a complete forward that
         # backward may follow (training, or an inference forward whose caches are kept:
         # gradcheck)
