@@ -369,3 +369,139 @@ class NumpyBatchNormMaxPool:
         rows2 -= share
         d6[..., 1] += rows2
         return dx, dgamma, dbeta
+
+
+def _phase_images(xc, k, p, ho, wo):
+    """The zero-padded channel-major input (C, N, H + 2p, W + 2p) split into its four
+    phases: ``[a][b]`` holds the padded rows ≡ a and columns ≡ b (mod 2), contiguous."""
+    c, n, h, w = xc.shape
+    xpad = np.zeros((c, n, ho + k, wo + k), dtype=xc.dtype)   # (≥ H + 2p: rows read past
+    xpad[:, :, p:p + h, p:p + w] = xc                       #  the swept size are zeros)
+    return [[np.ascontiguousarray(xpad[:, :, a::2, b::2]) for b in (0, 1)] for a in (0, 1)]
+
+
+def _phase_offsets(k):
+    """(i, j, window position q = 2·row + column, padded row, padded column) of every
+    column-matrix block: output (2t + row, 2u + column) reads padded input
+    (2t + row + i, 2u + column + j)."""
+    return [(i, j, 2 * r + q, r + i, q + j) for i in range(k) for j in range(k)
+            for r in (0, 1) for q in (0, 1)]
+
+
+@register("numpy", "conv_batchnorm_maxpool")
+class NumpyConvBatchNormMaxPool:
+    """The "conv_batchnorm_maxpool" pair: a stride-1 im2col Conv2D, the training BatchNorm
+    after it and a 2×2, stride-2 max pool, with the convolution's output laid out WINDOW BY
+    WINDOW: its columns ordered (position in the window, image, window row, window column)
+    instead of (image, row, column). A column order is free to choose — the matmul W₂·cols
+    gives each column's output wherever that column sits — so the column matrix is built in
+    this order (one strided copy per kernel offset and window position, from the padded
+    input's four phases), and then each window's four values lie in four contiguous blocks
+    per channel. The batch-norm statistics are sums (any order), and the pool and its
+    routing in backward become a few contiguous passes, where on the image layout
+    (``NumpyBatchNormMaxPool``) they read every other element. The pooled map comes out in
+    the image layout, channel-major.
+
+    Otherwise ``NumpyBatchNormMaxPool``'s method: pool c = sign(s)·(x − μ) first, normalise
+    the pooled quarter; the first maximum of each window in row-major order takes its
+    gradient (top row unless the bottom row's max is larger, then left unless right is
+    larger). What differs from the composition: rounding (the sums run in another order),
+    and near-ties as in that pair. Other shapes (an odd-sized convolution output, a pool
+    other than 2×2/stride 2/no padding, a convolution stride other than 1) and a scale
+    s = γ/σ that is 0 or not finite run the composition of NumPy's pairs."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, weight, bias, eps, k, s, p):
+        n, c, h, wd = x.shape
+        o, kc = w.shape[0], w.shape[2]
+        ho, wo = h + 2 * padding - kc + 1, wd + 2 * padding - kc + 1
+        if (stride != 1 or k != 2 or s != 2 or p != 0 or ho < 2 or wo < 2 or ho % 2
+                or wo % 2 or n * c == 0):
+            return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
+                                                       bias, eps, k, s, p)
+        t, u = ho // 2, wo // 2
+        phases = _phase_images(np.permute_dims(x, (1, 0, 2, 3)), kc, padding, ho, wo)
+        cols = np.empty((kc, kc, c, 4, n, t, u), dtype=x.dtype)
+        for i, j, q, r, col in _phase_offsets(kc):
+            cols[i, j, :, q] = phases[r % 2][col % 2][:, :, r // 2:r // 2 + t, col // 2:col // 2 + u]
+        cols = cols.reshape(kc * kc * c, 4 * n * t * u)
+        w2 = np.permute_dims(w, (0, 2, 3, 1)).reshape(o, kc * kc * c)
+        y = w2 @ cols                                          # (O, 4·M), window by window
+        if b is not None:
+            y += b[:, None]
+        m = y.shape[1]
+        mean = _sum(y, 1) / m
+        y -= mean[:, None]                                     # x − μ, in place
+        var = np.vecdot(y, y) / m                              # biased: / m
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = weight * inv_std                               # s = γ/σ
+        if not np.all(np.isfinite(scale) & (scale != 0)):
+            return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
+                                                       bias, eps, k, s, p)
+        for i in np.flatnonzero(scale < 0):  # c = sign(s)·(x − μ) (contiguous rows)
+            y[i] *= -1
+        c4 = y.reshape(o, 4, m // 4)                           # [:, q]: window position q
+        upper, lower = np.maximum(c4[:, 0], c4[:, 1]), np.maximum(c4[:, 2], c4[:, 3])
+        top = upper >= lower                                   # the top row holds the max
+        left = np.stack([c4[:, 0] >= c4[:, 1], c4[:, 2] >= c4[:, 3]])  # per row: left holds it
+        pooled = np.maximum(upper, lower, out=upper)           # (O, N·T·U): channel-major
+        out = pooled * np.abs(scale)[:, None]
+        out += bias[:, None]
+        out = np.permute_dims(out.reshape(o, n, t, u), (1, 0, 2, 3))
+        return (out, mean, var), (cols, w2, y, pooled, inv_std, scale, top, left,
+                                  tuple(x.shape), kc, padding, b is not None)
+
+    @staticmethod
+    def _composed(x, w, b, stride, padding, weight, bias, eps, k, s, p):
+        from nnx.layers.conv import im2col_forward
+
+        y, conv = im2col_forward(np, x, w, b, stride, padding)
+        out, bn = NumpyBatchNormMaxPool.forward(y, weight, bias, eps, k, s, p)
+        return out, (None, conv, bn)
+
+    @staticmethod
+    def backward(saved, grad, input_grad=True):
+        from nnx.layers.batchnorm import rows
+
+        if saved[0] is None:  # the composition ran
+            from nnx.layers.conv import im2col_backward
+
+            _, conv, bn = saved
+            dy, dgamma, dbeta = NumpyBatchNormMaxPool.backward(bn, grad, True)
+            return (*im2col_backward(conv, dy, input_grad), dgamma, dbeta)
+        cols, w2, c, pooled, inv_std, scale, top, left, shape, kc, padding, has_bias = saved
+        g = rows(np, grad)                                     # (O, M), M = N·T·U
+        dbeta = _sum(g, 1)
+        dgamma = np.vecdot(g, pooled) * np.copysign(inv_std, scale)   # Σ g·x̂ (as above)
+        o, m = c.shape
+        # dy = s·unpool(g) + c·a + b: the affine part, then each window's gradient added
+        # at its first maximum, block by block
+        dy = np.multiply(c, (-np.abs(scale) * dgamma * inv_std / m)[:, None])
+        dy += (-scale * dbeta / m)[:, None]
+        d4 = dy.reshape(o, 4, m // 4)
+        gs = g * scale[:, None]
+        upper = gs * top                                       # to the top row ...
+        gs -= upper                                            # ... or the bottom one
+        for row, share in enumerate((upper, gs)):
+            first = share * left[row]                          # that row's left element
+            d4[:, 2 * row] += first
+            share -= first
+            d4[:, 2 * row + 1] += share
+        n, ch, h, wd = shape
+        db = _sum(dy, 1) if has_bias else None
+        dw = np.permute_dims((dy @ cols.T).reshape(o, kc, kc, ch), (0, 3, 1, 2))
+        if not input_grad:
+            return None, dw, db, dgamma, dbeta
+        # col2im: the transpose of the forward's copies, into the padded input's phases
+        ho, wo = h + 2 * padding - kc + 1, wd + 2 * padding - kc + 1
+        t, u = ho // 2, wo // 2
+        dcols = (w2.T @ dy).reshape(kc, kc, ch, 4, n, t, u)
+        dpad = np.zeros((ch, n, ho + kc, wo + kc), dtype=dy.dtype)
+        dphase = [[np.zeros_like(dpad[:, :, a::2, b::2]) for b in (0, 1)] for a in (0, 1)]
+        for i, j, q, r, col in _phase_offsets(kc):
+            dphase[r % 2][col % 2][:, :, r // 2:r // 2 + t, col // 2:col // 2 + u] += dcols[i, j, :, q]
+        for a in (0, 1):
+            for b_ in (0, 1):
+                dpad[:, :, a::2, b_::2] = dphase[a][b_]
+        dx = dpad[:, :, padding:padding + h, padding:padding + wd]
+        return np.permute_dims(dx, (1, 0, 2, 3)), dw, db, dgamma, dbeta

@@ -36,6 +36,10 @@ Named pairs spanning two layers (``BLOCK_PAIRS``; a chain runs them, ``nnx.layer
 - ``batchnorm_maxpool``: a training BatchNorm and the MaxPool2D after it,
   ``forward(x, γ, β, eps, k, s, p) -> ((pooled y, mean, biased var), saved)``,
   ``backward(saved, pooled grad, input_grad) -> (dx or None, dγ, dβ)``
+- ``conv_batchnorm_maxpool`` (three layers): a training Conv2D (im2col), the BatchNorm and
+  the MaxPool2D after it, ``forward(x, w, b, stride, padding, γ, β, eps, k, s, p) ->
+  ((pooled y, mean, biased var), saved)``, ``backward(saved, pooled grad, input_grad) ->
+  (dx or None, dw, db or None, dγ, dβ)``
 """
 from __future__ import annotations
 
@@ -47,8 +51,8 @@ OPS = ("relu_forward", "relu_backward", "softmax_xent", "nesterov_update", "adam
 #: named forward/backward PAIRS (see ``CheckedPair``): a layer whose backend offers one
 #: (``offers``) runs the pair instead of its own passes
 PAIRS = ("conv2d", "batchnorm", "maxpool")
-#: named pairs that stand for two layers run as one step (a chain asks for them)
-BLOCK_PAIRS = ("batchnorm_maxpool",)
+#: named pairs that stand for two or three layers run as one step (a chain asks for them)
+BLOCK_PAIRS = ("batchnorm_maxpool", "conv_batchnorm_maxpool")
 
 #: {backend name: {op name: implementation}}
 REGISTRY: dict[str, dict] = {}
@@ -356,5 +360,20 @@ def _sample_batchnorm_maxpool(backend, args, rng):
             _like(backend, rng, bias, (c,)), eps, k, s, p)
 
 
+def _sample_conv_batchnorm_maxpool(backend, args, rng):
+    x, w, b, stride, padding, weight, bias, eps, k, s, p = args
+    o, c, kc = (int(d) for d in w.shape[:3])
+    # a convolution output of 2·k + 2 by 2·k rows and columns (even: whole windows)
+    h, wd = 2 * k + 2 + kc - 1 - 2 * padding, 2 * k + kc - 1 - 2 * padding
+    xs = _like(backend, rng, x, (2, c, max(h, 1), max(wd, 1)))
+    ws = _like(backend, rng, w, (o, c, kc, kc)) * (1.0 / (c * kc * kc) ** 0.5)
+    bs = None if b is None else _like(backend, rng, b, (o,))
+    gamma = np.abs(rng.standard_normal(o)) + 0.1  # γ of both signs, as for the pair above
+    gamma[0] = -gamma[0]
+    return (xs, ws, bs, stride, padding, backend.from_numpy(gamma, dtype=weight.dtype),
+            _like(backend, rng, bias, (o,)), eps, k, s, p)
+
+
 PAIR_SAMPLES = {"conv2d": _sample_conv2d, "batchnorm": _sample_batchnorm,
-                "maxpool": _sample_maxpool, "batchnorm_maxpool": _sample_batchnorm_maxpool}
+                "maxpool": _sample_maxpool, "batchnorm_maxpool": _sample_batchnorm_maxpool,
+                "conv_batchnorm_maxpool": _sample_conv_batchnorm_maxpool}

@@ -23,7 +23,8 @@ from nnx.losses import SoftmaxCrossEntropy
 DTYPES = ["float32", "float64"]
 NUMPY_OPS = ["relu_forward", "relu_backward", "softmax_xent"]
 NUMPY_PAIRS = ["batchnorm", "maxpool"]
-NUMPY_BLOCK_PAIRS = ["batchnorm_maxpool"]  # (tests/test_batchnorm_maxpool.py)
+NUMPY_BLOCK_PAIRS = ["batchnorm_maxpool",  # (tests/test_batchnorm_maxpool.py)
+                     "conv_batchnorm_maxpool"]  # (tests/test_conv_batchnorm_maxpool.py)
 
 
 def _impl(name):
@@ -541,10 +542,13 @@ def test_the_pairs_self_check_accepts_them_on_the_shapes_of_a_model():
     def train(enabled):
         overrides.set_enabled(enabled)
         try:
-            # (a batch norm before a max pool runs as the "batchnorm_maxpool" pair; the
-            # one after the second pool as "batchnorm")
-            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,conv:6,maxpool:2,bn,"
-                                                "flatten,dense:10", (1, 12, 10)),
+            # (the first convolution, its batch norm and max pool run as the
+            # "conv_batchnorm_maxpool" pair; the second batch norm and max pool as
+            # "batchnorm_maxpool", the row-split convolution before them being no im2col;
+            # the third pool alone as "maxpool", the batch norm after it as "batchnorm")
+            model = nnx.Sequential(build_layers("conv:4,bn,relu,maxpool:2,conv:6,bn,maxpool:2,"
+                                                "conv:6,maxpool:2,bn,flatten,dense:10",
+                                                (1, 12, 10)),
                                    input_shape=(1, 12, 10), backend=NumpyBackend(),
                                    dtype="float64", seed=3)
             opt = make_optimizer("adam", model.named_parameters(), 1e-2)

@@ -49,9 +49,10 @@ def _run(backend, kind, reorder, x, g, dtype):
 def test_relu_after_maxpool_gives_the_same_numbers(backend, kind, dtype, monkeypatch):
     """Inputs rounded to a few levels, half of them negative: windows with ties, windows
     all ≤ 0 (where ReLU makes the ties), and exact zeros. (Without the "batchnorm_maxpool"
-    pair, which the new order lets NumPy run and which rounds differently:
-    tests/test_batchnorm_maxpool.py.)"""
-    monkeypatch.delitem(overrides._load(backend.name), "batchnorm_maxpool", raising=False)
+    and "conv_batchnorm_maxpool" pairs, which the new order lets NumPy run and which round
+    differently: tests/test_batchnorm_maxpool.py, tests/test_conv_batchnorm_maxpool.py.)"""
+    for name in ("batchnorm_maxpool", "conv_batchnorm_maxpool"):
+        monkeypatch.delitem(overrides._load(backend.name), name, raising=False)
     rng = np.random.default_rng(7)
     x = np.round(rng.standard_normal((5, 1, 28, 28)) * 2) / 2
     g = rng.standard_normal((5, 10))

@@ -7,6 +7,7 @@ one thread, NumPy, float32; per-sample cost lets batch sizes be compared:
     python tools/step_time.py --arch cnn --torch --without maxpool,batchnorm  # NumPy pairs A/B
     python tools/step_time.py --arch cnn --infer --without reorder  # ReLU after max pool A/B
     python tools/step_time.py --arch cnn --torch --without batchnorm_maxpool --data mnist
+    python tools/step_time.py --arch cnn --torch --without conv_batchnorm_maxpool --data mnist
     python tools/step_time.py --arch cnn --torch --data mnist   # real digits, not random inputs
 
 Prints the median step time, ms per 1000 samples, and (with --torch) the same step in
@@ -20,7 +21,8 @@ turns every override off in the twin (``overrides.set_enabled(False)``, as ``--n
 ``--without reorder`` runs the twin's layers in their own order (``Chain.reorder``: no
 ReLU moved after its max pool, so no batch norm directly before a max pool either).
 ``batchnorm`` or ``maxpool`` also takes out ``batchnorm_maxpool`` (the two-layer pair that a
-batch norm before a max pool runs instead of them).
+batch norm before a max pool runs instead of them) and ``conv_batchnorm_maxpool`` (the
+three-layer pair with the convolution before them), and ``batchnorm_maxpool`` the latter.
 ``--data mnist`` feeds the first training images and labels of MNIST (``NNX_DATA_DIR`` or
 ``--data-dir``) instead of uniform random inputs: torch's max-pool forward branches on the
 data and runs ~35% faster on digit images (docs/cnn.md), so the nnx/torch ratio depends on it.
@@ -85,10 +87,12 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--without: {', '.join(unknown)} is not a NumPy pair (NumPy has "
                          f"{', '.join(pairs) or 'none'}; or 'all', or 'reorder')")
-    if {"batchnorm", "maxpool"} & set(off) and "batchnorm_maxpool" not in off:
-        # a batch norm before a max pool runs the two-layer pair, whatever the one-layer
-        # pairs are: the twin must not run it either
-        off.append("batchnorm_maxpool")
+    if {"batchnorm", "maxpool"} & set(off):
+        # a batch norm before a max pool runs the two-layer pair (after a convolution, the
+        # three-layer one), whatever the one-layer pairs are: the twin must not run them
+        off += [n for n in ("batchnorm_maxpool", "conv_batchnorm_maxpool") if n not in off]
+    elif "batchnorm_maxpool" in off and "conv_batchnorm_maxpool" not in off:
+        off.append("conv_batchnorm_maxpool")  # (it contains that pair)
 
     def without(fn):
         """``fn`` with the NumPy pairs in ``off`` out of the registry while it runs (a layer

@@ -318,15 +318,16 @@ class BatchNormMaxPoolPair:
 
 
 class _RanInPair:
-    """What a MaxPool2D keeps after its chain ran it with the batch norm before it as one
-    pair (``BatchNorm.forward_pooled``): nothing to go back through on its own."""
+    """What a layer keeps after its chain ran it inside one pair with the layer before it
+    (a MaxPool2D after its BatchNorm: ``BatchNorm.forward_pooled``; a BatchNorm and MaxPool2D
+    after their Conv2D: ``Conv2D.forward_block``): nothing to go back through on its own."""
 
     @staticmethod
-    def backward(bn_name, grad, input_grad=True):
-        raise RuntimeError(f"this max pool ran inside one pair with the batch norm before it "
-                           f"({bn_name}), in a training forward of their chain: that chain's "
-                           "backward goes back through both (model.backward), or run the "
-                           "layers one by one, forward and backward")
+    def backward(owner, grad, input_grad=True):
+        raise RuntimeError(f"this layer ran inside one pair with {owner} before it, in a "
+                           "training forward of their chain: that chain's backward goes back "
+                           "through them (model.backward), or run the layers one by one, "
+                           "forward and backward")
 
 
 class _EmptyBatch:

@@ -42,6 +42,18 @@ def pooled_pairs(layers, order) -> dict:
             if type(layers[i]) is BatchNorm and type(layers[j]) is MaxPool2D}
 
 
+def conv_blocks(layers, order) -> dict:
+    """{i: (j, l)} for each Conv2D i directly followed, in ``order``, by a BatchNorm j and a
+    MaxPool2D l: in training the three may run as one "conv_batchnorm_maxpool" pair, which
+    a backend can compute with the convolution's output laid out window by window
+    (docs/cnn.md, "Convolution, batch norm and max pool")."""
+    from .conv import Conv2D
+
+    pooled = pooled_pairs(layers, order)
+    return {i: (j, pooled[j]) for i, j in zip(order, list(order)[1:])
+            if type(layers[i]) is Conv2D and j in pooled}
+
+
 class Chain(Layer):
     """``Chain(layers)``: y = fₙ(…f₂(f₁(x))).
 
@@ -86,6 +98,9 @@ class Chain(Layer):
         #: {i: j}: BatchNorm i runs with the max pool j that follows it in ``order`` as one
         #: step in training where the backend offers that pair (``BatchNorm.fuses_with``)
         self._pooled = pooled_pairs(self.layers, self.order)
+        #: {i: (j, l)}: Conv2D i runs with that pair as one step where the backend offers
+        #: it (``Conv2D.fuses_with``)
+        self._blocks = conv_blocks(self.layers, self.order)
         self._ran = None
         return shape
 
@@ -96,11 +111,18 @@ class Chain(Layer):
         # step; --no-fused gives the layers' own order and passes)
         fuse = train and order is getattr(self, "order", None)
         layers, pooled = self.layers, self._pooled if fuse else {}
+        blocks = self._blocks if fuse else {}
         ran, pos = [], 0
         while pos < len(order):
             i = order[pos]
             j = pooled.get(i)  # (then j is order[pos + 1])
-            if j is not None and layers[i].fuses_with(layers[j], x):
+            block = blocks.get(i)  # (then they are order[pos + 1] and order[pos + 2])
+            if block is not None and layers[i].fuses_with(*(layers[b] for b in block), x):
+                # a Conv2D, its BatchNorm and max pool as one pair (Conv2D.forward_block);
+                # its backward is the Conv2D's, from the pooled gradient
+                x = layers[i].forward_block(x, *(layers[b] for b in block))
+                pos += 3
+            elif j is not None and layers[i].fuses_with(layers[j], x):
                 # a BatchNorm and the max pool after it, as one pair (BatchNorm.forward_pooled);
                 # its backward is the BatchNorm's, from the pooled gradient
                 x = layers[i].forward_pooled(x, layers[j])

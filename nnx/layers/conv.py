@@ -17,6 +17,8 @@ docs/cnn.md derives the shapes and gradients, and measures the methods against e
 """
 from __future__ import annotations
 
+import math
+
 from .. import init as initializers
 from ..errors import ShapeError
 from .base import Layer
@@ -302,6 +304,36 @@ class Im2colPair:
     backward = staticmethod(im2col_backward)
 
 
+class ConvBatchNormMaxPoolPair:
+    """The standard path of the "conv_batchnorm_maxpool" pair (backends/overrides.py): a
+    Conv2D (im2col, its ``"gather"`` method), the training BatchNorm after it and the
+    MaxPool2D after that, composed — ``im2col_forward``, then ``BatchNormMaxPoolPair``.
+    ``forward(x, w, b, stride, padding, γ, β, eps, k, s, p) -> ((pooled y, μ, biased var),
+    saved)``; ``backward(saved, pooled grad, input_grad) -> (dx or None, dw, db or None, dγ,
+    dβ)``. A backend's version may lay the convolution's output out window by window, so
+    that the pool reads each window's values from four contiguous blocks (docs/cnn.md,
+    "Convolution, batch norm and max pool: NumPy's one pair")."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, weight, bias, eps, k, s, p):
+        from array_api_compat import array_namespace
+
+        from .batchnorm import BatchNormMaxPoolPair
+
+        y, conv = im2col_forward(array_namespace(x), x, w, b, stride, padding)
+        out, bn = BatchNormMaxPoolPair.forward(y, weight, bias, eps, k, s, p)
+        return out, (conv, bn)
+
+    @staticmethod
+    def backward(saved, grad, input_grad):
+        from .batchnorm import BatchNormMaxPoolPair
+
+        conv, bn = saved
+        dy, dgamma, dbeta = BatchNormMaxPoolPair.backward(bn, grad, True)
+        dx, dw, db = im2col_backward(conv, dy, input_grad)
+        return dx, dw, db, dgamma, dbeta
+
+
 class Conv2D(Layer):
     """``Conv2D(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
     init="he_normal", method="fast")`` — cross-correlation like ``torch.nn.Conv2d`` (square
@@ -389,7 +421,7 @@ class Conv2D(Layer):
             self.check_features(x, self.in_shape)
         s, p = self.stride, self.padding
         self.xshape = tuple(x.shape)
-        self.saved = None  # (pair, what its backward needs) on the pair paths
+        self.saved = self.block = None  # (pair, what its backward needs) on the pair paths
         if self._library():  # the backend's own convolution (a checked override pair)
             pair = self.pair("conv2d", Im2colPair)
             y, saved = pair.forward(x, self.weight.value, self._bias(), s, p)
@@ -413,6 +445,41 @@ class Conv2D(Layer):
         "conv2d" pair, e.g. torch's): for the default method, where the backend offers one."""
         return self.method == "fast" and self.backend is not None and self.backend.offers("conv2d")
 
+    def fuses_with(self, bn, pool, x) -> bool:
+        """Whether a training forward of this layer on ``x``, the BatchNorm ``bn`` and the
+        MaxPool2D ``pool`` after it may run as one step, ``forward_block``: the backend
+        offers the "conv_batchnorm_maxpool" pair, this layer would run im2col (the default
+        method where it picks ``"gather"``: few input channels) at stride 1, and ``bn``
+        would run its own pair with the batch norm pair's conditions."""
+        return (self.method == "fast" and self.stride == 1 and not self._rows()
+                and not self._library() and bn.sync is None and x.ndim == 4
+                and x.shape[0] * math.prod(self.output_shape(self.in_shape)[1:]) > 1
+                and self.backend.offers("conv_batchnorm_maxpool"))
+
+    def forward_block(self, x, bn, pool):
+        """A training forward of this layer, ``bn`` and ``pool`` as one
+        "conv_batchnorm_maxpool" pair (the chain calls it where ``fuses_with``): the pooled
+        output, ``bn``'s running statistics updated; this layer's ``backward`` then takes
+        the POOLED map's gradient, sets ``bn``'s parameter gradients too, and returns the
+        gradient of this layer's input (``bn`` and ``pool`` keep nothing)."""
+        from .batchnorm import _RanInPair
+
+        if tuple(x.shape[1:]) != self.in_shape:
+            self.check_features(x, self.in_shape)
+        n = x.shape[0]
+        ho, wo = self.output_shape(self.in_shape)[1:]  # (bn's and pool's inputs, as built)
+        self.xshape, self.block = tuple(x.shape), bn
+        here = self.name or "Conv2D"
+        bn.train_mode, bn.shape, bn.xc = True, (n, self.out_channels, ho, wo), None
+        bn.saved = pool.saved = (_RanInPair, here)  # their backward is this layer's
+        pair = self.pair("conv_batchnorm_maxpool", ConvBatchNormMaxPoolPair)
+        (y, mean, var), saved = pair.forward(
+            x, self.weight.value, self._bias(), self.stride, self.padding, bn.weight.value,
+            bn.bias.value, bn.eps, pool.kernel_size, pool.stride, pool.padding)
+        bn._update_running(mean, var, n * ho * wo)
+        self.saved = (pair, saved)
+        return y
+
     def _set_grads(self, dw, db):
         self.weight.grad = dw
         if self.use_bias:
@@ -425,7 +492,12 @@ class Conv2D(Layer):
             if self._rows():
                 return self._rows_backward(grad, input_grad)
         (pair, saved), self.saved = self.take_saved(), None  # frees the column matrix
-        dx, dw, db = pair.backward(saved, grad, input_grad)
+        bn, self.block = getattr(self, "block", None), None
+        if bn is not None:  # forward_block ran: the pooled map's gradient, for three layers
+            dx, dw, db, bn.weight.grad, bn.bias.grad = pair.backward(saved, grad, input_grad)
+            bn.saved = None
+        else:
+            dx, dw, db = pair.backward(saved, grad, input_grad)
         self._set_grads(dw, db)
         return dx
 
