@@ -371,6 +371,17 @@ class NumpyBatchNormMaxPool:
         return dx, dgamma, dbeta
 
 
+def _rows_per_block(m, itemsize):
+    """Feature rows of m values per block of about ``BN_BLOCK_BYTES`` (at least one)."""
+    return max(1, BN_BLOCK_BYTES // max(1, m * itemsize))
+
+
+def _blocks(f, m, itemsize):
+    """(first, end) row of each block of the (f, m) rows, ``_rows_per_block`` rows each."""
+    step = _rows_per_block(m, itemsize)
+    return [(a, min(f, a + step)) for a in range(0, f, step)]
+
+
 def _phase_images(xc, k, p, ho, wo):
     """The zero-padded channel-major input (C, N, H + 2p, W + 2p) split into its four
     phases: ``[a][b]`` holds the padded rows ≡ a and columns ≡ b (mod 2), contiguous."""
@@ -430,22 +441,31 @@ class NumpyConvBatchNormMaxPool:
         if b is not None:
             y += b[:, None]
         m = y.shape[1]
-        mean = _sum(y, 1) / m
-        y -= mean[:, None]                                     # x − μ, in place
-        var = np.vecdot(y, y) / m                              # biased: / m
+        mean, var = np.empty(o, dtype=y.dtype), np.empty(o, dtype=y.dtype)
+        pooled, top = np.empty((o, m // 4), dtype=y.dtype), np.empty((o, m // 4), dtype=bool)
+        left = np.empty((2, o, m // 4), dtype=bool)  # [row]: that row's left element holds it
+        lower = np.empty((_rows_per_block(m, y.itemsize), m // 4), dtype=y.dtype)
+        for a, z in _blocks(o, m, y.itemsize):  # each block's passes run from the L2 cache
+            rows_ = y[a:z]
+            mu = _sum(rows_, 1) / m
+            rows_ -= mu[:, None]                               # x − μ, in place
+            mean[a:z], var[a:z] = mu, np.vecdot(rows_, rows_) / m   # biased: / m
+            for i in np.flatnonzero(weight[a:z] < 0):  # c = sign(s)·(x − μ): σ > 0, so
+                rows_[i] *= -1                         # sign(s) = sign(γ) (0, NaN: below)
+            c4 = rows_.reshape(z - a, 4, m // 4)               # [:, q]: window position q
+            upper, low = pooled[a:z], lower[:z - a]
+            np.maximum(c4[:, 0], c4[:, 1], out=upper)
+            np.maximum(c4[:, 2], c4[:, 3], out=low)
+            np.greater_equal(upper, low, out=top[a:z])         # the top row holds the max
+            np.greater_equal(c4[:, 0], c4[:, 1], out=left[0, a:z])
+            np.greater_equal(c4[:, 2], c4[:, 3], out=left[1, a:z])
+            np.maximum(upper, low, out=upper)
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = weight * inv_std                               # s = γ/σ
         if not np.all(np.isfinite(scale) & (scale != 0)):
             return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
                                                        bias, eps, k, s, p)
-        for i in np.flatnonzero(scale < 0):  # c = sign(s)·(x − μ) (contiguous rows)
-            y[i] *= -1
-        c4 = y.reshape(o, 4, m // 4)                           # [:, q]: window position q
-        upper, lower = np.maximum(c4[:, 0], c4[:, 1]), np.maximum(c4[:, 2], c4[:, 3])
-        top = upper >= lower                                   # the top row holds the max
-        left = np.stack([c4[:, 0] >= c4[:, 1], c4[:, 2] >= c4[:, 3]])  # per row: left holds it
-        pooled = np.maximum(upper, lower, out=upper)           # (O, N·T·U): channel-major
-        out = pooled * np.abs(scale)[:, None]
+        out = pooled * np.abs(scale)[:, None]                  # (O, N·T·U): channel-major
         out += bias[:, None]
         out = np.permute_dims(out.reshape(o, n, t, u), (1, 0, 2, 3))
         return (out, mean, var), (cols, w2, y, pooled, inv_std, scale, top, left,
@@ -474,19 +494,26 @@ class NumpyConvBatchNormMaxPool:
         dbeta = _sum(g, 1)
         dgamma = np.vecdot(g, pooled) * np.copysign(inv_std, scale)   # Σ g·x̂ (as above)
         o, m = c.shape
-        # dy = s·unpool(g) + c·a + b: the affine part, then each window's gradient added
-        # at its first maximum, block by block
-        dy = np.multiply(c, (-np.abs(scale) * dgamma * inv_std / m)[:, None])
-        dy += (-scale * dbeta / m)[:, None]
-        d4 = dy.reshape(o, 4, m // 4)
-        gs = g * scale[:, None]
-        upper = gs * top                                       # to the top row ...
-        gs -= upper                                            # ... or the bottom one
-        for row, share in enumerate((upper, gs)):
-            first = share * left[row]                          # that row's left element
-            d4[:, 2 * row] += first
-            share -= first
-            d4[:, 2 * row + 1] += share
+        # dy = c·a + b + s·unpool(g): the affine part, then each window's gradient added
+        # at its first maximum, block by block of channels
+        a_, b_ = -np.abs(scale) * dgamma * inv_std / m, -scale * dbeta / m
+        dy = np.empty_like(c)
+        rows = _rows_per_block(m, c.itemsize)
+        gs, share, first = (np.empty((rows, m // 4), dtype=c.dtype) for _ in range(3))
+        for a, z in _blocks(o, m, c.itemsize):
+            d = dy[a:z]
+            np.multiply(c[a:z], a_[a:z, None], out=d)
+            d += b_[a:z, None]
+            d4 = d.reshape(z - a, 4, m // 4)
+            gz, upper = gs[:z - a], share[:z - a]
+            np.multiply(g[a:z], scale[a:z, None], out=gz)
+            np.multiply(gz, top[a:z], out=upper)               # to the top row ...
+            gz -= upper                                        # ... or the bottom one
+            for row, part in enumerate((upper, gz)):
+                to_left = np.multiply(part, left[row, a:z], out=first[:z - a])
+                d4[:, 2 * row] += to_left                      # that row's left element
+                part -= to_left                                # ... or its right one
+                d4[:, 2 * row + 1] += part
         n, ch, h, wd = shape
         db = _sum(dy, 1) if has_bias else None
         dw = np.permute_dims((dy @ cols.T).reshape(o, kc, kc, ch), (0, 3, 1, 2))
