@@ -33,8 +33,9 @@ Forward/backward pairs (layers run them instead of the standard pairs, checked o
 use; docs/cnn.md, "Where the time goes", measures them in whole training steps). The
 one-layer pairs give the standard path's values bit for bit too; the two-layer
 ``batchnorm_maxpool`` pair gives its forward values bit for bit and its gradients to
-rounding (its sums run in another order), so a model with a batch norm before a max pool
-ends training with weights equal to the standard path's to rounding, not bit for bit:
+rounding (its sums run in another order), the three-layer one all its results to rounding,
+so a model with a batch norm before a max pool ends training with weights equal to the
+standard path's to rounding, not bit for bit:
 
 - ``maxpool``: 2×2 windows at stride 2 in two stages (``NumpyMaxPool``), the same values
   bit for bit.
@@ -42,6 +43,9 @@ ends training with weights equal to the standard path's to rounding, not bit for
   rows (``NumpyBatchNorm``), the same values bit for bit.
 - ``batchnorm_maxpool`` (two layers): pools first and normalises the pooled quarter
   (``NumpyBatchNormMaxPool``), the same forward values bit for bit, gradients to rounding.
+- ``conv_batchnorm_maxpool`` (three layers): an im2col convolution whose column matrix is
+  ordered window by window, so that the batch norm and the pool after it run on contiguous
+  blocks (``NumpyConvBatchNormMaxPool``); every result to rounding.
 
 Not replaced: ``conv2d``. Conv2D's own ``"rows"`` method run over chunks of images (the
 row-partial outputs summed while in cache) was 3.5-5% faster per cnn training step with

@@ -312,3 +312,28 @@ def test_the_cnn_preset_runs_its_first_block_as_the_pair():
     # block 1 (1 → 32) as the three-layer pair; block 2 (32 → 64, the row-split
     # convolution) with the two-layer pair after it
     assert model._ran[:5] == [0, 2, 4, 5, 6]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_standard_pair_on_every_backend_against_torch_autograd(backend, dtype):
+    """``ConvBatchNormMaxPoolPair`` (the reference every backend falls back to) in the
+    backend's own arrays, against torch's autograd in float64."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, wt, b, gamma, beta = _case("float64", 3, 2, 5, 8, 6, 3, True, "mixed", seed=9)
+    g = np.random.default_rng(7).standard_normal((3, 5, 4, 3))
+    dev = [backend.from_numpy(a, dtype=backend.dtype(dtype)) for a in (x, wt, b, gamma, beta, g)]
+    (out, mean, var), saved = ConvBatchNormMaxPoolPair.forward(*dev[:3], 1, 1, *dev[3:5], EPS,
+                                                               2, 2, 0)
+    got = [out, mean, var, *ConvBatchNormMaxPoolPair.backward(saved, dev[5], True)]
+    t = [torch.tensor(a, requires_grad=True) for a in (x, wt, b, gamma, beta)]
+    y = F.conv2d(t[0], t[1], t[2], padding=1)
+    want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    pooled = F.max_pool2d(F.batch_norm(y, None, None, t[3], t[4], training=True, eps=EPS), 2)
+    pooled.backward(torch.tensor(g))
+    want = [pooled, want_mean, want_var] + [a.grad for a in t]
+    tol = 1e-9 if dtype == "float64" else 2e-4
+    for name, a, w in zip(("out", "mean", "var", "dx", "dw", "db", "dgamma", "dbeta"), got, want):
+        w = w.detach().numpy()
+        np.testing.assert_allclose(backend.to_numpy(a), w, rtol=tol,
+                                   atol=tol * max(1.0, float(np.max(np.abs(w)))), err_msg=name)

@@ -19,7 +19,8 @@ layout changes, im2col/col2im copies and reductions can be read off; where NumPy
 pair replaces a layer's passes (backends/numpy_ops.py) its forward and backward are timed
 as wholes too. ``--without NAMES`` takes those NumPy pairs out (``all``: every override off).
 Layers are run one by one here, so the two-layer ``batchnorm_maxpool`` pair of a training
-step (a batch norm and the max pool after it) never runs: tools/step_time.py measures it.
+step (a batch norm and the max pool after it) and the three-layer ``conv_batchnorm_maxpool``
+(a convolution before them) never run: tools/step_time.py measures them.
 """
 from __future__ import annotations
 

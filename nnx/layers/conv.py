@@ -13,6 +13,10 @@ Written against the Array API standard only (no pad, conv, einsum, as_strided or
 * ``method="winograd"`` computes 3×3 stride-1 convolutions as Winograd F(2×2, 3×3), its
   transforms written as small matrix products over all tiles at once.
 
+In training, a chain may run a Conv2D with the BatchNorm and MaxPool2D after it as one
+"conv_batchnorm_maxpool" pair (``forward_block``; the standard pair is
+``ConvBatchNormMaxPoolPair``, NumPy's orders the column matrix window by window).
+
 docs/cnn.md derives the shapes and gradients, and measures the methods against each other.
 """
 from __future__ import annotations
@@ -448,9 +452,11 @@ class Conv2D(Layer):
     def fuses_with(self, bn, pool, x) -> bool:
         """Whether a training forward of this layer on ``x``, the BatchNorm ``bn`` and the
         MaxPool2D ``pool`` after it may run as one step, ``forward_block``: the backend
-        offers the "conv_batchnorm_maxpool" pair, this layer would run im2col (the default
-        method where it picks ``"gather"``: few input channels) at stride 1, and ``bn``
-        would run its own pair with the batch norm pair's conditions."""
+        offers the "conv_batchnorm_maxpool" pair; this layer would run im2col at stride 1
+        (its default method with few input channels, where it picks ``"gather"``; not the
+        row-split method nor a library's convolution); and ``bn`` uses its own batch's
+        statistics over more than one value per channel. (docs/cnn.md, "Convolution,
+        batch norm and max pool", measured the row-split layers fused too: slower.)"""
         return (self.method == "fast" and self.stride == 1 and not self._rows()
                 and not self._library() and bn.sync is None and x.ndim == 4
                 and x.shape[0] * math.prod(self.output_shape(self.in_shape)[1:]) > 1
