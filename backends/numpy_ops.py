@@ -258,7 +258,7 @@ class NumpyBatchNorm:
         f, m = xc.shape
         dbeta, dgamma = np.empty_like(inv_std), np.empty_like(inv_std)
         dx = np.empty_like(xc) if input_grad else None
-        step = max(1, BN_BLOCK_BYTES // max(1, m * xc.itemsize))
+        step = _rows_per_block(m, xc.itemsize)
         for a in range(0, f, step):
             b = min(f, a + step)
             gb, c, inv = g[a:b], xc[a:b], inv_std[a:b]
@@ -386,21 +386,21 @@ def _blocks(f, m, itemsize):
     return [(a, min(f, a + step)) for a in range(0, f, step)]
 
 
-def _phase_images(xc, k, p, ho, wo):
+def _phase_images(xc, p):
     """The zero-padded channel-major input (C, N, H + 2p, W + 2p) split into its four
     phases: ``[a][b]`` holds the padded rows ≡ a and columns ≡ b (mod 2), contiguous."""
     c, n, h, w = xc.shape
-    xpad = np.zeros((c, n, ho + k, wo + k), dtype=xc.dtype)   # (≥ H + 2p: rows read past
-    xpad[:, :, p:p + h, p:p + w] = xc                       #  the swept size are zeros)
+    xpad = np.zeros((c, n, h + 2 * p, w + 2 * p), dtype=xc.dtype)
+    xpad[:, :, p:p + h, p:p + w] = xc
     return [[np.ascontiguousarray(xpad[:, :, a::2, b::2]) for b in (0, 1)] for a in (0, 1)]
 
 
-def _phase_offsets(k):
-    """(i, j, window position q = 2·row + column, padded row, padded column) of every
-    column-matrix block: output (2t + row, 2u + column) reads padded input
-    (2t + row + i, 2u + column + j)."""
-    return [(i, j, 2 * r + q, r + i, q + j) for i in range(k) for j in range(k)
-            for r in (0, 1) for q in (0, 1)]
+def _window_offsets(k):
+    """(i, j, q, padded row offset, padded column offset) of every column-matrix block:
+    kernel offset (i, j) at window position q = 2·r + c (window row r, column c) reads the
+    padded input at (2t + r + i, 2u + c + j) for output window (t, u)."""
+    return [(i, j, 2 * r + c, r + i, c + j) for i in range(k) for j in range(k)
+            for r in (0, 1) for c in (0, 1)]
 
 
 @register("numpy", "conv_batchnorm_maxpool")
@@ -434,11 +434,15 @@ class NumpyConvBatchNormMaxPool:
                 or wo % 2 or n * c == 0):
             return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
                                                        bias, eps, k, s, p)
+        if not np.all(np.isfinite(weight) & (weight != 0)):  # (a zero or non-finite s)
+            return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
+                                                       bias, eps, k, s, p)
         t, u = ho // 2, wo // 2
-        phases = _phase_images(np.permute_dims(x, (1, 0, 2, 3)), kc, padding, ho, wo)
+        phases = _phase_images(np.permute_dims(x, (1, 0, 2, 3)), padding)
         cols = np.empty((kc, kc, c, 4, n, t, u), dtype=x.dtype)
-        for i, j, q, r, col in _phase_offsets(kc):
-            cols[i, j, :, q] = phases[r % 2][col % 2][:, :, r // 2:r // 2 + t, col // 2:col // 2 + u]
+        for i, j, q, dr, dc in _window_offsets(kc):
+            phase = phases[dr % 2][dc % 2]
+            cols[i, j, :, q] = phase[:, :, dr // 2:dr // 2 + t, dc // 2:dc // 2 + u]
         cols = cols.reshape(kc * kc * c, 4 * n * t * u)
         w2 = np.permute_dims(w, (0, 2, 3, 1)).reshape(o, kc * kc * c)
         y = w2 @ cols                                          # (O, 4·M), window by window
@@ -500,14 +504,14 @@ class NumpyConvBatchNormMaxPool:
         o, m = c.shape
         # dy = c·a + b + s·unpool(g): the affine part, then each window's gradient added
         # at its first maximum, block by block of channels
-        a_, b_ = -np.abs(scale) * dgamma * inv_std / m, -scale * dbeta / m
+        times_c, plus = -np.abs(scale) * dgamma * inv_std / m, -scale * dbeta / m
         dy = np.empty_like(c)
-        rows = _rows_per_block(m, c.itemsize)
-        gs, share, first = (np.empty((rows, m // 4), dtype=c.dtype) for _ in range(3))
+        per_block = _rows_per_block(m, c.itemsize)
+        gs, share, first = (np.empty((per_block, m // 4), dtype=c.dtype) for _ in range(3))
         for a, z in _blocks(o, m, c.itemsize):
             d = dy[a:z]
-            np.multiply(c[a:z], a_[a:z, None], out=d)
-            d += b_[a:z, None]
+            np.multiply(c[a:z], times_c[a:z, None], out=d)
+            d += plus[a:z, None]
             d4 = d.reshape(z - a, 4, m // 4)
             gz, upper = gs[:z - a], share[:z - a]
             np.multiply(g[a:z], scale[a:z, None], out=gz)
@@ -524,15 +528,15 @@ class NumpyConvBatchNormMaxPool:
         if not input_grad:
             return None, dw, db, dgamma, dbeta
         # col2im: the transpose of the forward's copies, into the padded input's phases
-        ho, wo = h + 2 * padding - kc + 1, wd + 2 * padding - kc + 1
-        t, u = ho // 2, wo // 2
+        t, u = (h + 2 * padding - kc + 1) // 2, (wd + 2 * padding - kc + 1) // 2
         dcols = (w2.T @ dy).reshape(kc, kc, ch, 4, n, t, u)
-        dpad = np.zeros((ch, n, ho + kc, wo + kc), dtype=dy.dtype)
+        dpad = np.empty((ch, n, h + 2 * padding, wd + 2 * padding), dtype=dy.dtype)
         dphase = [[np.zeros_like(dpad[:, :, a::2, b::2]) for b in (0, 1)] for a in (0, 1)]
-        for i, j, q, r, col in _phase_offsets(kc):
-            dphase[r % 2][col % 2][:, :, r // 2:r // 2 + t, col // 2:col // 2 + u] += dcols[i, j, :, q]
+        for i, j, q, dr, dc in _window_offsets(kc):
+            phase = dphase[dr % 2][dc % 2]
+            phase[:, :, dr // 2:dr // 2 + t, dc // 2:dc // 2 + u] += dcols[i, j, :, q]
         for a in (0, 1):
-            for b_ in (0, 1):
-                dpad[:, :, a::2, b_::2] = dphase[a][b_]
+            for b in (0, 1):
+                dpad[:, :, a::2, b::2] = dphase[a][b]
         dx = dpad[:, :, padding:padding + h, padding:padding + wd]
         return np.permute_dims(dx, (1, 0, 2, 3)), dw, db, dgamma, dbeta

@@ -31,7 +31,8 @@ Named forward/backward pairs (``CheckedPair``; each side's ``saved`` is its own)
 - ``maxpool``: ``forward(x, k, s, p, keep) -> (out, saved)``, ``backward(saved, grad,
   input_grad) -> dx``
 
-Named pairs spanning two layers (``BLOCK_PAIRS``; a chain runs them, ``nnx.layers.chain``):
+Named pairs spanning two or three layers (``BLOCK_PAIRS``; a chain runs them,
+``nnx.layers.chain``):
 
 - ``batchnorm_maxpool``: a training BatchNorm and the MaxPool2D after it,
   ``forward(x, γ, β, eps, k, s, p) -> ((pooled y, mean, biased var), saved)``,
@@ -363,9 +364,14 @@ def _sample_batchnorm_maxpool(backend, args, rng):
 def _sample_conv_batchnorm_maxpool(backend, args, rng):
     x, w, b, stride, padding, weight, bias, eps, k, s, p = args
     o, c, kc = (int(d) for d in w.shape[:3])
-    # a convolution output of 2·k + 2 by 2·k rows and columns (even: whole windows)
-    h, wd = 2 * k + 2 + kc - 1 - 2 * padding, 2 * k + kc - 1 - 2 * padding
-    xs = _like(backend, rng, x, (2, c, max(h, 1), max(wd, 1)))
+    # an even-sized convolution output (whole windows, so a backend's window-by-window
+    # path runs), about 2·k + 2 by 2·k, and larger where the padding asks for more
+    sizes = []
+    for out in (2 * k + 2, 2 * k):
+        while out + kc - 1 - 2 * padding < 1:
+            out += 2
+        sizes.append(out + kc - 1 - 2 * padding)
+    xs = _like(backend, rng, x, (2, c, *sizes))
     ws = _like(backend, rng, w, (o, c, kc, kc)) * (1.0 / (c * kc * kc) ** 0.5)
     bs = None if b is None else _like(backend, rng, b, (o,))
     gamma = np.abs(rng.standard_normal(o)) + 0.1  # γ of both signs, as for the pair above

@@ -163,12 +163,16 @@ def test_numpy_pair_against_torch_autograd(gammas, bias):
         assert np.max(np.abs(got["db"])) < 1e-10
 
 
-def test_the_self_check_sample_takes_the_window_layout():
+@pytest.mark.parametrize("k, padding", [(3, 1), (1, 0), (1, 2), (1, 3), (3, 3), (5, 4),
+                                        (4, 1), (3, 0)])
+def test_the_self_check_sample_takes_the_window_layout(k, padding):
     """The first use of the pair compares it with the standard path on a small sample: that
-    sample must exercise the window layout (not the fallback), γ of both signs included."""
-    x, wt, b, gamma, beta = _case("float32", 128, 1, 32, 28, 28, 3)
+    sample must exercise the window layout (not the fallback), γ of both signs included,
+    whatever the kernel and padding (an odd output would only check the fallback)."""
+    x, wt, b, gamma, beta = _case("float32", 128, 1, 32, 28, 28, k)
     sample = overrides.PAIR_SAMPLES["conv_batchnorm_maxpool"](
-        NumpyBackend(), (x, wt, None, 1, 1, gamma, beta, EPS, 2, 2, 0), np.random.default_rng(0))
+        NumpyBackend(), (x, wt, None, 1, padding, gamma, beta, EPS, 2, 2, 0),
+        np.random.default_rng(0))
     (_, _, _), saved = NUMPY.forward(*sample)
     assert saved[0] is not None
     assert np.any(np.asarray(sample[5]) < 0) and np.any(np.asarray(sample[5]) > 0)
@@ -204,6 +208,22 @@ def test_conv_blocks_finds_a_conv_batchnorm_and_maxpool_in_the_run_order():
     assert conv_blocks(cnn, run_order(cnn)) == {0: (1, 3), 4: (5, 7)}
     fast = build_layers(PRESETS["cnn-fast"], (1, 28, 28))  # it pools before its batch norms
     assert conv_blocks(fast, run_order(fast)) == {}
+
+
+def test_only_few_input_channels_fuse():
+    """The pair is measured faster where the convolution has few input channels, k·C < O
+    (im2col); a convolution with more (any padding, 1×1 too) runs its own passes."""
+    def ran(conv, shape):
+        model = nnx.Sequential([conv, L.BatchNorm(conv.out_channels), L.MaxPool2D(2)], shape,
+                               backend=NumpyBackend(), seed=0)
+        model.forward(np.random.default_rng(0).standard_normal((2, *shape)), train=True)
+        return model._ran
+    assert ran(L.Conv2D(1, 4, 3, padding=1), (1, 6, 4)) == [0]      # 3·1 < 4
+    assert ran(L.Conv2D(2, 8, 1), (2, 6, 4)) == [0]                 # 1·2 < 8
+    assert ran(L.Conv2D(8, 4, 3), (8, 8, 6)) == [0, 1]              # no "same" padding
+    assert ran(L.Conv2D(8, 8, 1), (8, 6, 4)) == [0, 1]              # 1·8 = 8
+    assert ran(L.Conv2D(2, 6, 3, padding=1), (2, 6, 4)) == [0, 1]   # 3·2 = 6: row-split
+    assert ran(L.Conv2D(1, 4, 3, stride=2, padding=1), (1, 8, 8)) == [0, 1]
 
 
 def _cnn(backend, dtype, seed=3, negative=()):

@@ -108,7 +108,8 @@ class Chain(Layer):
     def forward(self, x, train=False):
         order, self._ran = self._order(), None
         # (in training, in the run order: a BatchNorm and the MaxPool2D after it may be one
-        # step; --no-fused gives the layers' own order and passes)
+        # step, and a Conv2D before them with them; --no-fused gives the layers' own order
+        # and passes)
         fuse = train and order is getattr(self, "order", None)
         layers, pooled = self.layers, self._pooled if fuse else {}
         blocks = self._blocks if fuse else {}
@@ -151,8 +152,8 @@ class Chain(Layer):
         # one instead (then no forward of the chain preceded this backward)
         order, self._ran = (self._ran if self._ran is not None else range(len(self.layers))), None
         stop = 0 if input_grad else self.first_trainable
-        # (a layer moved or fused is parameter-free, so the layers before first_trainable
-        # come first in any order)
+        # (a layer moved is parameter-free, and a pair's first layer is the one in ``ran``,
+        # so the layers before first_trainable come first in any order)
         for i in reversed(order):
             if i < stop:
                 break

@@ -316,7 +316,7 @@ class ConvBatchNormMaxPoolPair:
     saved)``; ``backward(saved, pooled grad, input_grad) -> (dx or None, dw, db or None, dγ,
     dβ)``. A backend's version may lay the convolution's output out window by window, so
     that the pool reads each window's values from four contiguous blocks (docs/cnn.md,
-    "Convolution, batch norm and max pool: NumPy's one pair")."""
+    "Convolution, batch norm and max pool (NumPy: one pair for three layers)")."""
 
     @staticmethod
     def forward(x, w, b, stride, padding, weight, bias, eps, k, s, p):
@@ -452,12 +452,14 @@ class Conv2D(Layer):
     def fuses_with(self, bn, pool, x) -> bool:
         """Whether a training forward of this layer on ``x``, the BatchNorm ``bn`` and the
         MaxPool2D ``pool`` after it may run as one step, ``forward_block``: the backend
-        offers the "conv_batchnorm_maxpool" pair; this layer would run im2col at stride 1
-        (its default method with few input channels, where it picks ``"gather"``; not the
-        row-split method nor a library's convolution); and ``bn`` uses its own batch's
-        statistics over more than one value per channel. (docs/cnn.md, "Convolution,
-        batch norm and max pool", measured the row-split layers fused too: slower.)"""
-        return (self.method == "fast" and self.stride == 1 and not self._rows()
+        offers the "conv_batchnorm_maxpool" pair; this layer runs its default method at
+        stride 1 with few input channels, k·C < O (where it picks im2col, ``"gather"``:
+        the case measured faster fused; not a library's convolution); and ``bn`` uses its
+        own batch's statistics over more than one value per channel. (docs/cnn.md,
+        "Convolution, batch norm and max pool", measured row-split layers fused: slower.)
+        ``pool`` may be any max pool: NumPy's pair runs the composition for others."""
+        k, c, o = self.kernel_size, self.in_channels, self.out_channels
+        return (self.method == "fast" and self.stride == 1 and k * c < o
                 and not self._library() and bn.sync is None and x.ndim == 4
                 and x.shape[0] * math.prod(self.output_shape(self.in_shape)[1:]) > 1
                 and self.backend.offers("conv_batchnorm_maxpool"))
