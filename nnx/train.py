@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "versions (CuPy's kernels for relu, softmax-cross-entropy and the "
                         "optimizer updates; torch's single calls for those and its own "
                         "convolution, batch norm and max pool; NumPy's direct calls for relu and "
-                        "the loss and its max-pool, batch-norm and batch-norm-then-max-pool "
-                        "pairs; a ReLU is moved after its max pool only with them on; "
+                        "the loss and its max-pool, batch-norm, batch-norm-then-max-pool and "
+                        "convolution-batch-norm-max-pool pairs; a ReLU is moved after its max "
+                        "pool only with them on; "
                         "docs/architecture.md, Backend overrides)")
     add_threads_option(g)
     g.add_argument("--distributed", action="store_true", default=None,

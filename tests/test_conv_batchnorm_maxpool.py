@@ -317,6 +317,10 @@ def test_layers_driven_one_by_one_after_the_chain_fused_them():
         bn.backward(np.ones((2, 8, 12, 10)))
     with pytest.raises(RuntimeError, match="inside one pair with .*Conv2D before it"):
         pool.backward(np.ones((2, 8, 6, 5)))
+    # the convolution's own backward takes the pooled gradient, and says so
+    with pytest.raises(RuntimeError, match=r"max pool's output gradient, shape \(2, 8, 6, 5\); "
+                                           r"got shape \(2, 8, 12, 10\)"):
+        conv.backward(np.ones((2, 8, 12, 10)))
     model.forward(x, train=True)
     model.backward(np.ones((2, 10)))  # the chain's own backward still works
     # and one by one they run their own passes again

@@ -477,6 +477,8 @@ class Conv2D(Layer):
         n = x.shape[0]
         ho, wo = self.output_shape(self.in_shape)[1:]  # (bn's and pool's inputs, as built)
         self.xshape, self.block = tuple(x.shape), bn
+        _, po, qo = pool.output_shape((self.out_channels, ho, wo))
+        self.pooled_shape = (n, self.out_channels, po, qo)  # what backward then takes
         here = self.name or "Conv2D"
         bn.train_mode, bn.shape, bn.xc = True, (n, self.out_channels, ho, wo), None
         bn.saved = pool.saved = (_RanInPair, here)  # their backward is this layer's
@@ -499,8 +501,15 @@ class Conv2D(Layer):
                 return self._winograd_backward(grad, input_grad)
             if self._rows():
                 return self._rows_backward(grad, input_grad)
+        bn = getattr(self, "block", None)
+        if bn is not None and tuple(grad.shape) != self.pooled_shape:
+            raise RuntimeError(
+                f"layer {self.name or 'Conv2D'} ran with its batch norm and max pool as one "
+                "pair in a training forward of their chain: its backward takes the max pool's "
+                f"output gradient, shape {self.pooled_shape}; got shape {tuple(grad.shape)} "
+                "(go back through the chain with model.backward, or run the layers one by one)")
         (pair, saved), self.saved = self.take_saved(), None  # frees the column matrix
-        bn, self.block = getattr(self, "block", None), None
+        self.block = None
         if bn is not None:  # forward_block ran: the pooled map's gradient, for three layers
             dx, dw, db, bn.weight.grad, bn.bias.grad = pair.backward(saved, grad, input_grad)
             bn.saved = None
