@@ -20,6 +20,7 @@ from nnx.gradcheck import gradcheck
 from nnx.layers.batchnorm import BatchNormMaxPoolPair
 from nnx.architectures import PRESETS, build_layers
 from nnx.layers.chain import pooled_pairs, run_order
+from tests_helpers_pairs import in_layout, small_cnn, step_results
 
 NUMPY = overrides._load("numpy")["batchnorm_maxpool"]
 
@@ -33,15 +34,6 @@ def _without_the_conv_block(monkeypatch):
 
 
 EPS = 1e-5
-
-
-def _maps(a, layout):
-    """``a`` (N, C, H, W) in one of the memory layouts the layers may see."""
-    if layout == "channel-major":  # a Conv2D's output
-        return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
-    if layout == "channels-last":  # (N, H, W, C) images handed over as NCHW
-        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(a)
 
 
 def _case(dtype, shape, layout, seed=0, ties=False, gammas="mixed"):
@@ -58,12 +50,12 @@ def _case(dtype, shape, layout, seed=0, ties=False, gammas="mixed"):
     elif gammas == "mixed":
         weight[0] = -weight[0]
     bias = rng.standard_normal(c)
-    return _maps(x, layout).astype(dtype), weight.astype(dtype), bias.astype(dtype)
+    return in_layout(x, layout).astype(dtype), weight.astype(dtype), bias.astype(dtype)
 
 
 def _grad(out, layout, seed=1):
     g = np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype)
-    return _maps(g, layout)
+    return in_layout(g, layout)
 
 
 def _run(pair, x, weight, bias, k, s, p, grad_layout="channel-major", input_grad=True):
@@ -186,25 +178,9 @@ def test_pooled_pairs_finds_a_batchnorm_directly_before_a_maxpool_in_the_run_ord
 
 
 def _cnn(backend, dtype, seed=3, negative=()):
-    """A small CNN; ``negative``: channels of the first batch norm given γ = −0.7."""
-    model = nnx.Sequential([L.Conv2D(1, 4, 3, padding=1), L.BatchNorm(4), L.ReLU(),
-                            L.MaxPool2D(2), L.Conv2D(4, 6, 3, padding=1), L.BatchNorm(6),
-                            L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(6 * 3 * 3, 10)],
-                           (1, 14, 13), backend=backend, dtype=dtype, seed=seed)
-    gamma = np.ones(4)
-    gamma[list(negative)] = -0.7
-    model.layers[1].weight.value = backend.from_numpy(gamma, dtype=model.dtype)
-    return model
-
-
-def _step(model, x, g, input_grad):
-    out = model.forward(x, train=True)
-    ran = list(model._ran)
-    dx = model.backward(g, input_grad=input_grad)
-    res = {"out": out, "dx": dx}
-    res.update({f"grad {k}": p.grad for k, p in model.named_parameters().items()})
-    res.update({f"buffer {k}": b for k, b in model.named_buffers().items()})
-    return {k: None if v is None else model.backend.to_numpy(v) for k, v in res.items()}, ran
+    """A small CNN (4 and 6 channels, 14×13 inputs); ``negative``: channels of the first
+    batch norm given γ = −0.7."""
+    return small_cnn(backend, dtype, (4, 6), (1, 14, 13), seed, negative)
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
@@ -216,13 +192,13 @@ def test_a_model_runs_the_pair_where_its_backend_offers_it(backend, dtype, input
     xh, gh = rng.standard_normal((6, 1, 14, 13)), rng.standard_normal((6, 10))
     fused = _cnn(backend, dtype, negative=negative)
     x, g = backend.from_numpy(xh, dtype=fused.dtype), backend.from_numpy(gh, dtype=fused.dtype)
-    got, ran = _step(fused, x, g, input_grad)
+    got, ran = step_results(fused, x, g, input_grad)
     offered = backend.offers("batchnorm_maxpool")
     assert offered == (backend.name == "numpy")
     assert ran == ([0, 1, 2, 4, 5, 6, 8, 9] if offered else [0, 1, 3, 2, 4, 5, 7, 6, 8, 9])
     # the same model without the pair: its two layers' own pairs
     monkeypatch.delitem(overrides._load(backend.name), "batchnorm_maxpool", raising=False)
-    want, ran = _step(_cnn(backend, dtype, negative=negative), x, g, input_grad)
+    want, ran = step_results(_cnn(backend, dtype, negative=negative), x, g, input_grad)
     assert ran == [0, 1, 3, 2, 4, 5, 7, 6, 8, 9]
     assert got.keys() == want.keys()
     for k in ("out",) + tuple(k for k in want if k.startswith("buffer")):

@@ -20,23 +20,15 @@ from nnx.backends.numpy_backend import NumpyBackend
 from nnx.gradcheck import gradcheck
 from nnx.layers.chain import conv_blocks, run_order
 from nnx.layers.conv import ConvBatchNormMaxPoolPair
+from tests_helpers_pairs import in_layout, small_cnn, step_results
 
 NUMPY = overrides._load("numpy")["conv_batchnorm_maxpool"]
 EPS = 1e-5
 
 
-def _layout(a, layout):
-    """``a`` (N, C, H, W) in one of the memory layouts a layer may be handed."""
-    if layout == "channel-major":  # a Conv2D's or a pool's output
-        return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
-    if layout == "channels-last":  # (N, H, W, C) images handed over as NCHW
-        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(a)
-
-
 def _case(dtype, n, c, o, h, w, k, bias=False, gammas="mixed", layout="nchw", seed=0):
     rng = np.random.default_rng(seed)
-    x = _layout(rng.standard_normal((n, c, h, w)), layout).astype(dtype)
+    x = in_layout(rng.standard_normal((n, c, h, w)), layout).astype(dtype)
     wt = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(dtype)
     b = rng.standard_normal(o).astype(dtype) if bias else None
     gamma = rng.random(o) + 0.2
@@ -52,7 +44,7 @@ def _run(pair, x, w, b, padding, gamma, beta, k=2, s=2, p=0, stride=1, input_gra
     (out, mean, var), saved = pair.forward(x.copy(order="K"), w, b, stride, padding, gamma,
                                            beta, EPS, k, s, p)
     g = np.random.default_rng(7).standard_normal(out.shape).astype(out.dtype)
-    dx, dw, db, dgamma, dbeta = pair.backward(saved, _layout(g, grad_layout), input_grad)
+    dx, dw, db, dgamma, dbeta = pair.backward(saved, in_layout(g, grad_layout), input_grad)
     return {"out": out, "mean": mean, "var": var, "dx": dx, "dw": dw, "db": db,
             "dgamma": dgamma, "dbeta": dbeta}, saved
 
@@ -165,7 +157,7 @@ def test_numpy_pair_against_torch_autograd(gammas, bias):
 
 @pytest.mark.parametrize("k, padding", [(3, 1), (1, 0), (1, 2), (1, 3), (3, 3), (5, 4),
                                         (4, 1), (3, 0)])
-def test_the_self_check_sample_takes_the_window_layout(k, padding):
+def test_the_self_check_sample_takes_the_windowin_layout(k, padding):
     """The first use of the pair compares it with the standard path on a small sample: that
     sample must exercise the window layout (not the fallback), γ of both signs included,
     whatever the kernel and padding (an odd output would only check the fallback)."""
@@ -230,24 +222,7 @@ def _cnn(backend, dtype, seed=3, negative=()):
     """A small CNN whose first block (1 → 8 channels: k·C < O, im2col) NumPy runs as the
     three-layer pair and whose second (8 → 8: the row-split method) as the two-layer one;
     the input 12×10 keeps both outputs even. ``negative``: channels given γ = −0.7."""
-    model = nnx.Sequential([L.Conv2D(1, 8, 3, padding=1), L.BatchNorm(8), L.ReLU(),
-                            L.MaxPool2D(2), L.Conv2D(8, 8, 3, padding=1), L.BatchNorm(8),
-                            L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(8 * 3 * 2, 10)],
-                           (1, 12, 10), backend=backend, dtype=dtype, seed=seed)
-    gamma = np.ones(8)
-    gamma[list(negative)] = -0.7
-    model.layers[1].weight.value = backend.from_numpy(gamma, dtype=model.dtype)
-    return model
-
-
-def _step(model, x, g, input_grad):
-    out = model.forward(x, train=True)
-    ran = list(model._ran)
-    dx = model.backward(g, input_grad=input_grad)
-    res = {"out": out, "dx": dx}
-    res.update({f"grad {k}": p.grad for k, p in model.named_parameters().items()})
-    res.update({f"buffer {k}": b for k, b in model.named_buffers().items()})
-    return {k: None if v is None else model.backend.to_numpy(v) for k, v in res.items()}, ran
+    return small_cnn(backend, dtype, (8, 8), (1, 12, 10), seed, negative)
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
@@ -259,13 +234,13 @@ def test_a_model_runs_the_pair_where_its_backend_offers_it(backend, dtype, input
     xh, gh = rng.standard_normal((6, 1, 12, 10)), rng.standard_normal((6, 10))
     fused = _cnn(backend, dtype, negative=negative)
     x, g = backend.from_numpy(xh, dtype=fused.dtype), backend.from_numpy(gh, dtype=fused.dtype)
-    got, ran = _step(fused, x, g, input_grad)
+    got, ran = step_results(fused, x, g, input_grad)
     offered = backend.offers("conv_batchnorm_maxpool")
     assert offered == (backend.name == "numpy")
     assert ran == ([0, 2, 4, 5, 6, 8, 9] if offered else [0, 1, 3, 2, 4, 5, 7, 6, 8, 9])
     # the same model with every layer on its own: the standard path
     monkeypatch.setattr(overrides, "_STATE", {"enabled": False})
-    want, ran = _step(_cnn(backend, dtype, negative=negative), x, g, input_grad)
+    want, ran = step_results(_cnn(backend, dtype, negative=negative), x, g, input_grad)
     assert ran == list(range(10))
     assert got.keys() == want.keys()
     _close({k: v for k, v in got.items() if not k.startswith("buffer ") or "num_" not in k},
@@ -288,11 +263,11 @@ def test_a_block_after_other_layers_passes_its_input_gradient_on():
                               dtype="float64", seed=1)
     rng = np.random.default_rng(4)
     x, g = rng.standard_normal((5, 2, 8, 6)), rng.standard_normal((5, 3))
-    got, ran = _step(build(), x, g, True)
+    got, ran = step_results(build(), x, g, True)
     assert ran == [0, 1, 2, 4, 6, 7]  # (the ReLU runs after the pool)
     overrides.set_enabled(False)
     try:
-        want, _ = _step(build(), x, g, True)
+        want, _ = step_results(build(), x, g, True)
     finally:
         overrides.set_enabled(True)
     _close(got, want, "float64")
