@@ -431,10 +431,7 @@ class NumpyConvBatchNormMaxPool:
         o, kc = w.shape[0], w.shape[2]
         ho, wo = h + 2 * padding - kc + 1, wd + 2 * padding - kc + 1
         if (stride != 1 or k != 2 or s != 2 or p != 0 or ho < 2 or wo < 2 or ho % 2
-                or wo % 2 or n * c == 0):
-            return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
-                                                       bias, eps, k, s, p)
-        if not np.all(np.isfinite(weight) & (weight != 0)):  # (a zero or non-finite s)
+                or wo % 2 or n * c == 0 or not np.all(np.isfinite(weight) & (weight != 0))):
             return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
                                                        bias, eps, k, s, p)
         t, u = ho // 2, wo // 2
@@ -454,13 +451,13 @@ class NumpyConvBatchNormMaxPool:
         left = np.empty((2, o, m // 4), dtype=bool)  # [row]: that row's left element holds it
         lower = np.empty((_rows_per_block(m, y.itemsize), m // 4), dtype=y.dtype)
         for a, z in _blocks(o, m, y.itemsize):  # each block's passes run from the L2 cache
-            rows_ = y[a:z]
-            mu = _sum(rows_, 1) / m
-            rows_ -= mu[:, None]                               # x − μ, in place
-            mean[a:z], var[a:z] = mu, np.vecdot(rows_, rows_) / m   # biased: / m
+            block = y[a:z]
+            mu = _sum(block, 1) / m
+            block -= mu[:, None]                               # x − μ, in place
+            mean[a:z], var[a:z] = mu, np.vecdot(block, block) / m   # biased: / m
             for i in np.flatnonzero(weight[a:z] < 0):  # c = sign(s)·(x − μ): σ > 0, so
-                rows_[i] *= -1                         # sign(s) = sign(γ) (0, NaN: below)
-            c4 = rows_.reshape(z - a, 4, m // 4)               # [:, q]: window position q
+                block[i] *= -1                         # sign(s) = sign(γ)
+            c4 = block.reshape(z - a, 4, m // 4)               # [:, q]: window position q
             upper, low = pooled[a:z], lower[:z - a]
             np.maximum(c4[:, 0], c4[:, 1], out=upper)
             np.maximum(c4[:, 2], c4[:, 3], out=low)
@@ -470,7 +467,7 @@ class NumpyConvBatchNormMaxPool:
             np.maximum(upper, low, out=upper)
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = weight * inv_std                               # s = γ/σ
-        if not np.all(np.isfinite(scale) & (scale != 0)):
+        if not np.all(np.isfinite(scale) & (scale != 0)):  # (x held a NaN or ±inf)
             return NumpyConvBatchNormMaxPool._composed(x, w, b, stride, padding, weight,
                                                        bias, eps, k, s, p)
         out = pooled * np.abs(scale)[:, None]                  # (O, N·T·U): channel-major

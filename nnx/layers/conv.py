@@ -21,8 +21,6 @@ docs/cnn.md derives the shapes and gradients, and measures the methods against e
 """
 from __future__ import annotations
 
-import math
-
 from .. import init as initializers
 from ..errors import ShapeError
 from .base import Layer
@@ -425,7 +423,7 @@ class Conv2D(Layer):
             self.check_features(x, self.in_shape)
         s, p = self.stride, self.padding
         self.xshape = tuple(x.shape)
-        self.saved = self.block = None  # (pair, what its backward needs) on the pair paths
+        self.saved = self.fused_bn = None  # (pair, what its backward needs) on pair paths
         if self._library():  # the backend's own convolution (a checked override pair)
             pair = self.pair("conv2d", Im2colPair)
             y, saved = pair.forward(x, self.weight.value, self._bias(), s, p)
@@ -459,10 +457,10 @@ class Conv2D(Layer):
         "Convolution, batch norm and max pool", measured row-split layers fused: slower.)
         ``pool`` may be any max pool: NumPy's pair runs the composition for others."""
         k, c, o = self.kernel_size, self.in_channels, self.out_channels
+        _, ho, wo = self.output_shape(self.in_shape)
         return (self.method == "fast" and self.stride == 1 and k * c < o
                 and not self._library() and bn.sync is None and x.ndim == 4
-                and x.shape[0] * math.prod(self.output_shape(self.in_shape)[1:]) > 1
-                and self.backend.offers("conv_batchnorm_maxpool"))
+                and x.shape[0] * ho * wo > 1 and self.backend.offers("conv_batchnorm_maxpool"))
 
     def forward_block(self, x, bn, pool):
         """A training forward of this layer, ``bn`` and ``pool`` as one
@@ -476,12 +474,11 @@ class Conv2D(Layer):
             self.check_features(x, self.in_shape)
         n = x.shape[0]
         ho, wo = self.output_shape(self.in_shape)[1:]  # (bn's and pool's inputs, as built)
-        self.xshape, self.block = tuple(x.shape), bn
+        self.xshape, self.fused_bn = tuple(x.shape), bn
         _, po, qo = pool.output_shape((self.out_channels, ho, wo))
         self.pooled_shape = (n, self.out_channels, po, qo)  # what backward then takes
-        here = self.name or "Conv2D"
-        bn.train_mode, bn.shape, bn.xc = True, (n, self.out_channels, ho, wo), None
-        bn.saved = pool.saved = (_RanInPair, here)  # their backward is this layer's
+        bn.xc = None
+        bn.saved = pool.saved = (_RanInPair, self.name or "Conv2D")  # their backward: ours
         pair = self.pair("conv_batchnorm_maxpool", ConvBatchNormMaxPoolPair)
         (y, mean, var), saved = pair.forward(
             x, self.weight.value, self._bias(), self.stride, self.padding, bn.weight.value,
@@ -501,7 +498,7 @@ class Conv2D(Layer):
                 return self._winograd_backward(grad, input_grad)
             if self._rows():
                 return self._rows_backward(grad, input_grad)
-        bn = getattr(self, "block", None)
+        bn = getattr(self, "fused_bn", None)
         if bn is not None and tuple(grad.shape) != self.pooled_shape:
             raise RuntimeError(
                 f"layer {self.name or 'Conv2D'} ran with its batch norm and max pool as one "
@@ -509,7 +506,7 @@ class Conv2D(Layer):
                 f"output gradient, shape {self.pooled_shape}; got shape {tuple(grad.shape)} "
                 "(go back through the chain with model.backward, or run the layers one by one)")
         (pair, saved), self.saved = self.take_saved(), None  # frees the column matrix
-        self.block = None
+        self.fused_bn = None
         if bn is not None:  # forward_block ran: the pooled map's gradient, for three layers
             dx, dw, db, bn.weight.grad, bn.bias.grad = pair.backward(saved, grad, input_grad)
             bn.saved = None
