@@ -1,9 +1,10 @@
-"""Make the pictures in docs/backprop.md.
+"""Make the pictures in docs/backprop.md and the window layout in docs/cnn.md.
 
     python docs/img/make_figures.py
 
-Writes docs/img/dense_backward_shapes.png and docs/img/gradcheck_eps.png. The second one runs
-nnx.gradcheck for real (NumPy backend, float64, a few seconds).
+Writes docs/img/dense_backward_shapes.png, docs/img/gradcheck_eps.png and
+docs/img/cnn/window_layout.png. The second one runs nnx.gradcheck for real (NumPy backend,
+float64, a few seconds).
 """
 from __future__ import annotations
 
@@ -106,7 +107,59 @@ def gradcheck_eps(path):
     plt.close(fig)
 
 
+def window_layout(path):
+    """One channel of one image's 4×6 convolution output in the image layout, and the same
+    values window by window (NumPy's "conv_batchnorm_maxpool" pair): position q of every
+    2×2 window together, so the max pool is the element-wise max of four contiguous blocks."""
+    colors = ["#cfe2ff", "#ffe0b3", "#d4edda", "#f8d7da"]
+    names = ["top left", "top right", "bottom left", "bottom right"]
+    h, w = 4, 6
+    per, gap = (h // 2) * (w // 2), 0.5
+    width = 4 * per + 3 * gap
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    x0, y0 = (width - w) / 2, 3.2  # the image, centred above the blocks
+    for a in range(h):
+        for b in range(w):
+            q, window = 2 * (a % 2) + b % 2, (a // 2) * (w // 2) + b // 2
+            ax.add_patch(Rectangle((x0 + b, y0 + h - 1 - a), 1, 1, facecolor=colors[q],
+                                   edgecolor="gray", lw=0.8))
+            ax.text(x0 + b + 0.5, y0 + h - 0.5 - a, str(window), ha="center", va="center",
+                    fontsize=13)
+    for t in range(h // 2):
+        for u in range(w // 2):
+            ax.add_patch(Rectangle((x0 + 2 * u, y0 + h - 2 - 2 * t), 2, 2, fill=False,
+                                   edgecolor="black", lw=2.2))
+    ax.text(x0 + w + 0.4, y0 + h / 2, "image layout, row by row:\neach 2×2 window (numbered)\n"
+            "spans two rows, every other value", va="center", fontsize=12)
+    ax.annotate("", xy=(width / 2, 1.75), xytext=(width / 2, y0 - 0.15),
+                arrowprops={"arrowstyle": "->", "lw": 1.5})
+    ax.text(width / 2 + 0.3, (y0 + 1.75) / 2, "columns ordered (q, n, t, u)", va="center",
+            fontsize=12)
+    x = 0.0
+    for q in range(4):
+        for window in range(per):
+            ax.add_patch(Rectangle((x + window, 0.7), 1, 1, facecolor=colors[q],
+                                   edgecolor="gray", lw=0.8))
+            ax.text(x + window + 0.5, 1.2, str(window), ha="center", va="center", fontsize=13)
+        ax.add_patch(Rectangle((x, 0.7), per, 1, fill=False, edgecolor="black", lw=2.2))
+        ax.text(x + per / 2, 0.35, f"q = {q}: {names[q]}", ha="center", va="center",
+                fontsize=11)
+        x += per + gap
+    ax.text(width / 2, -0.35, "window by window: max pool = max(max(block 0, block 1), "
+            "max(block 2, block 3)), element by element,\non contiguous blocks; the result "
+            "is the pooled map, window 0, 1, 2, ... in the image layout", ha="center",
+            va="center", fontsize=11, style="italic")
+    ax.set_xlim(-0.3, width + 0.3)
+    ax.set_ylim(-0.9, y0 + h + 0.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     dense_backward_shapes(HERE / "dense_backward_shapes.png")
     gradcheck_eps(HERE / "gradcheck_eps.png")
-    print("wrote", HERE / "dense_backward_shapes.png", "and", HERE / "gradcheck_eps.png")
+    window_layout(HERE / "cnn" / "window_layout.png")
+    print("wrote", HERE / "dense_backward_shapes.png", HERE / "gradcheck_eps.png", "and",
+          HERE / "cnn" / "window_layout.png")
