@@ -42,14 +42,15 @@ def pooled_pairs(layers, order) -> dict:
             if type(layers[i]) is BatchNorm and type(layers[j]) is MaxPool2D}
 
 
-def conv_blocks(layers, order) -> dict:
+def conv_blocks(layers, order, pooled=None) -> dict:
     """{i: (j, l)} for each Conv2D i directly followed, in ``order``, by a BatchNorm j and a
     MaxPool2D l: in training the three may run as one "conv_batchnorm_maxpool" pair, which
     a backend can compute with the convolution's output laid out window by window
-    (docs/cnn.md, "Convolution, batch norm and max pool")."""
+    (docs/cnn.md, "Convolution, batch norm and max pool"). ``pooled``: ``pooled_pairs``
+    of the same layers and order, where the caller has it already."""
     from .conv import Conv2D
 
-    pooled = pooled_pairs(layers, order)
+    pooled = pooled_pairs(layers, order) if pooled is None else pooled
     return {i: (j, pooled[j]) for i, j in zip(order, list(order)[1:])
             if type(layers[i]) is Conv2D and j in pooled}
 
@@ -100,7 +101,7 @@ class Chain(Layer):
         self._pooled = pooled_pairs(self.layers, self.order)
         #: {i: (j, l)}: Conv2D i runs with that pair as one step where the backend offers
         #: it (``Conv2D.fuses_with``)
-        self._blocks = conv_blocks(self.layers, self.order)
+        self._blocks = conv_blocks(self.layers, self.order, self._pooled)
         self._ran = None
         return shape
 
